@@ -1,0 +1,3 @@
+"""aclip: efficient CLIP pre-training by token removal (A-CLIP and its baselines)."""
+
+__version__ = "0.1.0"

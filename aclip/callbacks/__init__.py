@@ -1,0 +1,1 @@
+"""Callbacks that observe or steer training."""

@@ -1,0 +1,62 @@
+"""Start-up checks of a composed configuration, before any data or model is built."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work, with what to change."""
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes that will train: devices per node times nodes (1 for `devices: auto` on CPU)."""
+    devices = trainer_cfg.get("devices", 1)
+    if isinstance(devices, str):
+        if devices == "auto":
+            devices = 1
+        elif devices.strip().lstrip("-").isdigit():
+            devices = int(devices)
+        else:
+            devices = len([d for d in devices.split(",") if d.strip()])
+    elif not isinstance(devices, int):
+        devices = len(devices)
+    if devices == -1:
+        import torch
+
+        devices = max(1, torch.cuda.device_count())
+    return devices * int(trainer_cfg.get("num_nodes", 1))
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
+    data, trainer = cfg.data, cfg.trainer
+    world = world_size(trainer)
+    batch_size = data.get("batch_size")
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if batch_size % world:
+            raise ConfigError(
+                f"data.batch_size={batch_size} is the global batch and must be divisible by the world size "
+                f"{world} (trainer.devices x trainer.num_nodes); use a multiple of {world}"
+            )
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
+    if "model" not in cfg:
+        return
+    vision = cfg.model.vision
+    if vision.image_size % vision.patch_size:
+        raise ConfigError(
+            f"model.vision.image_size={vision.image_size} must be a multiple of "
+            f"model.vision.patch_size={vision.patch_size}"
+        )
+    for key in ("lr", "weight_decay", "warmup_epochs"):
+        if cfg.model[key] < 0 or (key == "lr" and cfg.model[key] == 0):
+            raise ConfigError(f"model.{key} must be {'> 0' if key == 'lr' else '>= 0'}, got {cfg.model[key]}")
+    max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
+    if not trainer.get("fast_dev_run") and (max_epochs in (None, -1, 0)) and max_steps in (None, -1):
+        raise ConfigError(
+            "set trainer.max_epochs (>= 1) or trainer.max_steps: training needs an end for its schedule"
+        )

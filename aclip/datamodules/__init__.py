@@ -1,0 +1,1 @@
+"""Data sources, transforms, evaluation sets and the LightningDataModule."""

@@ -1,0 +1,143 @@
+"""The LightningDataModule: training pairs plus the evaluation tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from aclip.datamodules.transforms import ViewTransform, eval_transform
+from aclip.evaluation import EvalTask, RetrievalTask, ZeroShotTask
+from aclip.modules.text import build_tokenizer
+
+
+class ImageTextDataset(Dataset):
+    """Turns a source of (PIL image, caption) pairs into training samples: view tensors plus tokens."""
+
+    def __init__(
+        self,
+        source: Dataset,
+        transform: Callable[[Image.Image], dict[str, Tensor]],
+        tokenize: Callable[[str], Tensor],
+    ) -> None:
+        self.source, self.transform, self.tokenize = source, transform, tokenize
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        image, caption = self.source[index]
+        return {**self.transform(image.convert("RGB")), "text": self.tokenize(caption)[0]}
+
+
+class TransformedImages(Dataset):
+    """Applies an image transform to the images of an evaluation set, passing labels through."""
+
+    def __init__(self, source: Dataset, transform: Callable[[Image.Image], Tensor]) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.source[index]
+        if isinstance(item, tuple):
+            image, *rest = item
+            return (self.transform(image.convert("RGB")), *rest)
+        return self.transform(item.convert("RGB"))
+
+
+class ClipDataModule(pl.LightningDataModule):
+    """Image-text training data and the downstream evaluation sets.
+
+    Args:
+        train: dataset of (PIL image, caption) pairs.
+        zero_shot: name -> dataset of (PIL image, label) with `classnames` and `templates` attributes.
+        retrieval: name -> dataset of PIL images with a `captions` attribute (captions per image).
+        batch_size: global training batch, split evenly over all devices of all nodes.
+        eval_batch_size: images per evaluation batch (per device).
+        num_workers: dataloader worker processes per device.
+        image_size: side of the square training views and evaluation images.
+        context_length: text tokens per caption (the text tower's context length).
+        crop_scale: area range of the random resized crop of a training view.
+    """
+
+    def __init__(
+        self,
+        train: Dataset,
+        zero_shot: Mapping[str, Dataset] | None = None,
+        retrieval: Mapping[str, Dataset] | None = None,
+        batch_size: int = 256,
+        eval_batch_size: int = 256,
+        num_workers: int = 2,
+        image_size: int = 224,
+        context_length: int = 77,
+        crop_scale: Sequence[float] = (0.5, 1.0),
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
+            raise ValueError(
+                f"need batch_size >= 1, eval_batch_size >= 1, num_workers >= 0; got {batch_size}, "
+                f"{eval_batch_size}, {num_workers}"
+            )
+        self.train_source = train
+        self.zero_shot = dict(zero_shot or {})
+        self.retrieval = dict(retrieval or {})
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.tokenizer = build_tokenizer(context_length)
+        self.view_transform = ViewTransform(image_size, crop_scale)
+
+    def per_device_batch_size(self) -> int:
+        world = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world:
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is the global batch and must be divisible by the "
+                f"world size {world} (devices x nodes); choose a multiple of {world}"
+            )
+        return self.batch_size // world
+
+    def train_dataloader(self) -> DataLoader:
+        batch_size = self.per_device_batch_size()
+        if len(self.train_source) < batch_size:
+            raise ValueError(
+                f"the training set has {len(self.train_source)} samples, fewer than one per-device batch "
+                f"({batch_size}); lower data.batch_size or use more data"
+            )
+        dataset = ImageTextDataset(self.train_source, self.view_transform, self.tokenizer)
+        # drop_last: every rank needs equal batches for the gathered contrastive loss.
+        return self._loader(dataset, batch_size, shuffle=True, drop_last=True)
+
+    def eval_tasks(self) -> list[EvalTask]:
+        """Zero-shot and retrieval tasks over the configured evaluation sets."""
+        transform = eval_transform(self.image_size)
+        tasks: list[EvalTask] = [
+            ZeroShotTask(name, self._eval_loader(dataset, transform), dataset.classnames, dataset.templates)
+            for name, dataset in self.zero_shot.items()
+        ]
+        tasks += [
+            RetrievalTask(name, self._eval_loader(dataset, transform), dataset.captions)
+            for name, dataset in self.retrieval.items()
+        ]
+        return tasks
+
+    def _eval_loader(self, dataset: Dataset, transform: Callable) -> DataLoader:
+        return self._loader(TransformedImages(dataset, transform), self.eval_batch_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False):
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0 and shuffle,
+        )

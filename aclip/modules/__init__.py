@@ -1,0 +1,1 @@
+"""Towers, token reduction, losses and the LightningModule."""

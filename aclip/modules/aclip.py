@@ -1,0 +1,155 @@
+"""The LightningModule: contrastive image-text pre-training with token removal."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import Tensor, nn
+
+from aclip.modules.losses import ClipLoss
+from aclip.modules.masking import NoMasking, TokenMasking
+from aclip.modules.model import ClipModel
+from aclip.modules.schedule import warmup_cosine_lr
+from aclip.modules.text import TextTower, build_tokenizer
+from aclip.modules.vision import VisionTower
+
+
+def _plain(value: Any) -> Any:
+    """OmegaConf containers to plain Python, so checkpoints hold no pickled config objects."""
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+class AClip(pl.LightningModule):
+    """CLIP trained on token-reduced images.
+
+    Args:
+        vision: keyword arguments of `VisionTower` (output_dim is `embed_dim`).
+        text: keyword arguments of `TextTower` (output_dim is `embed_dim`).
+        embed_dim: size of the joint image-text embedding.
+        masking: Hydra node (with `_target_`) of a `TokenMasking` policy; None keeps every token.
+        lr, weight_decay, betas, eps: AdamW settings; biases, norms, other 1-D parameters and the
+            logit scale get no weight decay.
+        warmup_epochs: linear warm-up length in epochs (fractions allowed), from `warmup_start_lr`.
+        min_lr: learning rate at the end of the cosine decay.
+        init_logit_scale: initial log temperature, ln(1 / 0.07) as in CLIP.
+    """
+
+    def __init__(
+        self,
+        vision: Mapping[str, Any],
+        text: Mapping[str, Any],
+        embed_dim: int = 512,
+        masking: Mapping[str, Any] | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.5,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-8,
+        warmup_epochs: float = 1.0,
+        warmup_start_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+        init_logit_scale: float = math.log(1 / 0.07),
+    ) -> None:
+        super().__init__()
+        vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
+        self.save_hyperparameters()
+        if lr <= 0 or not 0 <= warmup_start_lr <= lr or not 0 <= min_lr <= lr:
+            raise ValueError(
+                f"need 0 < lr and 0 <= warmup_start_lr, min_lr <= lr; got lr={lr}, "
+                f"warmup_start_lr={warmup_start_lr}, min_lr={min_lr}"
+            )
+        if warmup_epochs < 0 or weight_decay < 0:
+            raise ValueError(
+                f"warmup_epochs and weight_decay must be >= 0, got {warmup_epochs}, {weight_decay}"
+            )
+        self.model = ClipModel(
+            VisionTower(**vision, output_dim=embed_dim),
+            TextTower(**text, output_dim=embed_dim),
+            init_logit_scale=init_logit_scale,
+        )
+        self.masking: TokenMasking = instantiate(masking) if masking else NoMasking()
+        self.clip_loss = ClipLoss()
+        self.tokenizer = build_tokenizer(self.model.text.context_length)
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        images, text = batch["images"], batch["text"]  # [B, k, 3, H, W], [B, L]
+        batch_size, num_views = images.shape[:2]
+        views = images.flatten(0, 1)
+        grid = self.model.vision.grid(*views.shape[-2:])
+
+        # The online encoder sees only the tokens the masking policy keeps; all views in one call.
+        keep = self.masking.select(None, grid, batch_size * num_views, device=self.device)
+        image_features = self.model.encode_image(views, keep).unflatten(0, (batch_size, num_views))
+        text_features = self.model.encode_text(text)
+
+        # CLIP loss of each view against the captions, averaged over views.
+        logit_scale = self.model.logit_scale
+        loss = torch.stack(
+            [self.clip_loss(image_features[:, v], text_features, logit_scale) for v in range(num_views)]
+        ).mean()
+
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/logit_scale": logit_scale.detach(),
+                "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+                "train/kept_tokens": float(keep.shape[1]),
+            },
+            prog_bar=True,
+            batch_size=batch_size,
+        )
+        return loss
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.model.clamp_logit_scale()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        decay, no_decay = [], []
+        for _, param in self.model.named_parameters():
+            if param.requires_grad:
+                # ndim < 2 covers biases, norm weights and the 0-d logit scale.
+                (no_decay if param.ndim < 2 else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": hp.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=hp.lr,
+            betas=hp.betas,
+            eps=hp.eps,
+        )
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        warmup_steps = round(hp.warmup_epochs * self._steps_per_epoch())
+        schedule = partial(
+            warmup_cosine_lr,
+            total_steps=total_steps,
+            warmup_steps=min(warmup_steps, total_steps),
+            base_lr=hp.lr,
+            start_lr=hp.warmup_start_lr,
+            final_lr=hp.min_lr,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hp.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _steps_per_epoch(self) -> int:
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError(
+                "warmup_epochs needs a training set of known length; give the dataloader a length "
+                "(e.g. a fixed epoch length for streaming data)"
+            )
+        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        """The models the final evaluation reports, by name."""
+        return {"online": self.model}

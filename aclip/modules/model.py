@@ -1,0 +1,37 @@
+"""The CLIP model: both towers and the learnable temperature."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from aclip.modules.text import TextTower
+from aclip.modules.vision import VisionTower
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+class ClipModel(nn.Module):
+    """Image and text towers projecting to one embedding space, plus the log temperature `logit_scale`."""
+
+    def __init__(self, vision: VisionTower, text: TextTower, init_logit_scale: float = math.log(1 / 0.07)):
+        super().__init__()
+        self.vision = vision
+        self.text = text
+        self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
+
+    def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """L2-normalised image embeddings; `keep` selects the patch tokens the tower sees."""
+        return F.normalize(self.vision(images, keep), dim=-1)
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """L2-normalised text embeddings."""
+        return F.normalize(self.text(tokens), dim=-1)
+
+    @torch.no_grad()
+    def clamp_logit_scale(self) -> None:
+        """Keep the temperature in [1, 100], i.e. `logit_scale` in [0, ln 100], as CLIP does."""
+        self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)

@@ -1,0 +1,88 @@
+"""Vision tower: a timm VisionTransformer that runs on a chosen subset of patch tokens."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import Attention
+from timm.models import VisionTransformer
+from torch import Tensor, nn
+
+
+class VisionTower(nn.Module):
+    """ViT image encoder with token removal and a projection to the joint embedding space.
+
+    The wrapped timm model is `.trunk`. It accepts any image size whose sides are multiples of the
+    patch size; position embeddings are interpolated to the input grid. `forward(images, keep)` embeds
+    all patches, adds position embeddings, then keeps only the CLS token and the patches listed in
+    `keep`, so dropped tokens never enter a transformer block.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        width: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        output_dim: int = 512,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+        if width % heads:
+            raise ValueError(f"vision width {width} must be divisible by heads {heads}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.trunk = VisionTransformer(
+            img_size=image_size,
+            patch_size=patch_size,
+            embed_dim=width,
+            depth=depth,
+            num_heads=heads,
+            mlp_ratio=mlp_ratio,
+            num_classes=0,
+            global_pool="token",
+            class_token=True,
+            dynamic_img_size=True,
+            drop_path_rate=drop_path_rate,
+        )
+        for module in self.trunk.modules():
+            if isinstance(module, Attention):
+                module.fused_attn = True  # F.scaled_dot_product_attention, whatever TIMM_FUSED_ATTN says
+        self.proj = nn.Linear(width, output_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=width**-0.5)
+
+    def grid(self, height: int, width: int | None = None) -> tuple[int, int]:
+        """Patch grid (rows, columns) of an image of the given size."""
+        width = height if width is None else width
+        return height // self.patch_size, width // self.patch_size
+
+    def embed(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Tokens entering the first block: CLS first, then the kept patches in `keep` order."""
+        trunk = self.trunk
+        tokens = trunk._pos_embed(trunk.patch_embed(images))  # [B, 1 + gh * gw, C]
+        if keep is not None:
+            tokens = keep_tokens(tokens, keep, trunk.num_prefix_tokens)
+        return trunk.norm_pre(tokens)
+
+    def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Projected CLS features [B, output_dim] of `images` [B, 3, H, W] seeing only `keep` patches.
+
+        `keep` is a LongTensor [B, n_keep] of row-major patch indices (CLS excluded) or None for all.
+        """
+        tokens = self.trunk.blocks(self.embed(images, keep))
+        return self.proj(self.trunk.forward_head(self.trunk.norm(tokens), pre_logits=True))
+
+
+def keep_tokens(tokens: Tensor, keep: Tensor, num_prefix_tokens: int = 1) -> Tensor:
+    """Keep the prefix tokens and the patch tokens indexed by `keep` [B, n_keep] (patch indices)."""
+    if keep.dtype != torch.long or keep.dim() != 2 or keep.shape[0] != tokens.shape[0]:
+        raise ValueError(
+            f"keep must be a LongTensor [batch={tokens.shape[0]}, n_keep], "
+            f"got {keep.dtype} {tuple(keep.shape)}"
+        )
+    prefix, patches = tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
+    index = keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    return torch.cat([prefix, patches.gather(1, index)], dim=1)

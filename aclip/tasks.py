@@ -1,0 +1,106 @@
+"""What `train.py` and `evaluate.py` run, importable so that tests can call it without a subprocess."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from aclip.config import validate_config
+from aclip.datamodules.datamodule import ClipDataModule
+from aclip.evaluation import evaluate, format_table, write_metrics
+from aclip.modules.aclip import AClip
+
+log = logging.getLogger(__name__)
+
+Metrics = dict[str, dict[str, float]]
+
+
+def _instantiate_all(group: DictConfig | None) -> list[Any]:
+    """Instantiate every node of a group such as `callbacks` or `logger` (a mapping of named nodes)."""
+    return [instantiate(node) for node in (group or {}).values() if node is not None and "_target_" in node]
+
+
+def _output_dir(cfg: DictConfig) -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path(cfg.paths.output_dir)
+
+
+def evaluate_module(module: AClip, datamodule: ClipDataModule) -> Metrics:
+    """Evaluate each of the module's reported models on the datamodule's tasks."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    module.to(device)
+    tasks = datamodule.eval_tasks()
+    return {name: evaluate(model, tasks, module.tokenizer) for name, model in module.eval_models().items()}
+
+
+def report(metrics: Metrics, output_dir: Path, loggers: list[Any]) -> None:
+    """Print the metrics table, write metrics.json and send the values to the loggers."""
+    print(format_table(metrics))
+    path = write_metrics(metrics, output_dir / "metrics.json")
+    log.info("Evaluation written to %s", path)
+    flat = {
+        f"eval/{model}/{key}": value for model, results in metrics.items() for key, value in results.items()
+    }
+    for logger in loggers:
+        logger.log_metrics(flat)
+        logger.save()
+
+
+def train(cfg: DictConfig) -> Metrics:
+    """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`."""
+    validate_config(cfg)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    datamodule: ClipDataModule = instantiate(cfg.data)
+    module: AClip = instantiate(cfg.model)
+    loggers = _instantiate_all(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers
+    )
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics: Metrics = {}
+    if cfg.get("evaluate") and trainer.is_global_zero:
+        metrics = evaluate_module(module, datamodule)
+        report(metrics, _output_dir(cfg), loggers)
+    return metrics
+
+
+def load_checkpoint(path: str | Path) -> AClip:
+    """Load a trained module from a Lightning checkpoint, without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass ckpt_path=<path to a .ckpt file>")
+    try:
+        return AClip.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, KeyError, TypeError, ValueError, EOFError) as error:
+        raise ValueError(
+            f"{path} is not a checkpoint of aclip's model (or was written by an incompatible "
+            f"version): {error}"
+        ) from error
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
+    """Evaluate `cfg.ckpt_path` on the evaluation sets of `cfg.data`."""
+    validate_config(cfg)
+    module = load_checkpoint(cfg.ckpt_path)
+    if cfg.get("seed") is not None:
+        pl.seed_everything(cfg.seed, workers=True)
+    datamodule: ClipDataModule = instantiate(
+        cfg.data,
+        image_size=module.hparams.vision["image_size"],
+        context_length=module.hparams.text["context_length"],
+    )
+    metrics = evaluate_module(module, datamodule)
+    report(metrics, _output_dir(cfg), [])
+    return metrics

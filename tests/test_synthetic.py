@@ -1,0 +1,266 @@
+"""Tests for the procedurally generated synthetic datasets."""
+
+import colorsys
+import dataclasses
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aclip.datamodules import synthetic
+from aclip.datamodules.synthetic import (
+    CLASSNAMES,
+    COLOURS,
+    PROMPT_TEMPLATES,
+    SHAPES,
+    SyntheticCaptions,
+    SyntheticClassification,
+    SyntheticRetrieval,
+)
+
+COLOUR_TOLERANCE = 40  # max per-channel distance for a pixel to count as a class colour
+
+
+def colour_fraction(image: Image.Image, colour: str) -> float:
+    """Fraction of pixels within COLOUR_TOLERANCE of the class colour ``colour``."""
+    pixels = np.asarray(image, dtype=np.int16)
+    distance = np.abs(pixels - np.asarray(COLOURS[colour], dtype=np.int16)).max(axis=-1)
+    return float((distance <= COLOUR_TOLERANCE).mean())
+
+
+def named_colours(caption: str) -> set[str]:
+    return {word for word in re.findall(r"[a-z]+", caption) if word in COLOURS}
+
+
+def named_shapes(caption: str) -> set[str]:
+    return {word for word in re.findall(r"[a-z]+", caption) if word in SHAPES}
+
+
+def test_constants() -> None:
+    assert len(COLOURS) == 6 and len(SHAPES) == 4
+    assert tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES) == CLASSNAMES
+    assert 6 <= len(PROMPT_TEMPLATES) <= 8
+    assert all(template.count("{}") == 1 for template in PROMPT_TEMPLATES)
+    assert len(synthetic._CAPTION_TEMPLATES) >= 6
+    # Class colours must be saturated, so desaturated clutter can never be mistaken for them.
+    for rgb in COLOURS.values():
+        assert colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[1] > 0.8
+
+
+def _items(dataset, indices):
+    """Comparable items: image bytes plus the caption or label, whatever the dataset returns."""
+    out = []
+    for i in indices:
+        item = dataset[i]
+        image, extra = item if isinstance(item, tuple) else (item, None)
+        out.append((image.tobytes(), extra))
+    return out
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SyntheticCaptions(size=40, seed=5),
+        lambda: SyntheticClassification(size=40, seed=5),
+        lambda: SyntheticRetrieval(size=40, seed=5, captions_per_image=3),
+    ],
+    ids=["captions", "classification", "retrieval"],
+)
+def test_deterministic_across_instances_and_access_order(make) -> None:
+    first, second = make(), make()
+    forward = _items(first, range(12))
+    backward = _items(second, reversed(range(12)))[::-1]
+    assert forward == backward
+    # Repeated and interleaved access on the same instance changes nothing either.
+    assert _items(first, [7, 3, 7, 0]) == [forward[7], forward[3], forward[7], forward[0]]
+    if isinstance(first, SyntheticRetrieval):
+        assert first.captions == second.captions
+
+
+@pytest.mark.parametrize("cls", [SyntheticCaptions, SyntheticClassification, SyntheticRetrieval])
+def test_seeds_and_splits_are_different_streams(cls) -> None:
+    variants = [cls(size=8, seed=0, split="train"), cls(size=8, seed=1, split="train")]
+    variants += [cls(size=8, seed=0, split=split) for split in ("val", "test")]
+    for i in range(4):
+        images = [_items(dataset, [i])[0][0] for dataset in variants]
+        assert len(set(images)) == len(images)
+
+
+def test_negative_and_out_of_range_indices() -> None:
+    dataset = SyntheticCaptions(size=5)
+    assert _items(dataset, [-1]) == _items(dataset, [4])
+    with pytest.raises(IndexError):
+        dataset[5]
+    with pytest.raises(IndexError):
+        SyntheticRetrieval(size=3)[3]
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_image_size_and_mode(image_size: int) -> None:
+    image, caption = SyntheticCaptions(size=4, image_size=image_size)[0]
+    assert isinstance(caption, str)
+    images = [image, SyntheticClassification(size=4, image_size=image_size)[1][0]]
+    images.append(SyntheticRetrieval(size=4, image_size=image_size)[2])
+    for image in images:
+        assert isinstance(image, Image.Image)
+        assert image.mode == "RGB"
+        assert image.size == (image_size, image_size)
+
+
+def test_captions_match_their_images() -> None:
+    dataset = SyntheticCaptions(size=60)
+    n_objects = Counter()
+    for i in range(len(dataset)):
+        image, caption = dataset[i]
+        colours, shapes = named_colours(caption), named_shapes(caption)
+        count = caption.count(" and ") + 1
+        n_objects[count] += 1
+        assert 1 <= len(colours) <= count and 1 <= len(shapes) <= count
+        for colour in colours:
+            assert colour_fraction(image, colour) > 0.02, (i, caption)
+        # No class colour appears in the image unless the caption names it.
+        for colour in set(COLOURS) - colours:
+            assert colour_fraction(image, colour) < 0.01, (i, caption, colour)
+    assert set(n_objects) == {1, 2}
+    assert 0.4 < n_objects[1] / len(dataset) < 0.85
+
+
+def test_max_objects_one_gives_single_object_captions() -> None:
+    dataset = SyntheticCaptions(size=30, max_objects=1)
+    assert all(" and " not in dataset[i][1] for i in range(len(dataset)))
+
+
+def test_caption_wording() -> None:
+    red_circle = synthetic._Object("red", "circle", (0.0, 0.0, 10.0, 10.0), None)
+    blue_cross = synthetic._Object("blue", "cross", (20.0, 20.0, 30.0, 30.0), ())
+    there = ("there {be} {objs} in the picture.", "{colour} {shape}")
+    assert synthetic._caption([red_circle], there) == "there is a red circle in the picture."
+    assert synthetic._caption([blue_cross, red_circle], there) == (
+        "there are a blue cross and a red circle in the picture."
+    )
+    coloured = ("{objs}.", "{shape} coloured {colour}")
+    assert synthetic._caption([red_circle], coloured) == "a circle coloured red."
+    assert synthetic._article("orange cube") == "an"
+    assert synthetic._article("red cube") == "a"
+
+
+def test_caption_templates_all_name_every_object() -> None:
+    objects = [
+        synthetic._Object("magenta", "triangle", (0.0, 0.0, 1.0, 1.0), ()),
+        synthetic._Object("cyan", "square", (0.0, 0.0, 1.0, 1.0), ()),
+    ]
+    captions = {synthetic._caption(objects, template) for template in synthetic._CAPTION_TEMPLATES}
+    assert len(captions) == len(synthetic._CAPTION_TEMPLATES)
+    for caption in captions:
+        assert named_colours(caption) == {"magenta", "cyan"}
+        assert named_shapes(caption) == {"triangle", "square"}
+        assert "{" not in caption and "  " not in caption
+
+
+def test_classification_labels_balanced_and_visible() -> None:
+    dataset = SyntheticClassification(size=72, seed=3)
+    assert dataset.classnames == CLASSNAMES and dataset.templates == PROMPT_TEMPLATES
+    labels = []
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        assert isinstance(label, int) and 0 <= label < len(CLASSNAMES)
+        assert dataset.label(i) == label
+        labels.append(label)
+        colour = CLASSNAMES[label].split(" ")[0]
+        # The object is clearly visible but covers only a minority of the image.
+        assert 0.04 < colour_fraction(image, colour) < 0.4, (i, CLASSNAMES[label])
+        for other in set(COLOURS) - {colour}:
+            assert colour_fraction(image, other) < 0.01
+    assert set(Counter(labels).values()) == {3}
+    counts = Counter(SyntheticClassification(size=50).label(i) for i in range(50))
+    assert len(counts) == len(CLASSNAMES) and max(counts.values()) - min(counts.values()) <= 1
+
+
+def area(points) -> float:
+    """Shoelace area of a polygon."""
+    xs, ys = np.asarray(points, dtype=float).T
+    return 0.5 * abs(np.dot(xs, np.roll(ys, 1)) - np.dot(ys, np.roll(xs, 1)))
+
+
+def test_scene_objects_inside_image_and_larger_than_clutter() -> None:
+    image_size = 64
+    for i in range(50):
+        rng = np.random.default_rng(i)
+        scene = synthetic._sample_scene(rng, image_size, n_objects=2)
+        assert len({obj.label for obj in scene.objects}) == 2
+        assert 4 <= len(scene.clutter) <= 10
+        for obj in scene.objects:
+            x0, y0, x1, y1 = obj.box
+            assert 0 <= x0 < x1 <= image_size and 0 <= y0 < y1 <= image_size
+            assert max(x1 - x0, y1 - y0) >= 0.3 * image_size
+        object_areas = [
+            np.pi * ((obj.box[2] - obj.box[0]) / 2) ** 2 if obj.polygon is None else area(obj.polygon)
+            for obj in scene.objects
+        ]
+        assert all(0.06 < a / image_size**2 < 0.26 for a in object_areas)
+        for item in scene.clutter:
+            if item.kind == "ellipse":
+                (x0, y0), (x1, y1) = item.points
+                assert np.pi * (x1 - x0) * (y1 - y0) / 4 < min(object_areas)
+            elif item.kind == "polygon":
+                assert area(item.points) < min(object_areas)
+            saturation = colorsys.rgb_to_hsv(*(c / 255 for c in item.colour))[1]
+            assert saturation <= synthetic._CLUTTER_MAX_SATURATION + 0.02
+    scene = synthetic._sample_scene(np.random.default_rng(0), image_size, 1, classes=[5])
+    assert [obj.label for obj in scene.objects] == [5]
+
+
+def test_clutter_is_drawn_and_desaturated() -> None:
+    for i in range(10):
+        scene = synthetic._sample_scene(np.random.default_rng(i), 64, n_objects=1)
+        with_clutter = np.asarray(synthetic._render(scene, 64, np.random.default_rng(0)), dtype=np.int16)
+        bare_scene = dataclasses.replace(scene, clutter=())
+        bare = np.asarray(synthetic._render(bare_scene, 64, np.random.default_rng(0)), dtype=np.int16)
+        changed = np.abs(with_clutter - bare).max(axis=-1) > 30
+        assert changed.mean() > 0.01, i
+        # Where clutter shows, it is grey-ish: far less saturated than any class colour.
+        chroma = with_clutter.max(axis=-1) - with_clutter.min(axis=-1)
+        assert np.median(chroma[changed]) < 80
+
+
+def test_retrieval_captions() -> None:
+    dataset = SyntheticRetrieval(size=20, captions_per_image=3, seed=2)
+    assert len(dataset) == len(dataset.captions) == 20
+    for i, captions in enumerate(dataset.captions):
+        assert len(captions) == len(set(captions)) == 3
+        # All captions of an image describe the same objects.
+        assert len({frozenset(named_colours(c)) for c in captions}) == 1
+        assert len({frozenset(named_shapes(c)) for c in captions}) == 1
+        image = dataset[i]
+        for colour in named_colours(captions[0]):
+            assert colour_fraction(image, colour) > 0.02
+    every_template = SyntheticRetrieval(size=2, captions_per_image=len(synthetic._CAPTION_TEMPLATES))
+    assert all(len(set(c)) == len(synthetic._CAPTION_TEMPLATES) for c in every_template.captions)
+    single = SyntheticRetrieval(size=10, max_objects=1, captions_per_image=1)
+    assert all(len(c) == 1 and " and " not in c[0] for c in single.captions)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: SyntheticCaptions(size=0),
+        lambda: SyntheticCaptions(size=2.5),
+        lambda: SyntheticCaptions(image_size=15),
+        lambda: SyntheticCaptions(split="training"),
+        lambda: SyntheticCaptions(seed=-1),
+        lambda: SyntheticCaptions(max_objects=3),
+        lambda: SyntheticCaptions(max_objects=0),
+        lambda: SyntheticClassification(size=-3),
+        lambda: SyntheticClassification(split="dev"),
+        lambda: SyntheticClassification(image_size=8),
+        lambda: SyntheticRetrieval(captions_per_image=0),
+        lambda: SyntheticRetrieval(captions_per_image=len(synthetic._CAPTION_TEMPLATES) + 1),
+        lambda: SyntheticRetrieval(max_objects=3),
+        lambda: SyntheticRetrieval(split=None),
+    ],
+)
+def test_invalid_arguments(make) -> None:
+    with pytest.raises(ValueError):
+        make()
