@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, with what to change."""
+
+
+def resolved_job_config(cfg: DictConfig) -> dict[str, Any]:
+    """The job's config as plain containers with every interpolation resolved (Hydra's own node left out)."""
+    job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
+    return OmegaConf.to_container(job, resolve=True)
 
 
 def world_size(trainer_cfg: DictConfig) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,9 @@ import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from aclip.config import validate_config
+from aclip.config import resolved_job_config, validate_config
 from aclip.datamodules.datamodule import ClipDataModule
 from aclip.evaluation import evaluate, format_table, write_metrics
 from aclip.modules.aclip import AClip
@@ -66,7 +67,7 @@ def train(cfg: DictConfig) -> Metrics:
         cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers
     )
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(resolved_job_config(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
     metrics: Metrics = {}
@@ -83,7 +84,7 @@ def load_checkpoint(path: str | Path) -> AClip:
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass ckpt_path=<path to a .ckpt file>")
     try:
         return AClip.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, KeyError, TypeError, ValueError, EOFError) as error:
+    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as error:
         raise ValueError(
             f"{path} is not a checkpoint of aclip's model (or was written by an incompatible "
             f"version): {error}"
@@ -96,11 +97,10 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     module = load_checkpoint(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    datamodule: ClipDataModule = instantiate(
-        cfg.data,
-        image_size=module.hparams.vision["image_size"],
-        context_length=module.hparams.text["context_length"],
-    )
+    # The images and tokens the evaluation prepares must fit the checkpoint's towers.
+    cfg.data.image_size = module.hparams.vision["image_size"]
+    cfg.data.context_length = module.hparams.text["context_length"]
+    datamodule: ClipDataModule = instantiate(cfg.data)
     metrics = evaluate_module(module, datamodule)
     report(metrics, _output_dir(cfg), [])
     return metrics

@@ -1,0 +1,123 @@
+"""Config composition for every option of every group, and start-up validation of bad values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from aclip.config import ConfigError, resolved_job_config, validate_config, world_size
+from aclip.tasks import train
+from tests.conftest import CONF_DIR, compose_config
+
+GROUPS = sorted(path.name for path in CONF_DIR.iterdir() if path.is_dir())
+
+
+def group_options(group: str) -> list[str]:
+    # Files starting with "_" are bases that other options of the group extend.
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+OPTIONS = [(group, option) for group in GROUPS for option in group_options(group)]
+
+
+def test_every_group_has_options():
+    expected = {"callbacks", "data", "debug", "hydra", "logger", "masking", "model", "paths", "trainer"}
+    assert expected <= set(GROUPS)
+    for group in expected:
+        assert group_options(group), f"conf/{group} has no options"
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_and_resolves(train_config, group, option):
+    cfg = train_config(f"{group}={option}")
+    assert OmegaConf.select(cfg, f"hydra.runtime.choices.{group}") == option
+    resolved_job_config(cfg)
+    validate_config(cfg)
+
+
+def test_eval_config_composes(tmp_path):
+    cfg = compose_config("eval", ["ckpt_path=some.ckpt"], tmp_path)
+    resolved = resolved_job_config(cfg)
+    assert resolved["ckpt_path"] == "some.ckpt"
+    assert resolved["data"]["image_size"] is None  # filled from the checkpoint
+
+
+def test_paper_towers(tmp_path):
+    """vit_b16 is A-CLIP's ViT-B/16 with CLIP's text tower (DESIGN.md section 1)."""
+    model = compose_config("train", ["model=vit_b16"], tmp_path).model
+    assert model.vision.image_size == 224
+    assert (model.vision.width, model.vision.depth, model.vision.heads, model.vision.patch_size) == (
+        768,
+        12,
+        12,
+        16,
+    )
+    assert (model.text.width, model.text.heads, model.text.layers, model.text.context_length) == (
+        512,
+        8,
+        12,
+        77,
+    )
+    assert model.embed_dim == 512
+    assert (model.lr, model.weight_decay, list(model.betas), model.eps) == (5e-4, 0.5, [0.9, 0.98], 1e-8)
+    assert (model.warmup_start_lr, model.min_lr) == (1e-6, 1e-5)
+
+
+def test_masking_group_is_interpolated_into_the_model(train_config):
+    cfg = train_config("masking=none")
+    assert cfg.model.masking._target_ == cfg.masking._target_
+
+
+def test_tiny_model_and_data_instantiate(train_config):
+    cfg = train_config()
+    module = instantiate(cfg.model)
+    datamodule = instantiate(cfg.data)
+    assert module.model.vision.grid(32, 32) == (4, 4)
+    assert datamodule.batch_size == 8
+    assert math.isclose(module.model.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("devices", "num_nodes", "expected"),
+    [(1, 1, 1), (4, 2, 8), ("0,1", 1, 2), ([0, 1, 2], 1, 3), ("2", 3, 6)],
+)
+def test_world_size(devices, num_nodes, expected):
+    assert world_size(OmegaConf.create({"devices": devices, "num_nodes": num_nodes})) == expected
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["trainer.devices=3"], "divisible by the world size 3"),
+        (["trainer.devices=2", "trainer.num_nodes=3", "data.batch_size=8"], "world size 6"),
+        (["data.batch_size=0"], "data.batch_size must be >= 1"),
+        (["model.vision.image_size=36"], "multiple of model.vision.patch_size"),
+        (["model.lr=0"], "model.lr must be > 0"),
+        (["model.weight_decay=-0.1"], "model.weight_decay must be >= 0"),
+        (["trainer.max_epochs=-1"], "set trainer.max_epochs"),
+        (["trainer.accumulate_grad_batches=0"], "accumulate_grad_batches"),
+    ],
+)
+def test_bad_values_rejected_at_start_up(train_config, overrides, message):
+    cfg = train_config(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.crop_scale=[0.0,1.0]"], "crop_scale"),
+        (["data.train.size=0"], "size"),
+        (["model.text.context_length=2"], "context_length"),
+    ],
+)
+def test_bad_component_values_raise_before_training(train_config, overrides, message):
+    cfg = train_config(*overrides)
+    # Hydra wraps the component's ValueError, keeping its message.
+    with pytest.raises(InstantiationException, match=message):
+        train(cfg)

@@ -1,0 +1,165 @@
+"""End-to-end training and evaluation on the built-in dataset with a tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from aclip.modules.model import MAX_LOGIT_SCALE
+from aclip.tasks import evaluate_checkpoint, load_checkpoint, train
+from tests.conftest import CONF_DIR, TINY_OVERRIDES, compose_config
+
+EXPECTED_KEYS = {
+    "zeroshot/synthetic/top1",
+    "zeroshot/synthetic/top5",
+    *(f"retrieval/synthetic/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
+}
+
+
+def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "csv" / "metrics.csv") as file:
+        return list(csv.DictReader(file))
+
+
+def test_fast_dev_run_trains_and_evaluates(train_config, tmp_path):
+    cfg = train_config("debug=fast_dev_run")
+    metrics = train(cfg)
+    assert set(metrics) == {"online"}
+    assert set(metrics["online"]) == EXPECTED_KEYS
+    assert all(0.0 <= value <= 100.0 for value in metrics["online"].values())
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written.keys() == metrics.keys()
+    assert written["online"] == pytest.approx(metrics["online"])
+
+
+def test_logit_scale_clamped_after_each_optimizer_step(train_config):
+    cfg = train_config("debug=fast_dev_run", "evaluate=false", "+model.init_logit_scale=5.0")
+    module = instantiate(cfg.model)
+    assert module.model.logit_scale.item() == pytest.approx(5.0)
+    trainer = instantiate(cfg.trainer, logger=False)
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    assert module.model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
+
+
+def test_no_weight_decay_on_biases_norms_and_logit_scale(train_config):
+    cfg = train_config("debug=fast_dev_run", "evaluate=false")
+    module = instantiate(cfg.model)
+    trainer = instantiate(cfg.trainer, logger=False)
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    decay, no_decay = trainer.optimizers[0].param_groups
+    assert decay["weight_decay"] == cfg.model.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    named = dict(module.model.named_parameters())
+    assert id(named["logit_scale"]) in no_decay_ids
+    assert id(named["vision.trunk.blocks.0.norm1.weight"]) in no_decay_ids
+    assert id(named["vision.trunk.blocks.0.attn.qkv.bias"]) in no_decay_ids
+    assert id(named["vision.trunk.blocks.0.attn.qkv.weight"]) not in no_decay_ids
+    assert len(decay["params"]) + len(no_decay["params"]) == len(named)
+
+
+def test_training_logs_and_lowers_the_loss(train_config, tmp_path):
+    """Two epochs of 16 steps: the logged loss falls, and lr and logit scale are logged per step."""
+    cfg = train_config(
+        "data.train.size=128",
+        "trainer.max_epochs=2",
+        "trainer.log_every_n_steps=1",
+        "evaluate=false",
+        "model.warmup_epochs=0.5",
+    )
+    train(cfg)
+    rows = [row for row in read_csv_metrics(tmp_path / "run") if row.get("train/loss")]
+    assert len(rows) == 32  # 128 samples / batch 8 x 2 epochs
+    losses = [float(row["train/loss"]) for row in rows]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
+    lrs = [float(row["train/lr"]) for row in rows]
+    assert lrs[0] == pytest.approx(cfg.model.warmup_start_lr)  # warm-up starts low
+    assert max(lrs) == pytest.approx(cfg.model.lr, rel=0.05)  # reaches the peak after 8 steps
+    assert lrs[-1] < 0.1 * cfg.model.lr  # cosine decay towards min_lr
+    assert all(0 <= float(row["train/logit_scale"]) <= MAX_LOGIT_SCALE + 1e-6 for row in rows)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_train_then_evaluate_round_trip(train_config, tmp_path):
+    cfg = train_config("trainer.limit_train_batches=2")
+    trained = train(cfg)
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    data_overrides = [o for o in TINY_OVERRIDES if o.startswith("data.")]
+    eval_cfg = compose_config("eval", [*data_overrides, f"ckpt_path={checkpoint}"], tmp_path / "eval")
+    evaluated = evaluate_checkpoint(eval_cfg)
+    assert evaluated["online"] == pytest.approx(trained["online"], abs=1e-4)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["online"] == pytest.approx(
+        evaluated["online"]
+    )
+    # The checkpoint alone rebuilds the architecture (no config file needed).
+    module = load_checkpoint(checkpoint)
+    assert module.hparams.vision["image_size"] == 32
+
+
+def test_evaluate_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not a checkpoint",
+        {"state_dict": {"weight": torch.zeros(2)}},
+        {"hyper_parameters": {}, "state_dict": {}},
+    ],
+)
+def test_evaluate_incompatible_checkpoint(tmp_path, content):
+    path = tmp_path / "bad.ckpt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match="is not a checkpoint of aclip's model"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_loads_without_unpickling_objects(train_config, tmp_path):
+    """Checkpoints hold only tensors and plain containers, so `weights_only` loading accepts them."""
+    train(train_config("trainer.limit_train_batches=1", "evaluate=false"))
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert isinstance(checkpoint["hyper_parameters"]["vision"], dict)
+
+
+def test_command_line_overrides_and_multirun(tmp_path):
+    """`python train.py -m model.lr=...` runs one job per value, each with its own run directory."""
+    overrides = [o for o in TINY_OVERRIDES if "enable_progress_bar" not in o]
+    command = [
+        sys.executable,
+        str(CONF_DIR.parent / "train.py"),
+        "-m",
+        "model.lr=1e-3,5e-4",
+        "debug=fast_dev_run",
+        *overrides,
+        f"paths.log_dir={tmp_path}",
+    ]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweeps = list((tmp_path / "train" / "multiruns").iterdir())
+    assert len(sweeps) == 1
+    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1"]
+    for job, lr in zip(jobs, (1e-3, 5e-4), strict=True):
+        job_dir = sweeps[0] / job
+        assert json.loads((job_dir / "metrics.json").read_text())["online"]
+        assert math.isclose(float(_override_value(job_dir, "model.lr")), lr)
+
+
+def _override_value(job_dir: Path, key: str) -> str:
+    overrides = (job_dir / ".hydra" / "overrides.yaml").read_text().splitlines()
+    return next(line.split("=", 1)[1] for line in overrides if line.lstrip("- ").startswith(f"{key}="))
