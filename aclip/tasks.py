@@ -99,7 +99,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
         pl.seed_everything(cfg.seed, workers=True)
     # The images and tokens the evaluation prepares must fit the checkpoint's towers.
     cfg.data.image_size = module.hparams.vision["image_size"]
-    cfg.data.context_length = module.hparams.text["context_length"]
+    cfg.text_masking.length = module.hparams.text["context_length"]
     datamodule: ClipDataModule = instantiate(cfg.data)
     metrics = evaluate_module(module, datamodule)
     report(metrics, _output_dir(cfg), [])

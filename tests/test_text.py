@@ -145,12 +145,27 @@ def test_text_tower_output_is_the_eot_state():
         torch.testing.assert_close(tower(short), tower(tokens_for(["a red circle"])))
 
 
-def test_text_tower_rejects_wrong_token_length():
+def test_text_tower_rejects_too_long_tokens():
     tower = make_tower()
     with pytest.raises(ValueError, match=str(CONTEXT)):
         tower(build_tokenizer(CONTEXT + 4)(["a red circle"]))
     with pytest.raises(ValueError, match=str(CONTEXT)):
-        tower(torch.zeros(2, CONTEXT - 1, dtype=torch.long))
+        tower(torch.zeros(2, 2 * CONTEXT, dtype=torch.long))
+
+
+def test_text_tower_shorter_tokens_equal_padded():
+    """Captions shorter than the context (CLIPA text reduction) run at their own length, and give
+    the embedding of the zero-padded tokens: causal attention and EOT pooling make padding invisible."""
+    tower = make_tower()
+    padded = tokens_for(["a red circle", "a blue square"])
+    with torch.no_grad():
+        torch.testing.assert_close(tower(padded[:, : CONTEXT - 4]), tower(padded))
+
+
+def test_text_tower_rejects_tokens_longer_than_context():
+    tower = make_tower()
+    with pytest.raises(ValueError, match=str(CONTEXT)):
+        tower(torch.zeros(1, CONTEXT + 1, dtype=torch.long))
 
 
 def test_text_tower_rejects_width_not_divisible_by_heads():

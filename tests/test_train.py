@@ -33,12 +33,14 @@ def read_csv_metrics(run_dir: Path) -> list[dict[str, str]]:
 def test_fast_dev_run_trains_and_evaluates(train_config, tmp_path):
     cfg = train_config("debug=fast_dev_run")
     metrics = train(cfg)
-    assert set(metrics) == {"online"}
-    assert set(metrics["online"]) == EXPECTED_KEYS
-    assert all(0.0 <= value <= 100.0 for value in metrics["online"].values())
+    assert list(metrics) == ["ema", "online"]  # the reported model (EMA by default) first
+    for results in metrics.values():
+        assert set(results) == EXPECTED_KEYS
+        assert all(0.0 <= value <= 100.0 for value in results.values())
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert written.keys() == metrics.keys()
-    assert written["online"] == pytest.approx(metrics["online"])
+    for name in metrics:
+        assert written[name] == pytest.approx(metrics[name])
 
 
 def test_logit_scale_clamped_after_each_optimizer_step(train_config):
@@ -96,10 +98,10 @@ def test_train_then_evaluate_round_trip(train_config, tmp_path):
     data_overrides = [o for o in TINY_OVERRIDES if o.startswith("data.")]
     eval_cfg = compose_config("eval", [*data_overrides, f"ckpt_path={checkpoint}"], tmp_path / "eval")
     evaluated = evaluate_checkpoint(eval_cfg)
-    assert evaluated["online"] == pytest.approx(trained["online"], abs=1e-4)
-    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["online"] == pytest.approx(
-        evaluated["online"]
-    )
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    for name in ("ema", "online"):
+        assert evaluated[name] == pytest.approx(trained[name], abs=1e-4)
+        assert written[name] == pytest.approx(evaluated[name])
     # The checkpoint alone rebuilds the architecture (no config file needed).
     module = load_checkpoint(checkpoint)
     assert module.hparams.vision["image_size"] == 32
@@ -156,7 +158,7 @@ def test_command_line_overrides_and_multirun(tmp_path):
     assert jobs == ["0", "1"]
     for job, lr in zip(jobs, (1e-3, 5e-4), strict=True):
         job_dir = sweeps[0] / job
-        assert json.loads((job_dir / "metrics.json").read_text())["online"]
+        assert json.loads((job_dir / "metrics.json").read_text())["ema"]
         assert math.isclose(float(_override_value(job_dir, "model.lr")), lr)
 
 

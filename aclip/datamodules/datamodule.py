@@ -63,7 +63,8 @@ class ClipDataModule(pl.LightningDataModule):
         eval_batch_size: images per evaluation batch (per device).
         num_workers: dataloader worker processes per device.
         image_size: side of the square training views and evaluation images.
-        context_length: text tokens per caption (the text tower's context length).
+        text_masking: `{"strategy": truncate | random | block | syntax, "length": tokens}` for the
+            training captions (CLIPA text token reduction; see `build_tokenizer`).
         crop_scale: area range of the random resized crop of a training view.
     """
 
@@ -76,7 +77,7 @@ class ClipDataModule(pl.LightningDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 2,
         image_size: int = 224,
-        context_length: int = 77,
+        text_masking: Mapping[str, Any] | None = None,
         crop_scale: Sequence[float] = (0.5, 1.0),
     ) -> None:
         super().__init__()
@@ -92,7 +93,8 @@ class ClipDataModule(pl.LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.image_size = image_size
-        self.tokenizer = build_tokenizer(context_length)
+        text_masking = {"strategy": "truncate", "length": 77, **(text_masking or {})}
+        self.tokenizer = build_tokenizer(text_masking["length"], text_masking["strategy"])
         self.view_transform = ViewTransform(image_size, crop_scale)
 
     def per_device_batch_size(self) -> int:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from aclip.modules.losses import ClipLoss
-from aclip.modules.masking import NoMasking, TokenMasking
+from aclip.modules.masking import NoMasking, TokenMasking, kept_score_mass
 from aclip.modules.model import ClipModel
 from aclip.modules.schedule import warmup_cosine_lr
 from aclip.modules.text import TextTower, build_tokenizer
@@ -41,6 +45,12 @@ class AClip(pl.LightningModule):
         warmup_epochs: linear warm-up length in epochs (fractions allowed), from `warmup_start_lr`.
         min_lr: learning rate at the end of the cosine decay.
         init_logit_scale: initial log temperature, ln(1 / 0.07) as in CLIP.
+        eval_model: the model whose evaluation is reported first and logged as `eval/...`:
+            "ema" (the paper's choice) or "online".
+        seed: base seed of the masking policies' random generator, combined with rank and step.
+
+    The EMA copy `ema_model` of the whole CLIP model is excluded from the optimizer, saved in
+    checkpoints, moved by the `EMAUpdate` callback, and scores patches for attentive masking.
     """
 
     def __init__(
@@ -57,6 +67,8 @@ class AClip(pl.LightningModule):
         warmup_start_lr: float = 1e-6,
         min_lr: float = 1e-5,
         init_logit_scale: float = math.log(1 / 0.07),
+        eval_model: str = "ema",
+        seed: int | None = 0,
     ) -> None:
         super().__init__()
         vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
@@ -75,18 +87,45 @@ class AClip(pl.LightningModule):
             TextTower(**text, output_dim=embed_dim),
             init_logit_scale=init_logit_scale,
         )
+        if eval_model not in ("ema", "online"):
+            raise ValueError(f'eval_model must be "ema" or "online", got {eval_model!r}')
+        self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.masking: TokenMasking = instantiate(masking) if masking else NoMasking()
+        if self.masking.needs_scores:
+            self.model.vision.resolve_layers(self.masking.layers)  # validate against the tower's depth
         self.clip_loss = ClipLoss()
         self.tokenizer = build_tokenizer(self.model.text.context_length)
+        self._mask_generator: torch.Generator | None = None
+
+    def train(self, mode: bool = True) -> AClip:
+        super().train(mode)
+        self.ema_model.eval()  # the teacher never uses dropout or drop-path
+        return self
+
+    def on_fit_start(self) -> None:
+        from aclip.callbacks.ema import EMAUpdate
+
+        if not any(isinstance(callback, EMAUpdate) for callback in self.trainer.callbacks):
+            message = "no EMAUpdate callback: the EMA model will not move during training"
+            if self.masking.needs_scores:
+                raise ValueError(
+                    f"{message}, but {self.masking!r} needs its attention scores; add callbacks.ema"
+                )
+            rank_zero_warn(message)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         images, text = batch["images"], batch["text"]  # [B, k, 3, H, W], [B, L]
         batch_size, num_views = images.shape[:2]
-        views = images.flatten(0, 1)
+        views = self._resize_for_masking(images.flatten(0, 1))
         grid = self.model.vision.grid(*views.shape[-2:])
 
-        # The online encoder sees only the tokens the masking policy keeps; all views in one call.
-        keep = self.masking.select(None, grid, batch_size * num_views, device=self.device)
+        # 1. The EMA encoder scores every patch by its CLS attention, without gradient.
+        scores = self.patch_scores(views) if self.masking.needs_scores else None
+        # 2. The masking policy decides which patch tokens the online encoder keeps.
+        keep = self.masking.select(
+            scores, grid, batch_size * num_views, device=self.device, generator=self.mask_generator(batch_idx)
+        )
+        # 3. The online encoders: every view of the batch through the vision tower in one call.
         image_features = self.model.encode_image(views, keep).unflatten(0, (batch_size, num_views))
         text_features = self.model.encode_text(text)
 
@@ -96,17 +135,41 @@ class AClip(pl.LightningModule):
             [self.clip_loss(image_features[:, v], text_features, logit_scale) for v in range(num_views)]
         ).mean()
 
-        self.log_dict(
-            {
-                "train/loss": loss,
-                "train/logit_scale": logit_scale.detach(),
-                "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
-                "train/kept_tokens": float(keep.shape[1]),
-            },
-            prog_bar=True,
-            batch_size=batch_size,
-        )
+        logs = {
+            "train/loss": loss,
+            "train/logit_scale": logit_scale.detach(),
+            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "train/kept_tokens": float(keep.shape[1]),
+        }
+        if scores is not None:
+            logs["train/kept_score_mass"] = kept_score_mass(scores, keep).mean()
+        self.log_dict(logs, prog_bar=True, batch_size=batch_size)
         return loss
+
+    @torch.no_grad()
+    def patch_scores(self, images: Tensor) -> Tensor:
+        """The EMA vision tower's CLS-attention score of every patch of `images` [B, gh * gw]."""
+        return self.ema_model.vision.cls_attention(images, layers=self.masking.layers)
+
+    def mask_generator(self, batch_idx: int) -> torch.Generator:
+        """The masking policies' random generator, on this device, reseeded from (seed, rank, step).
+
+        Runs are reproducible, ranks draw different masks, and a resumed run draws what it would have.
+        """
+        if self._mask_generator is None or self._mask_generator.device != self.device:
+            self._mask_generator = torch.Generator(device=self.device)
+        entropy = [self.hparams.seed or 0, self.global_rank, self.global_step, batch_idx]
+        self._mask_generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        return self._mask_generator
+
+    def _resize_for_masking(self, views: Tensor) -> Tensor:
+        """Downsample the views for policies that reduce tokens by resolution (CLIPA `resize`)."""
+        if not self.masking.resizes:
+            return views
+        height, width = (
+            self.masking.image_size(side, self.model.vision.patch_size) for side in views.shape[-2:]
+        )
+        return F.interpolate(views, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -151,5 +214,7 @@ class AClip(pl.LightningModule):
         return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
 
     def eval_models(self) -> dict[str, nn.Module]:
-        """The models the final evaluation reports, by name."""
-        return {"online": self.model}
+        """The models the final evaluation reports, by name, the reported one (`eval_model`) first."""
+        models = {"ema": self.ema_model, "online": self.model}
+        reported = self.hparams.eval_model
+        return {reported: models[reported], **models}

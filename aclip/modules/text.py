@@ -2,20 +2,51 @@
 
 from __future__ import annotations
 
+import open_clip.tokenizer
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import TextTransformer
+from open_clip.transformer import TextTransformer, text_global_pool
 from torch import Tensor, nn
 
+# CLIPA's text token reductions, by our name, as open_clip's tokenizer calls them.
+TEXT_REDUCTIONS = {"truncate": "", "random": "random", "block": "simple", "syntax": "syntax"}
+# NLTK data that open_clip's syntax reduction reads (tokenizer, part-of-speech tagger).
+_SYNTAX_DATA = ("tokenizers/punkt_tab", "taggers/averaged_perceptron_tagger_eng")
 
-def build_tokenizer(context_length: int = 77) -> SimpleTokenizer:
+
+def build_tokenizer(context_length: int = 77, reduction: str = "truncate") -> SimpleTokenizer:
     """CLIP's byte-pair tokenizer, read from the vocabulary file shipped inside open_clip (no network).
 
     Calling it on a string or a list of strings gives a LongTensor [N, context_length]: start token,
-    BPE tokens (truncated to fit), end-of-text token, zero padding.
+    BPE tokens, end-of-text token, zero padding. A caption too long for the context is reduced by
+    `reduction` (CLIPA): "truncate" keeps the first tokens, "random" a random subset in order,
+    "block" a random contiguous window, "syntax" nouns, then adjectives, then verbs, then the rest.
     """
     if context_length < 3:
         raise ValueError(f"context_length must be at least 3 (start, one token, end), got {context_length}")
-    return SimpleTokenizer(context_length=context_length)
+    if reduction not in TEXT_REDUCTIONS:
+        raise ValueError(f"text reduction must be one of {sorted(TEXT_REDUCTIONS)}, got {reduction!r}")
+    if reduction == "syntax":
+        _require_syntax_data()
+    return SimpleTokenizer(context_length=context_length, reduction_mask=TEXT_REDUCTIONS[reduction])
+
+
+def _require_syntax_data() -> None:
+    """Check NLTK and its data are installed, so that open_clip never tries to download them."""
+    try:
+        import nltk
+    except ImportError as error:
+        raise ImportError('text_masking=syntax needs NLTK: pip install -e ".[syntax]"') from error
+    for resource in _SYNTAX_DATA:
+        try:
+            nltk.data.find(resource)
+        except LookupError as error:
+            names = " ".join(path.split("/")[1] for path in _SYNTAX_DATA)
+            raise RuntimeError(
+                f"text_masking=syntax needs the NLTK data '{resource}', which is not installed. On a machine "
+                f"with network access run `python -m nltk.downloader -d <dir> {names}`, copy <dir> here and "
+                "set NLTK_DATA=<dir> (or place it in one of nltk.data.path)."
+            ) from error
+    open_clip.tokenizer._nltk_init = True  # data present: skip open_clip's nltk.download() calls
 
 
 class TextTower(nn.Module):
@@ -49,10 +80,17 @@ class TextTower(nn.Module):
         )
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """Projected text features [B, output_dim] of token ids [B, context_length]."""
-        if tokens.shape[-1] != self.context_length:
+        """Projected text features [B, output_dim] of token ids [B, L], L <= context_length."""
+        if tokens.shape[-1] > self.context_length:
             raise ValueError(
                 f"text tokens have length {tokens.shape[-1]} but the tower's context_length is "
-                f"{self.context_length}; tokenize with build_tokenizer({self.context_length})"
+                f"{self.context_length}; tokenize with build_tokenizer({self.context_length}) or shorter"
             )
-        return self.transformer(tokens)
+        text = self.transformer
+        # As TextTransformer.forward, but with the causal mask cut to the input length, so that
+        # captions shorter than the context (CLIPA text reduction) cost proportionally less.
+        x, causal_mask = text._embeds(tokens)
+        length = tokens.shape[-1]
+        x = text.transformer(x, attn_mask=causal_mask[:length, :length])
+        pooled = text_global_pool(text.ln_final(x), tokens, pool_type="argmax")
+        return pooled @ text.text_projection  # a [width, output_dim] Parameter (no bias)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from timm.layers import Attention
 from timm.models import VisionTransformer
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+Layers = str | Sequence[int]
 
 
 class VisionTower(nn.Module):
@@ -73,6 +79,46 @@ class VisionTower(nn.Module):
         `keep` is a LongTensor [B, n_keep] of row-major patch indices (CLS excluded) or None for all.
         """
         tokens = self.trunk.blocks(self.embed(images, keep))
+        return self._head(tokens)
+
+    def forward_with_cls_attention(self, images: Tensor, layers: Layers = "all") -> tuple[Tensor, Tensor]:
+        """Projected CLS features [B, output_dim] and CLS-attention scores [B, gh * gw], in one pass.
+
+        The score of patch P is softmax_j(q(CLS) . k(j) / sqrt(d)) at j = P, averaged over heads and
+        over the blocks in `layers` ("all", "last", or a list of block indices). Only the CLS query
+        row is formed; the blocks' outputs still come from fused attention.
+        """
+        chosen = self.resolve_layers(layers)
+        tokens = self.embed(images)
+        score_sum = tokens.new_zeros(tokens.shape[0], tokens.shape[1] - self.trunk.num_prefix_tokens)
+        for index, block in enumerate(self.trunk.blocks):
+            if index in chosen:
+                tokens, scores = _block_with_cls_attention(block, tokens, self.trunk.num_prefix_tokens)
+                score_sum += scores
+            else:
+                tokens = block(tokens)
+        return self._head(tokens), score_sum / len(chosen)
+
+    def cls_attention(self, images: Tensor, layers: Layers = "all") -> Tensor:
+        """CLS-attention scores [B, gh * gw] of every patch (see `forward_with_cls_attention`)."""
+        return self.forward_with_cls_attention(images, layers)[1]
+
+    def resolve_layers(self, layers: Layers) -> list[int]:
+        """Block indices for "all", "last" or a list of (possibly negative) indices; validated."""
+        depth = len(self.trunk.blocks)
+        if layers == "all":
+            return list(range(depth))
+        if layers == "last":
+            return [depth - 1]
+        if isinstance(layers, str) or not layers:
+            raise ValueError(
+                f'layers must be "all", "last" or a non-empty list of block indices, got {layers!r}'
+            )
+        if any(not -depth <= index < depth for index in layers):
+            raise ValueError(f"layers {list(layers)} out of range for a tower of {depth} blocks")
+        return sorted({index % depth for index in layers})
+
+    def _head(self, tokens: Tensor) -> Tensor:
         return self.proj(self.trunk.forward_head(self.trunk.norm(tokens), pre_logits=True))
 
 
@@ -86,3 +132,27 @@ def keep_tokens(tokens: Tensor, keep: Tensor, num_prefix_tokens: int = 1) -> Ten
     prefix, patches = tokens[:, :num_prefix_tokens], tokens[:, num_prefix_tokens:]
     index = keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
     return torch.cat([prefix, patches.gather(1, index)], dim=1)
+
+
+def _block_with_cls_attention(block: Block, tokens: Tensor, num_prefix_tokens: int) -> tuple[Tensor, Tensor]:
+    """A timm `Block` forward that also returns the CLS query's attention to each patch [B, N_patches].
+
+    It follows `Block.forward` and `Attention.forward` step for step, sharing q and k between the fused
+    attention of all rows and the explicit softmax of the CLS row (O(N) extra work, not O(N^2)).
+    """
+    attn = block.attn
+    x = block.norm1(tokens)
+    batch, length, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    cls_row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, heads, 1, N]
+    out = out.transpose(1, 2).reshape(batch, length, attn.attn_dim)
+    out = attn.norm(out)
+    if attn.gate is not None:
+        out = out * attn.gate(x).sigmoid()
+    out = attn.proj_drop(attn.proj(out))
+    tokens = tokens + block.drop_path1(block.ls1(out))
+    tokens = tokens + block.drop_path2(block.ls2(block.mlp(block.norm2(tokens))))
+    return tokens, cls_row.mean(dim=1)[:, 0, num_prefix_tokens:]
