@@ -25,7 +25,10 @@ OPTIONS = [(group, option) for group in GROUPS for option in group_options(group
 
 
 def test_every_group_has_options():
-    expected = {"callbacks", "data", "debug", "hydra", "logger", "masking", "model", "paths", "trainer"}
+    expected = {
+        *("callbacks", "data", "debug", "hydra", "logger", "masking", "model", "paths", "text_masking"),
+        "trainer",
+    }
     assert expected <= set(GROUPS)
     for group in expected:
         assert group_options(group), f"conf/{group} has no options"
@@ -114,6 +117,11 @@ def test_bad_values_rejected_at_start_up(train_config, overrides, message):
         (["data.crop_scale=[0.0,1.0]"], "crop_scale"),
         (["data.train.size=0"], "size"),
         (["model.text.context_length=2"], "context_length"),
+        (["masking=random", "masking.keep_ratio=1.5"], "keep_ratio"),
+        (["masking=attentive_low", "masking.unit=3"], "unit"),
+        (["masking=attentive_low", "masking.layers=[5]"], "out of range"),
+        (["text_masking=random", "text_masking.strategy=shuffle"], "text reduction"),
+        (["model.eval_model=best"], "eval_model"),
     ],
 )
 def test_bad_component_values_raise_before_training(train_config, overrides, message):

@@ -91,8 +91,12 @@ class AClip(pl.LightningModule):
             raise ValueError(f'eval_model must be "ema" or "online", got {eval_model!r}')
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.masking: TokenMasking = instantiate(masking) if masking else NoMasking()
+        # Reject a policy that cannot work on this tower now, not at the first training step.
         if self.masking.needs_scores:
-            self.model.vision.resolve_layers(self.masking.layers)  # validate against the tower's depth
+            self.model.vision.resolve_layers(self.masking.layers)
+        self.masking.num_keep(
+            self.model.vision.grid(*self._resize_for_masking_size(self.model.vision.image_size))
+        )
         self.clip_loss = ClipLoss()
         self.tokenizer = build_tokenizer(self.model.text.context_length)
         self._mask_generator: torch.Generator | None = None
@@ -162,14 +166,18 @@ class AClip(pl.LightningModule):
         self._mask_generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         return self._mask_generator
 
+    def _resize_for_masking_size(self, *sides: int) -> tuple[int, ...]:
+        """The view sides the online tower sees: smaller for policies that resize (CLIPA `resize`)."""
+        if not self.masking.resizes:
+            return sides
+        return tuple(self.masking.image_size(side, self.model.vision.patch_size) for side in sides)
+
     def _resize_for_masking(self, views: Tensor) -> Tensor:
         """Downsample the views for policies that reduce tokens by resolution (CLIPA `resize`)."""
-        if not self.masking.resizes:
+        size = self._resize_for_masking_size(*views.shape[-2:])
+        if size == tuple(views.shape[-2:]):
             return views
-        height, width = (
-            self.masking.image_size(side, self.model.vision.patch_size) for side in views.shape[-2:]
-        )
-        return F.interpolate(views, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+        return F.interpolate(views, size=size, mode="bicubic", antialias=True, align_corners=False)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
