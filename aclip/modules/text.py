@@ -27,7 +27,18 @@ def build_tokenizer(context_length: int = 77, reduction: str = "truncate") -> Si
         raise ValueError(f"text reduction must be one of {sorted(TEXT_REDUCTIONS)}, got {reduction!r}")
     if reduction == "syntax":
         _require_syntax_data()
+        return _SyntaxTokenizer(context_length=context_length, reduction_mask="syntax")
     return SimpleTokenizer(context_length=context_length, reduction_mask=TEXT_REDUCTIONS[reduction])
+
+
+class _SyntaxTokenizer(SimpleTokenizer):
+    """Checks NLTK's data in whichever process tokenizes (a spawned dataloader worker imports open_clip
+    afresh), so open_clip's syntax reduction never falls back to downloading it."""
+
+    def __call__(self, texts, context_length=None):
+        if not open_clip.tokenizer._nltk_init:
+            _require_syntax_data()
+        return super().__call__(texts, context_length)
 
 
 def _require_syntax_data() -> None:

@@ -110,7 +110,11 @@ class VisionTower(nn.Module):
             return list(range(depth))
         if layers == "last":
             return [depth - 1]
-        if isinstance(layers, str) or not layers:
+        if (
+            isinstance(layers, str)
+            or not layers
+            or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+        ):
             raise ValueError(
                 f'layers must be "all", "last" or a non-empty list of block indices, got {layers!r}'
             )
