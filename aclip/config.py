@@ -6,6 +6,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+# `${floordiv:${data.image_size},2}`: sizes derived from others, e.g. A-CLIP-eff's half-resolution teacher.
+if not OmegaConf.has_resolver("floordiv"):
+    OmegaConf.register_new_resolver(
+        "floordiv", lambda numerator, denominator: int(numerator) // int(denominator)
+    )
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work, with what to change."""
@@ -63,6 +69,13 @@ def validate_config(cfg: DictConfig) -> None:
     for key in ("lr", "weight_decay", "warmup_epochs"):
         if cfg.model[key] < 0 or (key == "lr" and cfg.model[key] == 0):
             raise ConfigError(f"model.{key} must be {'> 0' if key == 'lr' else '>= 0'}, got {cfg.model[key]}")
+    ssl = cfg.model.get("self_supervision") or {}
+    num_views = cfg.data.get("num_views", 1)
+    if ssl.get("view_loss") and ssl.get("view_weight", 0) > 0 and num_views < 2:
+        raise ConfigError(
+            f"model.self_supervision.view_loss={ssl.view_loss} compares different views of an image but "
+            f"data.num_views={num_views}; set data.num_views>=2 or model.self_supervision.view_weight=0"
+        )
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     if not trainer.get("fast_dev_run") and (max_epochs in (None, -1, 0)) and max_steps in (None, -1):
         raise ConfigError(

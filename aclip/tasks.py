@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +57,23 @@ def report(metrics: Metrics, output_dir: Path, loggers: list[Any]) -> None:
         logger.save()
 
 
+def write_timing(fit_seconds: float, steps: int, path: Path) -> None:
+    """Record the wall time of `trainer.fit` (data loading included) and its time per optimizer step."""
+    timing = {
+        "fit_seconds": fit_seconds,
+        "optimizer_steps": steps,
+        "seconds_per_step": fit_seconds / max(steps, 1),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(timing, indent=2) + "\n")
+    log.info(
+        "Training took %.1f s for %d optimizer steps (%.3f s per step)",
+        fit_seconds,
+        steps,
+        timing["seconds_per_step"],
+    )
+
+
 def train(cfg: DictConfig) -> Metrics:
     """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`."""
     validate_config(cfg)
@@ -68,7 +87,10 @@ def train(cfg: DictConfig) -> Metrics:
     )
     for logger in loggers:
         logger.log_hyperparams(resolved_job_config(cfg))
+    started = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if trainer.is_global_zero:
+        write_timing(time.perf_counter() - started, trainer.global_step, _output_dir(cfg) / "timing.json")
 
     metrics: Metrics = {}
     if cfg.get("evaluate") and trainer.is_global_zero:

@@ -103,6 +103,7 @@ def test_world_size(devices, num_nodes, expected):
         (["model.weight_decay=-0.1"], "model.weight_decay must be >= 0"),
         (["trainer.max_epochs=-1"], "set trainer.max_epochs"),
         (["trainer.accumulate_grad_batches=0"], "accumulate_grad_batches"),
+        (["method=aclip", "data.num_views=1"], "data.num_views>=2"),
     ],
 )
 def test_bad_values_rejected_at_start_up(train_config, overrides, message):

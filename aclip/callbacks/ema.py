@@ -28,7 +28,7 @@ def ema_update(ema: nn.Module, online: nn.Module, momentum: float) -> None:
 
 
 class EMAUpdate(Callback):
-    """Moves `pl_module.ema_model` towards `pl_module.model` after every optimizer step.
+    """Moves each EMA module of `pl_module.ema_pairs()` towards its online module after every optimizer step.
 
     Under gradient accumulation the update happens once per optimizer step, not per micro-batch.
     The momentum follows `ema_momentum` over the run's optimizer steps and is logged as
@@ -61,5 +61,6 @@ class EMAUpdate(Callback):
             self.base_momentum,
             self.final_momentum,
         )
-        ema_update(pl_module.ema_model, pl_module.model, momentum)
+        for ema, online in pl_module.ema_pairs():
+            ema_update(ema, online, momentum)
         pl_module.log("train/ema_momentum", momentum)

@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from aclip.datamodules.transforms import ViewTransform, eval_transform
+from aclip.datamodules.transforms import MultiViewTransform, eval_transform
 from aclip.evaluation import EvalTask, RetrievalTask, ZeroShotTask
 from aclip.modules.text import build_tokenizer
 
@@ -63,9 +63,12 @@ class ClipDataModule(pl.LightningDataModule):
         eval_batch_size: images per evaluation batch (per device).
         num_workers: dataloader worker processes per device.
         image_size: side of the square training views and evaluation images.
+        num_views: random resized crops per training image (A-CLIP: 2).
+        ema_image_size: side of the EMA teacher's enclosing crop (default `image_size`; A-CLIP-eff: half).
         text_masking: `{"strategy": truncate | random | block | syntax, "length": tokens}` for the
             training captions (CLIPA text token reduction; see `build_tokenizer`).
         crop_scale: area range of the random resized crop of a training view.
+        color_jitter, blur: strength of colour jitter and probability of Gaussian blur per view.
     """
 
     def __init__(
@@ -77,8 +80,12 @@ class ClipDataModule(pl.LightningDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 2,
         image_size: int = 224,
+        num_views: int = 1,
+        ema_image_size: int | None = None,
         text_masking: Mapping[str, Any] | None = None,
         crop_scale: Sequence[float] = (0.5, 1.0),
+        color_jitter: float = 0.0,
+        blur: float = 0.0,
     ) -> None:
         super().__init__()
         if batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
@@ -95,7 +102,14 @@ class ClipDataModule(pl.LightningDataModule):
         self.image_size = image_size
         text_masking = {"strategy": "truncate", "length": 77, **(text_masking or {})}
         self.tokenizer = build_tokenizer(text_masking["length"], text_masking["strategy"])
-        self.view_transform = ViewTransform(image_size, crop_scale)
+        self.view_transform = MultiViewTransform(
+            image_size,
+            num_views=num_views,
+            crop_scale=crop_scale,
+            ema_image_size=ema_image_size,
+            color_jitter=color_jitter,
+            blur=blur,
+        )
 
     def per_device_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1

@@ -18,9 +18,10 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from aclip.modules.losses import ClipLoss
-from aclip.modules.masking import NoMasking, TokenMasking, kept_score_mass
+from aclip.modules.masking import NoMasking, TokenMasking, kept_score_mass, map_scores_to_views
 from aclip.modules.model import ClipModel
 from aclip.modules.schedule import warmup_cosine_lr
+from aclip.modules.self_supervision import SelfSupervision
 from aclip.modules.text import TextTower, build_tokenizer
 from aclip.modules.vision import VisionTower
 
@@ -48,6 +49,8 @@ class AClip(pl.LightningModule):
         eval_model: the model whose evaluation is reported first and logged as `eval/...`:
             "ema" (the paper's choice) or "online".
         seed: base seed of the masking policies' random generator, combined with rank and step.
+        self_supervision: keyword arguments of `SelfSupervision` (view loss, BYOL, weights, heads);
+            None or empty for CLIP alone.
 
     The EMA copy `ema_model` of the whole CLIP model is excluded from the optimizer, saved in
     checkpoints, moved by the `EMAUpdate` callback, and scores patches for attentive masking.
@@ -69,9 +72,11 @@ class AClip(pl.LightningModule):
         init_logit_scale: float = math.log(1 / 0.07),
         eval_model: str = "ema",
         seed: int | None = 0,
+        self_supervision: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
+        self_supervision = _plain(self_supervision)
         self.save_hyperparameters()
         if lr <= 0 or not 0 <= warmup_start_lr <= lr or not 0 <= min_lr <= lr:
             raise ValueError(
@@ -98,12 +103,17 @@ class AClip(pl.LightningModule):
             self.model.vision.grid(*self._resize_for_masking_size(self.model.vision.image_size))
         )
         self.clip_loss = ClipLoss()
+        self.self_supervision = SelfSupervision(embed_dim, **(self_supervision or {}))
         self.tokenizer = build_tokenizer(self.model.text.context_length)
         self._mask_generator: torch.Generator | None = None
+        # Set by the mask-picture callback: record the next step's masking for this many samples.
+        self.record_masking = 0
+        self.masking_record: dict[str, Any] | None = None
 
     def train(self, mode: bool = True) -> AClip:
         super().train(mode)
-        self.ema_model.eval()  # the teacher never uses dropout or drop-path
+        for ema, _ in self.ema_pairs():
+            ema.eval()  # the teacher never uses dropout or drop-path
         return self
 
     def on_fit_start(self) -> None:
@@ -111,10 +121,8 @@ class AClip(pl.LightningModule):
 
         if not any(isinstance(callback, EMAUpdate) for callback in self.trainer.callbacks):
             message = "no EMAUpdate callback: the EMA model will not move during training"
-            if self.masking.needs_scores:
-                raise ValueError(
-                    f"{message}, but {self.masking!r} needs its attention scores; add callbacks.ema"
-                )
+            if self.masking.needs_scores or self.self_supervision.uses_ema:
+                raise ValueError(f"{message}, but the masking or BYOL needs the EMA model; add callbacks.ema")
             rank_zero_warn(message)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
@@ -123,37 +131,86 @@ class AClip(pl.LightningModule):
         views = self._resize_for_masking(images.flatten(0, 1))
         grid = self.model.vision.grid(*views.shape[-2:])
 
-        # 1. The EMA encoder scores every patch by its CLS attention, without gradient.
-        scores = self.patch_scores(views) if self.masking.needs_scores else None
-        # 2. The masking policy decides which patch tokens the online encoder keeps.
+        # 1. One EMA pass over the crop enclosing all views: its embedding and patch scores.
+        ema_embedding, score_map = self.ema_pass(batch.get("ema_image"))
+        # 2. Each view reads its patch scores from the shared map, over its box in the enclosing crop.
+        scores = map_scores_to_views(score_map, batch["boxes"], grid) if score_map is not None else None
+        # 3. The masking policy decides which patch tokens the online encoder keeps in each view.
         keep = self.masking.select(
             scores, grid, batch_size * num_views, device=self.device, generator=self.mask_generator(batch_idx)
         )
-        # 3. The online encoders: every view of the batch through the vision tower in one call.
-        image_features = self.model.encode_image(views, keep).unflatten(0, (batch_size, num_views))
+        # 4. The online encoders: every view of the batch through the vision tower in one call.
+        view_embeddings = self.model.vision(views, keep).unflatten(0, (batch_size, num_views))
+        image_features = F.normalize(view_embeddings, dim=-1)
         text_features = self.model.encode_text(text)
 
-        # CLIP loss of each view against the captions, averaged over views.
+        # 5. CLIP loss of each view against the captions, averaged over views, plus the auxiliary losses.
         logit_scale = self.model.logit_scale
-        loss = torch.stack(
+        clip_loss = torch.stack(
             [self.clip_loss(image_features[:, v], text_features, logit_scale) for v in range(num_views)]
         ).mean()
+        auxiliary = self.self_supervision(view_embeddings, ema_embedding)
+        loss = clip_loss + sum(auxiliary.values())
 
+        self._log_step(loss, clip_loss, auxiliary, keep, scores, batch_size)
+        if self.record_masking:
+            self._record_masking(batch, views, keep, score_map, grid)
+        return loss
+
+    @torch.no_grad()
+    def ema_pass(self, ema_image: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+        """The EMA model's embedding of the EMA view [B, D] and its patch-score map [B, gh, gw].
+
+        Each is None when neither the masking policy nor the auxiliary losses need it.
+        """
+        needs_scores, needs_embedding = self.masking.needs_scores, self.self_supervision.uses_ema
+        if not (needs_scores or needs_embedding):
+            return None, None
+        if ema_image is None:
+            raise ValueError("this masking policy or BYOL needs the batch's `ema_image` (the enclosing crop)")
+        vision = self.ema_model.vision
+        if not needs_scores:
+            return vision(ema_image), None
+        embedding, scores = vision.forward_with_cls_attention(ema_image, layers=self.masking.layers)
+        return embedding, scores.unflatten(1, vision.grid(*ema_image.shape[-2:]))
+
+    def _log_step(
+        self,
+        loss: Tensor,
+        clip_loss: Tensor,
+        auxiliary: Mapping[str, Tensor],
+        keep: Tensor,
+        scores: Tensor | None,
+        batch_size: int,
+    ) -> None:
         logs = {
             "train/loss": loss,
-            "train/logit_scale": logit_scale.detach(),
+            "train/clip_loss": clip_loss,
+            **{f"train/{name}_loss": value for name, value in auxiliary.items()},
+            "train/logit_scale": self.model.logit_scale.detach(),
             "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
             "train/kept_tokens": float(keep.shape[1]),
         }
         if scores is not None:
             logs["train/kept_score_mass"] = kept_score_mass(scores, keep).mean()
         self.log_dict(logs, prog_bar=True, batch_size=batch_size)
-        return loss
 
-    @torch.no_grad()
-    def patch_scores(self, images: Tensor) -> Tensor:
-        """The EMA vision tower's CLS-attention score of every patch of `images` [B, gh * gw]."""
-        return self.ema_model.vision.cls_attention(images, layers=self.masking.layers)
+    def _record_masking(
+        self, batch: Mapping[str, Tensor], views: Tensor, keep: Tensor, score_map: Tensor | None, grid
+    ) -> None:
+        """Keep what this step showed the encoders for the first `record_masking` samples (CPU copies)."""
+        samples, num_views = self.record_masking, batch["images"].shape[1]
+        record = {"views": views[: samples * num_views], "keep": keep[: samples * num_views]}
+        if score_map is not None:
+            record |= {"ema_image": batch["ema_image"], "score_map": score_map, "boxes": batch["boxes"]}
+            record |= {name: record[name][:samples] for name in ("ema_image", "score_map", "boxes")}
+        self.masking_record = {name: value.detach().cpu() for name, value in record.items()}
+        self.masking_record |= {"grid": grid, "num_views": num_views}
+        self.record_masking = 0
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(EMA module, online module) pairs that the EMA callback moves."""
+        return [(self.ema_model, self.model), *self.self_supervision.ema_pairs()]
 
     def mask_generator(self, batch_idx: int) -> torch.Generator:
         """The masking policies' random generator, on this device, reseeded from (seed, rank, step).
@@ -186,7 +243,7 @@ class AClip(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         decay, no_decay = [], []
-        for _, param in self.model.named_parameters():
+        for param in self.parameters():  # the EMA copies have requires_grad False
             if param.requires_grad:
                 # ndim < 2 covers biases, norm weights and the 0-d logit scale.
                 (no_decay if param.ndim < 2 else decay).append(param)

@@ -1,0 +1,101 @@
+"""Pictures of what the masking keeps: the teacher's attention map and each view's kept patches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
+from torch import Tensor
+from torchvision.utils import draw_bounding_boxes, make_grid, save_image
+
+DROPPED_GREY = 0.5
+
+
+def denormalise(images: Tensor) -> Tensor:
+    """CLIP-normalised images back to [0, 1]."""
+    mean = torch.tensor(OPENAI_DATASET_MEAN).view(-1, 1, 1)
+    std = torch.tensor(OPENAI_DATASET_STD).view(-1, 1, 1)
+    return (images.float() * std + mean).clamp(0, 1)
+
+
+def grey_out_dropped(views: Tensor, keep: Tensor, grid: tuple[int, int]) -> Tensor:
+    """Views [N, 3, H, W] in [0, 1] with every patch not listed in `keep` [N, n_keep] greyed out."""
+    kept = torch.zeros(views.shape[0], grid[0] * grid[1])
+    kept.scatter_(1, keep, 1.0)
+    kept = F.interpolate(kept.view(-1, 1, *grid), size=views.shape[-2:], mode="nearest")
+    return views * kept + DROPPED_GREY * (1 - kept)
+
+
+def heat_overlay(images: Tensor, score_map: Tensor) -> Tensor:
+    """Images [B, 3, H, W] in [0, 1] blended with their score maps [B, gh, gw] (red = most attended)."""
+    heat = F.interpolate(
+        score_map[:, None].float(), size=images.shape[-2:], mode="bilinear", align_corners=False
+    )
+    low = heat.amin(dim=(2, 3), keepdim=True)
+    heat = (heat - low) / (heat.amax(dim=(2, 3), keepdim=True) - low).clamp_min(1e-12)
+    colour = torch.cat([heat, torch.zeros_like(heat), 1 - heat], dim=1)
+    return 0.5 * images + 0.5 * colour
+
+
+def render_masking(record: dict[str, Any], tile: int = 128) -> Tensor:
+    """One row per sample: the EMA crop with its heat map and view boxes (when scored), then each view
+    with its dropped patches greyed out. Returns an image [3, H, W] in [0, 1]."""
+    num_views, grid = record["num_views"], record["grid"]
+    views = grey_out_dropped(denormalise(record["views"]), record["keep"], grid)
+    views = F.interpolate(views, size=(tile, tile), mode="nearest")
+    rows = views.unflatten(0, (-1, num_views))
+    if "score_map" in record:
+        ema = heat_overlay(denormalise(record["ema_image"]), record["score_map"])
+        ema = F.interpolate(ema, size=(tile, tile), mode="bilinear", align_corners=False)
+        ema = torch.stack(
+            [
+                draw_bounding_boxes((image * 255).to(torch.uint8), boxes * tile, colors="white") / 255.0
+                for image, boxes in zip(ema, record["boxes"].float(), strict=True)
+            ]
+        )
+        rows = torch.cat([ema[:, None], rows], dim=1)
+    return make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=2, pad_value=1.0)
+
+
+class MaskVisualization(Callback):
+    """Every `every_n_steps` optimizer steps, draws the masking of `num_samples` training samples.
+
+    Pictures go to `<run dir>/mask_pictures/step<step>.png` and, where a W&B or TensorBoard logger is
+    active, to its image panel under `train/masking`.
+    """
+
+    def __init__(
+        self, every_n_steps: int = 500, num_samples: int = 4, dirname: str = "mask_pictures"
+    ) -> None:
+        if every_n_steps < 1 or num_samples < 1:
+            raise ValueError(
+                f"every_n_steps and num_samples must be >= 1, got {every_n_steps}, {num_samples}"
+            )
+        self.every_n_steps, self.num_samples, self.dirname = every_n_steps, num_samples, dirname
+        self._recorded_step = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
+            pl_module.record_masking = self.num_samples
+            self._recorded_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        record, pl_module.masking_record = pl_module.masking_record, None
+        if record is None:
+            return
+        picture = render_masking(record)
+        directory = Path(trainer.default_root_dir) / self.dirname
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"step{self._recorded_step:07d}.png"
+        save_image(picture, path)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("train/masking", [str(path)], step=trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("train/masking", picture, self._recorded_step)
