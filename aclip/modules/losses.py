@@ -42,7 +42,7 @@ class ClipLoss(nn.Module):
                 f"image and text features must have the same shape, got {tuple(image_features.shape)} "
                 f"and {tuple(text_features.shape)}"
             )
-        rank, world = _world()
+        rank, _ = _world()
         all_images = gather_with_grad(image_features)
         all_texts = gather_with_grad(text_features)
         scale = logit_scale.exp()
@@ -51,11 +51,7 @@ class ClipLoss(nn.Module):
         batch = image_features.shape[0]
         labels = torch.arange(batch, device=image_features.device) + rank * batch
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-        if world == 1:
-            return loss
-        global_loss = loss.detach().clone()
-        dist.all_reduce(global_loss)
-        return loss + (global_loss / world - loss.detach())
+        return _report_global_mean(loss)
 
 
 def _check_views(name: str, views: Tensor, min_views: int) -> None:
@@ -75,7 +71,8 @@ def _full_precision(tensor: Tensor) -> torch.autocast:
 
 
 def _report_global_mean(loss: Tensor) -> Tensor:
-    """Shift `loss` (without gradient) to the mean of the ranks' values, as ClipLoss does."""
+    """Shift `loss` (without gradient) to the mean of the ranks' values: with equal local batches, the
+    global-batch loss, reported alike by every rank while each rank's gradient stays its own."""
     _, world = _world()
     if world == 1:
         return loss
