@@ -17,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from aclip.callbacks.ema import EMAUpdate
 from aclip.modules.losses import ClipLoss
 from aclip.modules.masking import NoMasking, TokenMasking, kept_score_mass, map_scores_to_views
 from aclip.modules.model import ClipModel
@@ -117,8 +118,6 @@ class AClip(pl.LightningModule):
         return self
 
     def on_fit_start(self) -> None:
-        from aclip.callbacks.ema import EMAUpdate
-
         if not any(isinstance(callback, EMAUpdate) for callback in self.trainer.callbacks):
             message = "no EMAUpdate callback: the EMA model will not move during training"
             if self.masking.needs_scores or self.self_supervision.uses_ema:
