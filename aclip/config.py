@@ -42,6 +42,16 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return devices * int(trainer_cfg.get("num_nodes", 1))
 
 
+def per_device_batch_size(batch_size: int, world: int) -> int:
+    """The share of the global `data.batch_size` that each of `world` processes trains on."""
+    if batch_size % world:
+        raise ConfigError(
+            f"data.batch_size={batch_size} is the global batch and must be divisible by the world size "
+            f"{world} (trainer.devices x trainer.num_nodes); use a multiple of {world}"
+        )
+    return batch_size // world
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
     data, trainer = cfg.data, cfg.trainer
@@ -50,11 +60,7 @@ def validate_config(cfg: DictConfig) -> None:
     if batch_size is not None:
         if batch_size < 1:
             raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
-        if batch_size % world:
-            raise ConfigError(
-                f"data.batch_size={batch_size} is the global batch and must be divisible by the world size "
-                f"{world} (trainer.devices x trainer.num_nodes); use a multiple of {world}"
-            )
+        per_device_batch_size(batch_size, world)
     accumulate = trainer.get("accumulate_grad_batches", 1)
     if accumulate < 1:
         raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")

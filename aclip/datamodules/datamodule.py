@@ -11,6 +11,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from aclip.config import per_device_batch_size
 from aclip.datamodules.transforms import MultiViewTransform, eval_transform
 from aclip.evaluation import EvalTask, RetrievalTask, ZeroShotTask
 from aclip.modules.text import build_tokenizer
@@ -113,12 +114,7 @@ class ClipDataModule(pl.LightningDataModule):
 
     def per_device_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1
-        if self.batch_size % world:
-            raise ValueError(
-                f"data.batch_size={self.batch_size} is the global batch and must be divisible by the "
-                f"world size {world} (devices x nodes); choose a multiple of {world}"
-            )
-        return self.batch_size // world
+        return per_device_batch_size(self.batch_size, world)
 
     def train_dataloader(self) -> DataLoader:
         batch_size = self.per_device_batch_size()
