@@ -52,6 +52,8 @@ def report(metrics: Metrics, output_dir: Path, loggers: list[Any]) -> None:
     flat = {
         f"eval/{model}/{key}": value for model, results in metrics.items() for key, value in results.items()
     }
+    # The reported model (listed first, `model.eval_model`) also under the plain keys, for dashboards.
+    flat |= {f"eval/{key}": value for key, value in next(iter(metrics.values()), {}).items()}
     for logger in loggers:
         logger.log_metrics(flat)
         logger.save()

@@ -94,6 +94,13 @@ def test_training_logs_and_lowers_the_loss(train_config, tmp_path):
 def test_train_then_evaluate_round_trip(train_config, tmp_path):
     cfg = train_config("trainer.limit_train_batches=2")
     trained = train(cfg)
+    logged = {key: value for row in read_csv_metrics(tmp_path / "run") for key, value in row.items() if value}
+    assert float(logged["eval/zeroshot/synthetic/top1"]) == pytest.approx(
+        trained["ema"]["zeroshot/synthetic/top1"]
+    )
+    assert float(logged["eval/online/zeroshot/synthetic/top1"]) == pytest.approx(
+        trained["online"]["zeroshot/synthetic/top1"]
+    )
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     data_overrides = [o for o in TINY_OVERRIDES if o.startswith("data.")]
     eval_cfg = compose_config("eval", [*data_overrides, f"ckpt_path={checkpoint}"], tmp_path / "eval")
