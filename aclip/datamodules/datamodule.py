@@ -3,37 +3,82 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import pytorch_lightning as pl
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from aclip.config import per_device_batch_size
+from aclip.datamodules.images import BadSample, to_rgb
 from aclip.datamodules.transforms import MultiViewTransform, eval_transform
 from aclip.evaluation import EvalTask, RetrievalTask, ZeroShotTask
 from aclip.modules.text import build_tokenizer
 
+# Every training sample carries how many bad samples were skipped in its place and their names (joined
+# by newlines), so that the counts survive dataloader workers; `BadSampleMonitor` consumes them.
+BAD_COUNT = "bad_samples"
+BAD_NAMES = "bad_names"
+
+
+def skip_record(skipped: Sequence[BadSample]) -> dict[str, Any]:
+    """The bad-sample fields of the next good sample, after `skipped` were dropped before it."""
+    return {BAD_COUNT: len(skipped), BAD_NAMES: "\n".join(f"{bad.name} ({bad.reason})" for bad in skipped)}
+
+
+@runtime_checkable
+class StreamingSource(Protocol):
+    """A training source read as a stream (e.g. webdataset shards) that batches in its dataloader workers.
+
+    `batches` returns an iterable dataset of this rank's collated batches of `prepare(image, caption)`
+    samples (each with the `skip_record` fields), with `__len__` = batches per epoch on every rank.
+    """
+
+    def batches(
+        self,
+        prepare: Callable[[Image.Image, str], dict[str, Tensor]],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+    ) -> IterableDataset: ...
+
 
 class ImageTextDataset(Dataset):
-    """Turns a source of (PIL image, caption) pairs into training samples: view tensors plus tokens."""
+    """Turns a map-style source of (PIL image, caption) pairs into training samples (`prepare`).
+
+    A pair the source cannot provide (it raises :class:`BadSample`) is replaced by the next good one, and
+    the sample records what was skipped (`skip_record`). After `max_consecutive_bad` bad pairs in a row
+    the source is assumed broken (e.g. a wrong image root) and an error is raised.
+    """
 
     def __init__(
         self,
         source: Dataset,
-        transform: Callable[[Image.Image], dict[str, Tensor]],
-        tokenize: Callable[[str], Tensor],
+        prepare: Callable[[Image.Image, str], dict[str, Tensor]],
+        max_consecutive_bad: int = 64,
     ) -> None:
-        self.source, self.transform, self.tokenize = source, transform, tokenize
+        self.source, self.prepare, self.max_consecutive_bad = source, prepare, max_consecutive_bad
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        image, caption = self.source[index]
-        return {**self.transform(image.convert("RGB")), "text": self.tokenize(caption)[0]}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        skipped: list[BadSample] = []
+        while len(skipped) < min(self.max_consecutive_bad, len(self)):
+            try:
+                image, caption = self.source[(index + len(skipped)) % len(self)]
+            except BadSample as bad:
+                skipped.append(bad)
+                continue
+            return {**self.prepare(image, caption), **skip_record(skipped)}
+        examples = "\n  ".join(str(bad) for bad in skipped[:5])
+        raise RuntimeError(
+            f"{len(skipped)} consecutive samples from index {index} could not be read, e.g.\n  {examples}\n"
+            "check the data paths (data.train.*) and that the files are readable"
+        )
 
 
 class TransformedImages(Dataset):
@@ -49,8 +94,8 @@ class TransformedImages(Dataset):
         item = self.source[index]
         if isinstance(item, tuple):
             image, *rest = item
-            return (self.transform(image.convert("RGB")), *rest)
-        return self.transform(item.convert("RGB"))
+            return (self.transform(to_rgb(image)), *rest)
+        return self.transform(to_rgb(item))
 
 
 class ClipDataModule(pl.LightningDataModule):
@@ -116,16 +161,24 @@ class ClipDataModule(pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         return per_device_batch_size(self.batch_size, world)
 
+    def prepare_pair(self, image: Image.Image, caption: str) -> dict[str, Tensor]:
+        """A training sample from a decoded pair: the views (`MultiViewTransform`) and the caption tokens."""
+        return {**self.view_transform(to_rgb(image)), "text": self.tokenizer(caption)[0]}
+
     def train_dataloader(self) -> DataLoader:
         batch_size = self.per_device_batch_size()
+        if isinstance(self.train_source, StreamingSource):
+            rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+            batches = self.train_source.batches(self.prepare_pair, batch_size, rank, world, self.num_workers)
+            return self._loader(batches, batch_size=None, persistent=True)
         if len(self.train_source) < batch_size:
             raise ValueError(
                 f"the training set has {len(self.train_source)} samples, fewer than one per-device batch "
                 f"({batch_size}); lower data.batch_size or use more data"
             )
-        dataset = ImageTextDataset(self.train_source, self.view_transform, self.tokenizer)
+        dataset = ImageTextDataset(self.train_source, self.prepare_pair)
         # drop_last: every rank needs equal batches for the gathered contrastive loss.
-        return self._loader(dataset, batch_size, shuffle=True, drop_last=True)
+        return self._loader(dataset, batch_size, shuffle=True, drop_last=True, persistent=True)
 
     def eval_tasks(self) -> list[EvalTask]:
         """Zero-shot and retrieval tasks over the configured evaluation sets."""
@@ -143,7 +196,14 @@ class ClipDataModule(pl.LightningDataModule):
     def _eval_loader(self, dataset: Dataset, transform: Callable) -> DataLoader:
         return self._loader(TransformedImages(dataset, transform), self.eval_batch_size)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False):
+    def _loader(
+        self,
+        dataset: Dataset,
+        batch_size: int | None,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        persistent: bool = False,
+    ) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -151,5 +211,5 @@ class ClipDataModule(pl.LightningDataModule):
             drop_last=drop_last,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0 and shuffle,
+            persistent_workers=self.num_workers > 0 and persistent,
         )

@@ -1,0 +1,79 @@
+"""Decoding images from real data: any mode in, 8-bit RGB out, and one error type for what cannot be used.
+
+Web-scale image-text data always holds some files that are missing, truncated, corrupt or not an image,
+and captions that are empty. Training sources raise :class:`BadSample` for those; the training dataset
+skips them and counts them (see :class:`aclip.datamodules.datamodule.ImageTextDataset`), and the
+:class:`aclip.callbacks.data_quality.BadSampleMonitor` stops a run whose bad share is too high.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image
+
+# Whole-file errors Pillow raises for unreadable data (UnidentifiedImageError and truncation are OSErrors).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class BadSample(Exception):
+    """A sample that cannot be trained on: `name` says which one (a path or shard key), `reason` why."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB of an image of any mode.
+
+    Greyscale is replicated, CMYK and palette images are converted, transparent images are composited
+    on white (dropping alpha would turn transparent regions into whatever colour they happen to hold),
+    and 16- or 32-bit integer greyscale is scaled to 8 bits (Pillow's own conversion clips at 255).
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
+        grey = np.clip(np.rint(pixels * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_rgb(file: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open, fully decode and convert `file` (a path or a binary file object) to 8-bit RGB.
+
+    Raises:
+        BadSample: the file is missing, truncated, corrupt or not an image; `name` (default: the path)
+            identifies it in the message.
+    """
+    name = name or str(file)
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns about (and then refuses) decompression bombs; the error below is what counts.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                image.load()  # decode now: truncation and corruption only show when the pixels are read
+                return to_rgb(image).copy()
+    except FileNotFoundError:
+        raise BadSample(name, "file not found") from None
+    except _DECODE_ERRORS as error:
+        raise BadSample(name, f"cannot decode image ({type(error).__name__}: {error})") from None
+
+
+def clean_caption(caption: str | None, name: str) -> str:
+    """`caption` with surrounding white space removed; raises :class:`BadSample` if nothing is left."""
+    text = (caption or "").strip()
+    if not text:
+        raise BadSample(name, "empty caption")
+    return text
