@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from aclip.config import resolved_job_config, validate_config
 from aclip.datamodules.datamodule import ClipDataModule
-from aclip.evaluation import evaluate, format_table, write_metrics
+from aclip.evaluation import EvalLoaders, EvalTask, evaluate, format_table, write_metrics
 from aclip.modules.aclip import AClip
 
 log = logging.getLogger(__name__)
@@ -36,12 +36,23 @@ def _output_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
-def evaluate_module(module: AClip, datamodule: ClipDataModule) -> Metrics:
-    """Evaluate each of the module's reported models on the datamodule's tasks."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def build_eval_tasks(cfg: DictConfig) -> list[EvalTask]:
+    """The evaluation tasks of the `eval` group, each named by its config key unless it sets `name`."""
+    return [
+        instantiate(node, **({} if "name" in node else {"name": key}))
+        for key, node in (cfg.get("eval") or {}).items()
+    ]
+
+
+def evaluate_module(
+    module: AClip, tasks: list[EvalTask], loaders: EvalLoaders, device: torch.device | str
+) -> Metrics:
+    """Evaluate each of the module's reported models on `tasks` (every rank of a process group its share)."""
     module.to(device)
-    tasks = datamodule.eval_tasks()
-    return {name: evaluate(model, tasks, module.tokenizer) for name, model in module.eval_models().items()}
+    return {
+        name: evaluate(model, tasks, module.tokenizer, loaders)
+        for name, model in module.eval_models().items()
+    }
 
 
 def report(metrics: Metrics, output_dir: Path, loggers: list[Any]) -> None:
@@ -82,6 +93,7 @@ def train(cfg: DictConfig) -> Metrics:
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: ClipDataModule = instantiate(cfg.data)
+    tasks = build_eval_tasks(cfg) if cfg.get("evaluate") else []
     module: AClip = instantiate(cfg.model)
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
@@ -95,9 +107,11 @@ def train(cfg: DictConfig) -> Metrics:
         write_timing(time.perf_counter() - started, trainer.global_step, _output_dir(cfg) / "timing.json")
 
     metrics: Metrics = {}
-    if cfg.get("evaluate") and trainer.is_global_zero:
-        metrics = evaluate_module(module, datamodule)
-        report(metrics, _output_dir(cfg), loggers)
+    if cfg.get("evaluate"):
+        # Every rank evaluates its share of each set; rank 0 reports the gathered results.
+        metrics = evaluate_module(module, tasks, instantiate(cfg.eval_loader), trainer.strategy.root_device)
+        if trainer.is_global_zero:
+            report(metrics, _output_dir(cfg), loggers)
     return metrics
 
 
@@ -116,15 +130,14 @@ def load_checkpoint(path: str | Path) -> AClip:
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
-    """Evaluate `cfg.ckpt_path` on the evaluation sets of `cfg.data`."""
-    validate_config(cfg)
+    """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
     module = load_checkpoint(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    # The images and tokens the evaluation prepares must fit the checkpoint's towers.
-    cfg.data.image_size = module.hparams.vision["image_size"]
-    cfg.text_masking.length = module.hparams.text["context_length"]
-    datamodule: ClipDataModule = instantiate(cfg.data)
-    metrics = evaluate_module(module, datamodule)
-    report(metrics, _output_dir(cfg), [])
+    # The evaluation images must fit the checkpoint's vision tower.
+    cfg.eval_loader.image_size = module.hparams.vision["image_size"]
+    tasks = build_eval_tasks(cfg)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    metrics = evaluate_module(module, tasks, instantiate(cfg.eval_loader), device)
+    report(metrics, _output_dir(cfg), _instantiate_all(cfg.get("logger")))
     return metrics

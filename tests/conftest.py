@@ -21,6 +21,9 @@ TINY_OVERRIDES = [
     "data.batch_size=8",
     "data.num_workers=0",
     "data.train.size=32",
+    "eval.synthetic.dataset.size=48",
+    "eval.synthetic_retrieval.dataset.size=12",
+    "eval_loader.batch_size=32",
     "logger=csv",
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
@@ -49,6 +52,12 @@ def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
     """`train_config(*overrides)`: the tiny training config writing into a temporary run directory."""
 
     def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
-        return compose_config("train", [*TINY_OVERRIDES, *overrides], output_dir or tmp_path / "run")
+        # The sizes of the built-in sets apply only while those sets are chosen.
+        base = TINY_OVERRIDES
+        if any(o.startswith("data=") and o != "data=synthetic" for o in overrides):
+            base = [o for o in base if not o.startswith("data.train.")]
+        if any(o.startswith("eval=") for o in overrides):
+            base = [o for o in base if not o.startswith("eval.synthetic")]
+        return compose_config("train", [*base, *overrides], output_dir or tmp_path / "run")
 
     return make

@@ -46,7 +46,7 @@ def test_eval_config_composes(tmp_path):
     cfg = compose_config("eval", ["ckpt_path=some.ckpt"], tmp_path)
     resolved = resolved_job_config(cfg)
     assert resolved["ckpt_path"] == "some.ckpt"
-    assert resolved["data"]["image_size"] is None  # filled from the checkpoint
+    assert resolved["eval_loader"]["image_size"] is None  # filled from the checkpoint
 
 
 def test_paper_towers(tmp_path):

@@ -21,6 +21,7 @@ from tests.conftest import CONF_DIR, TINY_OVERRIDES, compose_config
 EXPECTED_KEYS = {
     "zeroshot/synthetic/top1",
     "zeroshot/synthetic/top5",
+    "zeroshot/synthetic/mean_per_class_recall",
     *(f"retrieval/synthetic/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)),
 }
 
@@ -102,8 +103,8 @@ def test_train_then_evaluate_round_trip(train_config, tmp_path):
         trained["online"]["zeroshot/synthetic/top1"]
     )
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    data_overrides = [o for o in TINY_OVERRIDES if o.startswith("data.")]
-    eval_cfg = compose_config("eval", [*data_overrides, f"ckpt_path={checkpoint}"], tmp_path / "eval")
+    eval_overrides = [o for o in TINY_OVERRIDES if o.startswith("eval")]
+    eval_cfg = compose_config("eval", [*eval_overrides, f"ckpt_path={checkpoint}"], tmp_path / "eval")
     evaluated = evaluate_checkpoint(eval_cfg)
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     for name in ("ema", "online"):

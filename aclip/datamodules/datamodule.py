@@ -1,4 +1,4 @@
-"""The LightningDataModule: training pairs plus the evaluation tasks."""
+"""The LightningDataModule: image-caption training pairs, from any source, as multi-view training batches."""
 
 from __future__ import annotations
 
@@ -13,8 +13,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from aclip.config import per_device_batch_size
 from aclip.datamodules.images import BadSample, to_rgb
-from aclip.datamodules.transforms import MultiViewTransform, eval_transform
-from aclip.evaluation import EvalTask, RetrievalTask, ZeroShotTask
+from aclip.datamodules.transforms import MultiViewTransform
 from aclip.modules.text import build_tokenizer
 
 # Every training sample carries how many bad samples were skipped in its place and their names (joined
@@ -81,34 +80,15 @@ class ImageTextDataset(Dataset):
         )
 
 
-class TransformedImages(Dataset):
-    """Applies an image transform to the images of an evaluation set, passing labels through."""
-
-    def __init__(self, source: Dataset, transform: Callable[[Image.Image], Tensor]) -> None:
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, index: int) -> Any:
-        item = self.source[index]
-        if isinstance(item, tuple):
-            image, *rest = item
-            return (self.transform(to_rgb(image)), *rest)
-        return self.transform(to_rgb(item))
-
-
 class ClipDataModule(pl.LightningDataModule):
-    """Image-text training data and the downstream evaluation sets.
+    """Image-text training data: map-style sources (with bad samples skipped) or streaming ones.
 
     Args:
-        train: dataset of (PIL image, caption) pairs.
-        zero_shot: name -> dataset of (PIL image, label) with `classnames` and `templates` attributes.
-        retrieval: name -> dataset of PIL images with a `captions` attribute (captions per image).
+        train: a dataset of (PIL image, caption) pairs raising `BadSample` for unusable ones, or a
+            `StreamingSource`.
         batch_size: global training batch, split evenly over all devices of all nodes.
-        eval_batch_size: images per evaluation batch (per device).
         num_workers: dataloader worker processes per device.
-        image_size: side of the square training views and evaluation images.
+        image_size: side of the square training views.
         num_views: random resized crops per training image (A-CLIP: 2).
         ema_image_size: side of the EMA teacher's enclosing crop (default `image_size`; A-CLIP-eff: half).
         text_masking: `{"strategy": truncate | random | block | syntax, "length": tokens}` for the
@@ -120,10 +100,7 @@ class ClipDataModule(pl.LightningDataModule):
     def __init__(
         self,
         train: Dataset,
-        zero_shot: Mapping[str, Dataset] | None = None,
-        retrieval: Mapping[str, Dataset] | None = None,
         batch_size: int = 256,
-        eval_batch_size: int = 256,
         num_workers: int = 2,
         image_size: int = 224,
         num_views: int = 1,
@@ -134,16 +111,12 @@ class ClipDataModule(pl.LightningDataModule):
         blur: float = 0.0,
     ) -> None:
         super().__init__()
-        if batch_size < 1 or eval_batch_size < 1 or num_workers < 0:
+        if batch_size < 1 or num_workers < 0:
             raise ValueError(
-                f"need batch_size >= 1, eval_batch_size >= 1, num_workers >= 0; got {batch_size}, "
-                f"{eval_batch_size}, {num_workers}"
+                f"need data.batch_size >= 1 and data.num_workers >= 0; got {batch_size}, {num_workers}"
             )
         self.train_source = train
-        self.zero_shot = dict(zero_shot or {})
-        self.retrieval = dict(retrieval or {})
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.image_size = image_size
         text_masking = {"strategy": "truncate", "length": 77, **(text_masking or {})}
@@ -179,22 +152,6 @@ class ClipDataModule(pl.LightningDataModule):
         dataset = ImageTextDataset(self.train_source, self.prepare_pair)
         # drop_last: every rank needs equal batches for the gathered contrastive loss.
         return self._loader(dataset, batch_size, shuffle=True, drop_last=True, persistent=True)
-
-    def eval_tasks(self) -> list[EvalTask]:
-        """Zero-shot and retrieval tasks over the configured evaluation sets."""
-        transform = eval_transform(self.image_size)
-        tasks: list[EvalTask] = [
-            ZeroShotTask(name, self._eval_loader(dataset, transform), dataset.classnames, dataset.templates)
-            for name, dataset in self.zero_shot.items()
-        ]
-        tasks += [
-            RetrievalTask(name, self._eval_loader(dataset, transform), dataset.captions)
-            for name, dataset in self.retrieval.items()
-        ]
-        return tasks
-
-    def _eval_loader(self, dataset: Dataset, transform: Callable) -> DataLoader:
-        return self._loader(TransformedImages(dataset, transform), self.eval_batch_size)
 
     def _loader(
         self,

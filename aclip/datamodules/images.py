@@ -8,7 +8,9 @@ skips them and counts them (see :class:`aclip.datamodules.datamodule.ImageTextDa
 
 from __future__ import annotations
 
+import random
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,3 +79,9 @@ def clean_caption(caption: str | None, name: str) -> str:
     if not text:
         raise BadSample(name, "empty caption")
     return text
+
+
+def random_caption(captions: Sequence[str | None], name: str) -> str:
+    """One of the non-blank `captions`, drawn at random; raises :class:`BadSample` if all are blank."""
+    texts = [text.strip() for text in captions if text and text.strip()]
+    return clean_caption(random.choice(texts) if texts else None, name)

@@ -23,6 +23,11 @@ class ClipModel(nn.Module):
         self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(init_logit_scale)))
 
+    @property
+    def embed_dim(self) -> int:
+        """Width of the shared embedding space."""
+        return self.text.text_projection.shape[-1]
+
     def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         """L2-normalised image embeddings; `keep` selects the patch tokens the tower sees."""
         return F.normalize(self.vision(images, keep), dim=-1)

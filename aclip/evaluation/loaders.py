@@ -1,0 +1,60 @@
+"""Loading evaluation images: resized and centre-cropped for the model, each rank its share."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from aclip.datamodules.images import to_rgb
+from aclip.datamodules.transforms import eval_transform
+from aclip.evaluation.distributed import my_share
+
+
+class TransformedImages(Dataset):
+    """Applies an image transform to the images of an evaluation set, passing labels through."""
+
+    def __init__(self, source: Dataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Any:
+        item = self.source[index]
+        if isinstance(item, tuple):
+            image, *rest = item
+            return (self.transform(to_rgb(image)), *rest)
+        return self.transform(to_rgb(item))
+
+
+class EvalLoaders:
+    """Makes the dataloader over this rank's share (`my_share`) of an evaluation set, in item order.
+
+    Args:
+        image_size: side of the square images the model sees (the shorter side is resized to it, then
+            centre-cropped).
+        batch_size: images per batch on each device.
+        num_workers: dataloader worker processes per device.
+    """
+
+    def __init__(self, image_size: int, batch_size: int = 256, num_workers: int = 4) -> None:
+        if image_size < 1 or batch_size < 1 or num_workers < 0:
+            raise ValueError(
+                "need eval_loader.image_size >= 1, eval_loader.batch_size >= 1 and "
+                f"eval_loader.num_workers >= 0; got {image_size}, {batch_size}, {num_workers}"
+            )
+        self.transform = eval_transform(image_size)
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def __call__(self, dataset: Dataset) -> DataLoader:
+        share = Subset(TransformedImages(dataset, self.transform), my_share(range(len(dataset))))
+        return DataLoader(
+            share,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )

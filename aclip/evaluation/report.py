@@ -1,0 +1,29 @@
+"""Presenting evaluation results: a text table and metrics.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def format_table(metrics: dict[str, dict[str, float]]) -> str:
+    """A text table: one row per metric, one column per evaluated model (e.g. online, ema)."""
+    models = list(metrics)
+    keys = sorted({key for results in metrics.values() for key in results})
+    width = max([len("metric"), *map(len, keys)])
+    lines = ["metric".ljust(width) + "".join(f"{name:>10}" for name in models)]
+    lines.append("-" * len(lines[0]))
+    for key in keys:
+        cells = "".join(
+            f"{metrics[name][key]:>10.2f}" if key in metrics[name] else f"{'-':>10}" for name in models
+        )
+        lines.append(key.ljust(width) + cells)
+    return "\n".join(lines)
+
+
+def write_metrics(metrics: dict[str, dict[str, float]], path: str | Path) -> Path:
+    """Write `{model name: {metric: value}}` as JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return path
