@@ -20,15 +20,17 @@ TINY_OVERRIDES = [
     "model.embed_dim=32",
     "data.batch_size=8",
     "data.num_workers=0",
-    "data.train.size=32",
-    "eval.synthetic.dataset.size=48",
-    "eval.synthetic_retrieval.dataset.size=12",
     "eval_loader.batch_size=32",
     "logger=csv",
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
 ]
+# Small built-in sets, applied while those sets are chosen (an experiment may choose others).
+SYNTHETIC_DATA_OVERRIDES = ["data.train.size=32"]
+SYNTHETIC_EVAL_OVERRIDES = ["eval.synthetic.dataset.size=48", "eval.synthetic_retrieval.dataset.size=12"]
+# The tiny run on the default (built-in) data and evaluation sets.
+TINY_SYNTHETIC_OVERRIDES = [*TINY_OVERRIDES, *SYNTHETIC_DATA_OVERRIDES, *SYNTHETIC_EVAL_OVERRIDES]
 
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
@@ -52,12 +54,12 @@ def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
     """`train_config(*overrides)`: the tiny training config writing into a temporary run directory."""
 
     def make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
-        # The sizes of the built-in sets apply only while those sets are chosen.
-        base = TINY_OVERRIDES
-        if any(o.startswith("data=") and o != "data=synthetic" for o in overrides):
-            base = [o for o in base if not o.startswith("data.train.")]
-        if any(o.startswith("eval=") for o in overrides):
-            base = [o for o in base if not o.startswith("eval.synthetic")]
-        return compose_config("train", [*base, *overrides], output_dir or tmp_path / "run")
+        output_dir = output_dir or tmp_path / "run"
+        cfg = compose_config("train", [*TINY_OVERRIDES, *overrides], output_dir)
+        sizes = [
+            *(SYNTHETIC_DATA_OVERRIDES if cfg.hydra.runtime.choices.data == "synthetic" else []),
+            *(SYNTHETIC_EVAL_OVERRIDES if "synthetic" in cfg.eval else []),
+        ]
+        return compose_config("train", [*TINY_OVERRIDES, *sizes, *overrides], output_dir) if sizes else cfg
 
     return make

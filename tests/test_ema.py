@@ -18,7 +18,7 @@ from torch import nn
 import aclip.callbacks.ema as ema_module
 from aclip.callbacks.ema import EMAUpdate, ema_momentum, ema_update
 from aclip.tasks import load_checkpoint, train
-from tests.conftest import TINY_OVERRIDES, compose_config
+from tests.conftest import TINY_SYNTHETIC_OVERRIDES, compose_config
 
 BASE = 0.5  # a fast teacher in the fits below, so that every EMA step moves the weights visibly
 
@@ -236,7 +236,7 @@ def two_steps(tmp_path_factory):
     cfg = compose_config(
         "train",
         [
-            *TINY_OVERRIDES,
+            *TINY_SYNTHETIC_OVERRIDES,
             "trainer.limit_train_batches=2",
             "trainer.log_every_n_steps=1",
             "evaluate=false",

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from aclip.tasks import train
-from tests.conftest import CONF_DIR, TINY_OVERRIDES
+from tests.conftest import CONF_DIR, TINY_SYNTHETIC_OVERRIDES
 
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "masking").glob("*.yaml"))
 
@@ -104,7 +104,7 @@ def test_masking_multirun(tmp_path):
         "-m",
         f"masking={','.join(strategies)}",
         "debug=fast_dev_run",
-        *[o for o in TINY_OVERRIDES if "enable_progress_bar" not in o],
+        *[o for o in TINY_SYNTHETIC_OVERRIDES if "enable_progress_bar" not in o],
         f"paths.log_dir={tmp_path}",
     ]
     env = {**os.environ, "HYDRA_FULL_ERROR": "1"}

@@ -24,9 +24,6 @@ from aclip.datamodules.yfcc15m import Yfcc15mCaptions, shard_member
 from aclip.tasks import train
 from tests.conftest import TINY_OVERRIDES, compose_config
 
-# conftest's `data.train.size` only exists for the synthetic source.
-FILE_SOURCE_OVERRIDES = [o for o in TINY_OVERRIDES if not o.startswith("data.train.")]
-
 
 def colour(index: int) -> tuple[int, int, int]:
     """A colour per sample, so that a test can tell which image it got."""
@@ -102,7 +99,7 @@ def coco_dataset(folder: Path, captions: dict[int, list[str]], images: Sequence[
 
 def run_config(run_dir: Path, *overrides: str) -> DictConfig:
     """The tiny training config of conftest for a file-based source (`data=<name>` among `overrides`)."""
-    return compose_config("train", [*FILE_SOURCE_OVERRIDES, "evaluate=false", *overrides], run_dir)
+    return compose_config("train", [*TINY_OVERRIDES, "evaluate=false", *overrides], run_dir)
 
 
 def draws(dataset: Dataset, index: int, n: int = 64) -> set[str]:

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 
 from aclip.modules.model import MAX_LOGIT_SCALE
 from aclip.tasks import evaluate_checkpoint, load_checkpoint, train
-from tests.conftest import CONF_DIR, TINY_OVERRIDES, compose_config
+from tests.conftest import CONF_DIR, SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config
 
 EXPECTED_KEYS = {
     "zeroshot/synthetic/top1",
@@ -103,7 +103,7 @@ def test_train_then_evaluate_round_trip(train_config, tmp_path):
         trained["online"]["zeroshot/synthetic/top1"]
     )
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    eval_overrides = [o for o in TINY_OVERRIDES if o.startswith("eval")]
+    eval_overrides = [*SYNTHETIC_EVAL_OVERRIDES, "eval_loader.batch_size=32"]
     eval_cfg = compose_config("eval", [*eval_overrides, f"ckpt_path={checkpoint}"], tmp_path / "eval")
     evaluated = evaluate_checkpoint(eval_cfg)
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -147,7 +147,7 @@ def test_checkpoint_loads_without_unpickling_objects(train_config, tmp_path):
 
 def test_command_line_overrides_and_multirun(tmp_path):
     """`python train.py -m model.lr=...` runs one job per value, each with its own run directory."""
-    overrides = [o for o in TINY_OVERRIDES if "enable_progress_bar" not in o]
+    overrides = [o for o in TINY_SYNTHETIC_OVERRIDES if "enable_progress_bar" not in o]
     command = [
         sys.executable,
         str(CONF_DIR.parent / "train.py"),
