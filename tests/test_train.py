@@ -110,6 +110,11 @@ def test_train_then_evaluate_round_trip(train_config, tmp_path):
     for name in ("ema", "online"):
         assert evaluated[name] == pytest.approx(trained[name], abs=1e-4)
         assert written[name] == pytest.approx(evaluated[name])
+    # ... and sent to the active logger.
+    eval_logged = {k: v for row in read_csv_metrics(tmp_path / "eval") for k, v in row.items() if v}
+    assert float(eval_logged["eval/zeroshot/synthetic/top1"]) == pytest.approx(
+        evaluated["ema"]["zeroshot/synthetic/top1"]
+    )
     # The checkpoint alone rebuilds the architecture (no config file needed).
     module = load_checkpoint(checkpoint)
     assert module.hparams.vision["image_size"] == 32
