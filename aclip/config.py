@@ -82,8 +82,24 @@ def validate_config(cfg: DictConfig) -> None:
             f"model.self_supervision.view_loss={ssl.view_loss} compares different views of an image but "
             f"data.num_views={num_views}; set data.num_views>=2 or model.self_supervision.view_weight=0"
         )
+    _check_batch_norm_sync(cfg, world)
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     if not trainer.get("fast_dev_run") and (max_epochs in (None, -1, 0)) and max_steps in (None, -1):
         raise ConfigError(
             "set trainer.max_epochs (>= 1) or trainer.max_steps: training needs an end for its schedule"
+        )
+
+
+def _check_batch_norm_sync(cfg: DictConfig, world: int) -> None:
+    """Batch-norm heads synchronised across CPU processes: torch's SyncBatchNorm runs only on GPU tensors,
+    so such a run would fail at its first training step."""
+    ssl, trainer = cfg.model.get("self_supervision") or {}, cfg.trainer
+    norm = ssl.get("norm", "layer")
+    has_heads = (ssl.get("view_loss") and ssl.get("view_weight", 0) > 0) or ssl.get("byol_weight", 0) > 0
+    synchronised = norm == "sync_batch" or (norm == "batch" and trainer.get("sync_batchnorm", False))
+    if has_heads and synchronised and world > 1 and trainer.get("accelerator") == "cpu":
+        raise ConfigError(
+            f"model.self_supervision.norm={norm} with {world} CPU processes: the heads' batch norms would "
+            "be SyncBatchNorm, which torch runs only on GPU; use model.self_supervision.norm=layer, or "
+            "norm=batch with trainer.sync_batchnorm=false for per-process statistics"
         )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image
@@ -129,6 +131,18 @@ class ClipDataModule(pl.LightningDataModule):
             color_jitter=color_jitter,
             blur=blur,
         )
+
+    def setup(self, stage: str) -> None:
+        # Every rank was seeded alike (identical model init), and Lightning re-seeds alike when it sets up
+        # the process group. Views cropped in the main process (num_workers=0) must differ per rank, so
+        # the global generators get a per-rank seed here; dataloader workers are seeded per rank anyway.
+        # The samplers' shuffles have generators of their own and stay the same on every rank.
+        if stage == "fit" and self.trainer is not None and self.trainer.world_size > 1:
+            entropy = [torch.initial_seed(), self.trainer.global_rank]
+            seed = int(np.random.SeedSequence(entropy).generate_state(1)[0])
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
 
     def per_device_batch_size(self) -> int:
         world = self.trainer.world_size if self.trainer is not None else 1

@@ -126,9 +126,10 @@ class SimCLRLoss(nn.Module):
             torch.arange(candidates.shape[0], device=device)[None, :] == self_index[:, None], float("-inf")
         )
         log_prob = F.log_softmax(logits, dim=-1)
-        # For view v, the other views v' != v of the same image: [k, k - 1].
-        view = torch.arange(k, device=device)
-        others = view[None, :].expand(k, k)[view[:, None] != view[None, :]].reshape(k, k - 1)
+        # For view v, the other views v' != v of the same image, ascending: [k, k - 1]. Arithmetic rather
+        # than boolean indexing, whose data-dependent size would synchronise a CUDA stream.
+        other = torch.arange(k - 1, device=device)[None, :]
+        others = other + (other >= torch.arange(k, device=device)[:, None])
         image_start = (torch.arange(batch, device=device) * k + offset)[:, None, None]  # [B, 1, 1]
         positives = (image_start + others[None]).reshape(batch * k, k - 1)
         loss = -log_prob.gather(1, positives).mean()
@@ -142,9 +143,10 @@ class SimSiamLoss(nn.Module):
     z of each view. The loss is the mean over samples and over the k (k - 1) ordered pairs of different
     views v != v' of -cos(p_v, stopgrad(z_v')); for k = 2 it is SimSiam's (D(p1, z2) + D(p2, z1)) / 2.
     No gradient reaches `projections` through this loss (they still get gradient through the predictor
-    that produced `predictions`). It is a per-sample loss, so nothing is gathered: each rank returns the
-    mean of its local batch; with equal local batches, DDP's gradient averaging optimises the global
-    mean, and the mean of the ranks' values (e.g. Lightning's `sync_dist=True`) is the global-batch value.
+    that produced `predictions`). It is a per-sample loss, so nothing is gathered: each rank's gradient is
+    that of the mean of its local batch, and with equal local batches DDP's gradient averaging optimises
+    the global mean. The returned value is shifted (without gradient) to the mean of the ranks' values, the
+    global-batch loss, so that every rank reports it (as ClipLoss and SimCLRLoss do).
     """
 
     def forward(self, predictions: Tensor, projections: Tensor) -> Tensor:
@@ -159,8 +161,9 @@ class SimSiamLoss(nn.Module):
         z = F.normalize(_upcast(projections.detach()), dim=-1)
         with _full_precision(p):
             cos = p @ z.transpose(1, 2)  # [B, k, k], cos[b, v, v'] = cos(p_v, z_v')
-        off_diagonal = ~torch.eye(k, dtype=torch.bool, device=cos.device)
-        return -cos[:, off_diagonal].mean()
+        # The mean over the off-diagonal pairs, without boolean indexing (a CUDA synchronisation).
+        off_diagonal = cos.sum() - cos.diagonal(dim1=1, dim2=2).sum()
+        return _report_global_mean(-off_diagonal / (cos.shape[0] * k * (k - 1)))
 
 
 class BYOLLoss(nn.Module):
@@ -172,7 +175,8 @@ class BYOLLoss(nn.Module):
 
         ||p_v / |p_v| - t / |t| ||^2 = 2 - 2 cos(p_v, t),
 
-    in [0, 4]. Per-sample like SimSiamLoss: the local mean is returned, nothing is gathered.
+    in [0, 4]. Per-sample like SimSiamLoss: nothing is gathered, the gradient is that of the local mean,
+    and the returned value is shifted (without gradient) to the global-batch mean.
     """
 
     def forward(self, predictions: Tensor, targets: Tensor) -> Tensor:
@@ -186,4 +190,4 @@ class BYOLLoss(nn.Module):
         p = F.normalize(_upcast(predictions), dim=-1)
         t = F.normalize(_upcast(targets.detach()), dim=-1)
         cos = (p * t[:, None, :]).sum(dim=-1)  # [B, k]
-        return (2 - 2 * cos).mean()
+        return _report_global_mean((2 - 2 * cos).mean())
