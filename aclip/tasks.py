@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import pickle
 import time
 from pathlib import Path
@@ -14,7 +15,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from pytorch_lightning.loggers import WandbLogger
 
+from aclip.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
 from aclip.config import resolved_job_config, validate_config
 from aclip.datamodules.datamodule import ClipDataModule
 from aclip.evaluation import EvalLoaders, EvalTask, evaluate, format_table, write_metrics
@@ -87,9 +90,17 @@ def write_timing(fit_seconds: float, steps: int, path: Path) -> None:
     )
 
 
+def finish_wandb(loggers: list[Any]) -> None:
+    """End the W&B run, so that the next job of a multirun in this process logs to a run of its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+
+
 def train(cfg: DictConfig) -> Metrics:
     """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`."""
     validate_config(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), _output_dir(cfg))
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     datamodule: ClipDataModule = instantiate(cfg.data)
@@ -97,12 +108,18 @@ def train(cfg: DictConfig) -> Metrics:
     module: AClip = instantiate(cfg.model)
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=_instantiate_all(cfg.get("callbacks")), logger=loggers
+        cfg.trainer,
+        callbacks=_instantiate_all(cfg.get("callbacks")),
+        logger=loggers,
+        plugins=[AtomicCheckpointIO()],
     )
+    if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
+        # Like torchrun, share the cores among the processes instead of each starting one thread per core.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
     for logger in loggers:
         logger.log_hyperparams(resolved_job_config(cfg))
     started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     if trainer.is_global_zero:
         write_timing(time.perf_counter() - started, trainer.global_step, _output_dir(cfg) / "timing.json")
 
@@ -112,6 +129,7 @@ def train(cfg: DictConfig) -> Metrics:
         metrics = evaluate_module(module, tasks, instantiate(cfg.eval_loader), trainer.strategy.root_device)
         if trainer.is_global_zero:
             report(metrics, _output_dir(cfg), loggers)
+    finish_wandb(loggers)
     return metrics
 
 
@@ -139,5 +157,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     tasks = build_eval_tasks(cfg)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     metrics = evaluate_module(module, tasks, instantiate(cfg.eval_loader), device)
-    report(metrics, _output_dir(cfg), _instantiate_all(cfg.get("logger")))
+    loggers = _instantiate_all(cfg.get("logger"))
+    report(metrics, _output_dir(cfg), loggers)
+    finish_wandb(loggers)
     return metrics

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from aclip.config import per_device_batch_size
 from aclip.datamodules.images import BadSample, to_rgb
+from aclip.datamodules.sampling import ResumableDataLoader
 from aclip.datamodules.transforms import MultiViewTransform
 from aclip.modules.text import build_tokenizer
 
@@ -175,7 +176,8 @@ class ClipDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         persistent: bool = False,
     ) -> DataLoader:
-        return DataLoader(
+        # A shuffled map-style loader can resume mid-epoch at the batch it stopped at.
+        return (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,

@@ -52,6 +52,9 @@ class AClip(pl.LightningModule):
         seed: base seed of the masking policies' random generator, combined with rank and step.
         self_supervision: keyword arguments of `SelfSupervision` (view loss, BYOL, weights, heads);
             None or empty for CLIP alone.
+        grad_checkpointing: recompute the online towers' block activations in the backward pass
+            (less memory, about one more forward pass of compute).
+        compile: `torch.compile` the online towers (in place, so checkpoint keys are unchanged).
 
     The EMA copy `ema_model` of the whole CLIP model is excluded from the optimizer, saved in
     checkpoints, moved by the `EMAUpdate` callback, and scores patches for attentive masking.
@@ -74,6 +77,8 @@ class AClip(pl.LightningModule):
         eval_model: str = "ema",
         seed: int | None = 0,
         self_supervision: Mapping[str, Any] | None = None,
+        grad_checkpointing: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
@@ -96,6 +101,8 @@ class AClip(pl.LightningModule):
         if eval_model not in ("ema", "online"):
             raise ValueError(f'eval_model must be "ema" or "online", got {eval_model!r}')
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.model.vision.set_grad_checkpointing(grad_checkpointing)
+        self.model.text.set_grad_checkpointing(grad_checkpointing)
         self.masking: TokenMasking = instantiate(masking) if masking else NoMasking()
         # Reject a policy that cannot work on this tower now, not at the first training step.
         if self.masking.needs_scores:
@@ -116,6 +123,11 @@ class AClip(pl.LightningModule):
         for ema, _ in self.ema_pairs():
             ema.eval()  # the teacher never uses dropout or drop-path
         return self
+
+    def configure_model(self) -> None:
+        if self.hparams.compile:
+            self.model.vision.compile()
+            self.model.text.compile()
 
     def on_fit_start(self) -> None:
         if not any(isinstance(callback, EMAUpdate) for callback in self.trainer.callbacks):

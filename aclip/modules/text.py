@@ -90,6 +90,10 @@ class TextTower(nn.Module):
             pool_type="argmax",
         )
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.transformer.set_grad_checkpointing(enable)
+
     def forward(self, tokens: Tensor) -> Tensor:
         """Projected text features [B, output_dim] of token ids [B, L], L <= context_length."""
         if tokens.shape[-1] > self.context_length:

@@ -10,6 +10,7 @@ from timm.layers import Attention
 from timm.models import VisionTransformer
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 Layers = str | Sequence[int]
 
@@ -78,8 +79,15 @@ class VisionTower(nn.Module):
 
         `keep` is a LongTensor [B, n_keep] of row-major patch indices (CLS excluded) or None for all.
         """
-        tokens = self.trunk.blocks(self.embed(images, keep))
+        tokens = self.embed(images, keep)
+        checkpointing = self.trunk.grad_checkpointing and torch.is_grad_enabled()
+        for block in self.trunk.blocks:
+            tokens = checkpoint(block, tokens, use_reentrant=False) if checkpointing else block(tokens)
         return self._head(tokens)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in the backward pass instead of storing them."""
+        self.trunk.set_grad_checkpointing(enable)
 
     def forward_with_cls_attention(self, images: Tensor, layers: Layers = "all") -> tuple[Tensor, Tensor]:
         """Projected CLS features [B, output_dim] and CLS-attention scores [B, gh * gw], in one pass.

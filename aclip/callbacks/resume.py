@@ -1,0 +1,103 @@
+"""What Lightning leaves out of a resume: the global random states, and (Lightning issue #20550) the
+dataloader position when `configure_optimizers` reads `trainer.estimated_stepping_batches`."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_warn
+
+
+def collect_random_states() -> dict[str, Any]:
+    """The random states of Python, NumPy, torch and CUDA, as tensors and numbers only.
+
+    Checkpoints stay loadable with `torch.load(..., weights_only=True)`.
+    """
+    version, python_state, gauss = random.getstate()
+    _, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    return {
+        "python": {
+            "version": version,
+            "state": torch.tensor(python_state, dtype=torch.int64),
+            "gauss": gauss,
+        },
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gauss": float(cached_gauss),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_random_states(states: dict[str, Any]) -> None:
+    """Set the states that `collect_random_states` returned (CUDA's only where the device count matches)."""
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = states["numpy"]
+    keys = numpy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, numpy["position"], numpy["has_gauss"], numpy["cached_gauss"]))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+class ResumeState(Callback):
+    """Makes a resumed run continue exactly where its checkpoint left off.
+
+    * Saves the global random states (Python, NumPy, torch, CUDA) of every rank in every checkpoint and
+      restores each rank's own when training starts, so the augmentations drawn in the main process
+      (`data.num_workers=0`), dropout and drop-path continue as in an uninterrupted run. (The masking
+      generator is reseeded from the step and needs no state.) Resumed with another number of ranks,
+      every rank takes rank 0's states.
+    * Hands the dataloader states of the checkpoint to the training dataloaders (`ResumableDataLoader`
+      positions) when Lightning has not: it loads them only if it builds the dataloader after restoring
+      the checkpoint, and `AClip.configure_optimizers` makes it build it before (Lightning #20550).
+    """
+
+    def __init__(self) -> None:
+        self._trainer: pl.Trainer | None = None
+        self._restored: list[dict[str, Any]] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        # Every rank writes a checkpoint's content (Lightning's `save_checkpoint` runs on all of them).
+        states = collect_random_states()
+        if self._trainer is None or self._trainer.world_size == 1 or not _distributed():
+            return {"ranks": [states]}
+        gathered: list[Any] = [None] * self._trainer.world_size
+        dist.all_gather_object(gathered, states)
+        return {"ranks": gathered}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = state_dict.get("ranks") or None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None):
+            fit_loop._load_combined_loader_states()  # a no-op once Lightning loads them itself
+        # Last, so that nothing between the restore and the first batch draws from the restored states.
+        if self._restored is not None:
+            same_world = len(self._restored) == trainer.world_size
+            if not same_world:
+                rank_zero_warn(
+                    f"the checkpoint holds the random states of {len(self._restored)} ranks, this run has "
+                    f"{trainer.world_size}: every rank continues from rank 0's"
+                )
+            restore_random_states(self._restored[trainer.global_rank if same_world else 0])
+            self._restored = None

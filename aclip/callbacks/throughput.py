@@ -1,0 +1,65 @@
+"""Training speed: samples per second per device, model FLOPs utilisation, peak GPU memory."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ThroughputMonitor
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def batch_size(batch: Mapping[str, Tensor]) -> int:
+    """Image-text pairs in a training batch (the k views of a pair count once)."""
+    return batch["text"].shape[0]
+
+
+class Throughput(ThroughputMonitor):
+    """Lightning's `ThroughputMonitor` for aclip's batches, plus the FLOPs it needs and peak GPU memory.
+
+    Logged under `train/` at the logging interval once `window_size` batches have passed:
+    `device/samples_per_sec` (pairs per second per device; `samples_per_sec` for all devices),
+    `device/flops_per_sec` and, on devices whose peak Lightning knows (e.g. A100, H100),
+    `device/mfu`. The FLOPs of a batch are counted once, over the first training batch's forward and
+    backward passes (torch's FlopCounterMode; the EMA teacher's pass and the kept token count
+    included, gradient-checkpointing recomputation too). On CUDA also `train/device/max_memory_gb`,
+    the peak memory allocated by tensors on the device.
+    """
+
+    def __init__(self, window_size: int = 50, **kwargs: Any) -> None:
+        super().__init__(batch_size_fn=batch_size, window_size=window_size, **kwargs)
+        self._counter: FlopCounterMode | None = None
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.is_global_zero and not hasattr(pl_module, "flops_per_batch"):
+            self._counter = FlopCounterMode(display=False)
+            self._counter.__enter__()
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._stop_counting(pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._stop_counting(pl_module)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        device = trainer.strategy.root_device
+        if device.type == "cuda":
+            pl_module.log("train/device/max_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._stop_counting(pl_module)
+
+    def _stop_counting(self, pl_module: pl.LightningModule) -> None:
+        if self._counter is None:
+            return
+        self._counter.__exit__(None, None, None)
+        pl_module.flops_per_batch = self._counter.get_total_flops()
+        self._counter = None

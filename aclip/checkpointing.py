@@ -1,0 +1,120 @@
+"""Checkpoint files: written atomically, and found again to resume a run (`ckpt_path=last`)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning_fabric.utilities.types import _PATH
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+# What `ckpt_path=last` and `ckpt_path=<run dir>` look for: ModelCheckpoint's last.ckpt (last-v1.ckpt ...)
+# and the checkpoint written on Ctrl-C (`aclip.callbacks.failures.InterruptCheckpoint`).
+RESUMABLE_PATTERNS = ("last.ckpt", "last-v*.ckpt", "interrupted.ckpt")
+
+
+def _is_local(path: _PATH) -> bool:
+    text = str(path)
+    return "://" not in text or text.startswith("file://")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename in `directory` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temporary file beside its target, syncs it, then renames it into place.
+
+    A crash or error while saving leaves the previous file at the target intact and loadable; the
+    rename is atomic on a POSIX file system. (Lightning's own writer truncates the target, or stages the
+    file in the system temporary folder, whose move onto another file system is a plain copy.) Remote
+    paths (`s3://` ...) go through Lightning's writer, whose object-store uploads are atomic.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if not _is_local(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        target = Path(str(path).removeprefix("file://"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(temporary, "xb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        _fsync_directory(target.parent)
+
+
+def find_resumable(directory: Path) -> Path | None:
+    """The newest (by modification time) resumable checkpoint in `directory` or its `checkpoints/`."""
+    candidates = [
+        path
+        for folder in (directory / "checkpoints", directory)
+        for pattern in RESUMABLE_PATTERNS
+        for path in folder.glob(pattern)
+        if path.is_file()
+    ]
+    return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
+
+
+def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, run_dir: Path) -> Path | None:
+    """The checkpoint file that `ckpt_path` names, checked before anything is built.
+
+    * None: a fresh run.
+    * "last": the newest resumable checkpoint of this run's directory `run_dir`, i.e. of the run whose
+      directory is given as `hydra.run.dir`.
+    * a run directory (or its `checkpoints/` folder): its newest resumable checkpoint.
+    * a file: that file.
+
+    Raises FileNotFoundError, saying how to point at a run, when there is nothing to resume from.
+    """
+    if ckpt_path is None:
+        return None
+    if str(ckpt_path) == "last":
+        found = find_resumable(run_dir)
+        if found is None:
+            raise FileNotFoundError(
+                f"ckpt_path=last found no checkpoint to resume from in this run's directory {run_dir} "
+                f"(looked for {', '.join(RESUMABLE_PATTERNS)} in it and in its checkpoints/ folder). Every "
+                "run gets a new directory: to continue an earlier run, name its directory, either "
+                "`ckpt_path=last hydra.run.dir=<run dir>` (continue in that directory) or "
+                "`ckpt_path=<run dir>` (continue in a new one), or give a .ckpt file"
+            )
+        return found
+    path = Path(ckpt_path).expanduser()
+    if path.is_dir():
+        found = find_resumable(path)
+        if found is None:
+            raise FileNotFoundError(
+                f"ckpt_path={ckpt_path} is a directory without a checkpoint to resume from (looked for "
+                f"{', '.join(RESUMABLE_PATTERNS)} in it and in its checkpoints/ folder)"
+            )
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"ckpt_path={ckpt_path} does not exist; give a .ckpt file, a run directory, or `last` "
+            "(with hydra.run.dir=<run dir>)"
+        )
+    return path

@@ -1,0 +1,77 @@
+"""The `launcher` group: multiruns through hydra-submitit-launcher, SLURM requeue on SIGUSR1."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from hydra.utils import instantiate
+from lightning_fabric.plugins.environments import SLURMEnvironment
+
+from tests.conftest import CONF_DIR, TINY_SYNTHETIC_OVERRIDES
+
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+
+
+def test_local_submitit_multirun_runs_two_jobs(tmp_path):
+    """`python train.py -m launcher=local ...`: each job in its own process, each with its run directory."""
+    command = [
+        sys.executable,
+        str(CONF_DIR.parent / "train.py"),
+        "-m",
+        "launcher=local",
+        "model.lr=1e-3,5e-4",
+        "debug=fast_dev_run",
+        "evaluate=false",
+        *TINY_SYNTHETIC_OVERRIDES,
+        f"paths.log_dir={tmp_path}",
+    ]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    results = sorted(path.name for path in (sweep / ".submitit").glob("*/*_result.pkl"))
+    assert len(results) == 2 and results[0] != results[1]  # two submitit jobs
+    for job, lr in (("0", 1e-3), ("1", 5e-4)):
+        assert json.loads((sweep / job / "timing.json").read_text())["optimizer_steps"] == 1
+        overrides = (sweep / job / ".hydra" / "overrides.yaml").read_text()
+        value = next(line.split("=", 1)[1] for line in overrides.splitlines() if "model.lr=" in line)
+        assert math.isclose(float(value), lr)
+
+
+def test_slurm_launcher_asks_for_the_devices_and_lightnings_requeue_signal(train_config, tmp_path):
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    cfg = train_config("launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2")
+    launcher = instantiate(cfg.hydra.launcher).params
+    assert (launcher["nodes"], launcher["tasks_per_node"], launcher["gpus_per_node"]) == (2, 4, 4)
+    sbatch = _make_sbatch_string(
+        command="train",
+        folder=tmp_path,
+        nodes=launcher["nodes"],
+        ntasks_per_node=launcher["tasks_per_node"],
+        signal_delay_s=launcher["signal_delay_s"],
+        additional_parameters=launcher["additional_parameters"],
+    )
+    assert f"#SBATCH --signal=USR1@{launcher['signal_delay_s']}" in sbatch.splitlines()
+    assert "USR2" not in sbatch
+
+
+def test_lightning_requeues_on_sigusr1_under_srun(monkeypatch):
+    """What Lightning picks by itself in a task started by srun: auto-requeue on SIGUSR1."""
+    slurm = {
+        "SLURM_NTASKS": "8",
+        "SLURM_NTASKS_PER_NODE": "4",
+        "SLURM_JOB_NAME": "train",
+        "SLURM_JOB_ID": "7",
+    }
+    for name, value in slurm.items():
+        monkeypatch.setenv(name, value)
+    assert SLURMEnvironment.detect()
+    environment = SLURMEnvironment()
+    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR1

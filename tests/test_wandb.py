@@ -1,0 +1,90 @@
+"""`logger=wandb`: offline without credentials, names from the Hydra choices, one run per job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aclip import loggers
+from aclip.tasks import train
+
+pytest.importorskip("wandb")
+
+# Keys the dashboard needs, as they appear in the run's log (`run-<id>.wandb`, protobuf with plain keys).
+LOGGED_KEYS = [
+    "train/loss",
+    "train/clip_loss",
+    "train/logit_scale",
+    "train/lr",
+    "train/ema_momentum",
+    "train/kept_tokens",
+    "train/device/samples_per_sec",
+    "train/device/flops_per_sec",
+    "eval/zeroshot/synthetic/top1",
+    "eval/retrieval/synthetic/i2t_R@1",
+    "warmup_start_lr",  # the logged config
+]
+
+
+@pytest.fixture
+def no_credentials(monkeypatch, tmp_path: Path) -> None:
+    """W&B sees no API key, netrc or settings file, and writes nothing outside `tmp_path`."""
+    for name in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)  # also restores what WandbLogger sets
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("NETRC", str(home / ".netrc"))
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
+
+
+def test_offline_exactly_without_credentials(no_credentials, monkeypatch):
+    assert loggers._offline()
+    monkeypatch.setattr("wandb.login", lambda **kwargs: True)
+    assert not loggers._offline()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert loggers._offline()
+
+
+def test_run_names_from_experiment_and_masking(train_config):
+    train_config("experiment=tiny", "masking=random")
+    assert loggers._run_names() == ("tiny-random", "tiny")
+    sweep = "logs/train/multiruns/2026-01-02_03-04-05"
+    train_config(
+        "experiment=tiny",
+        "masking=random",
+        "hydra.mode=MULTIRUN",
+        "hydra.job.num=3",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert loggers._run_names() == ("tiny-random-3", "tiny-2026-01-02_03-04-05")
+    train_config("masking=none")  # no experiment: the model choice names the run
+    assert loggers._run_names() == ("tiny-none", "tiny")
+
+
+def test_offline_run_holds_metrics_config_and_mask_pictures(
+    no_credentials, monkeypatch, train_config, tmp_path
+):
+    """Two jobs in one process (as a multirun's basic launcher runs them): two runs, each complete."""
+    monkeypatch.setenv("WANDB_MODE", "offline")  # never the network, whatever the detection says
+    steps = [
+        "logger=wandb",
+        "trainer.log_every_n_steps=1",
+        "callbacks.mask_pictures.every_n_steps=1",
+        "callbacks.throughput.window_size=2",
+        "trainer.limit_train_batches=2",
+    ]
+    train(train_config(*steps))
+    train(train_config(*steps, "evaluate=false", output_dir=tmp_path / "second"))
+
+    (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    (second,) = (tmp_path / "second" / "wandb").glob("offline-run-*")
+    assert run.name.split("-")[-1] != second.name.split("-")[-1]  # distinct run ids
+    log = b"".join(path.read_bytes() for path in run.glob("run-*.wandb"))
+    missing = [key for key in LOGGED_KEYS if key.encode() not in log]
+    assert not missing, f"not in the offline run's log: {missing}"
+    assert b"tiny-none" in log  # the run name
+    pictures = list((run / "files" / "media" / "images").rglob("*.png"))
+    assert pictures, "no mask picture in the offline run"
