@@ -171,10 +171,12 @@ def map_scores_to_views(score_map: Tensor, boxes: Tensor, grid: tuple[int, int])
     device = score_map.device
     if batch * num_views == 0:
         return score_map.new_zeros(batch * num_views, out_h * out_w)
-    to_grid_units = torch.tensor([gw, gh, gw, gh], dtype=compute_dtype, device=device)
-    rois = boxes.to(device=device, dtype=compute_dtype).flatten(0, 1) * to_grid_units  # [B * k, 4]
-    sample_index = torch.arange(batch, device=device, dtype=compute_dtype).repeat_interleave(num_views)
-    rois = torch.cat([sample_index[:, None], rois], dim=1)  # [B * k, 5]: (sample, x0, y0, x1, y1)
+    # Scaled by Python numbers, not a tensor built from a list: that would be a host-to-device copy
+    # and, on CUDA, a synchronisation of the stream in the middle of the step.
+    x0, y0, x1, y1 = boxes.to(device=device, dtype=compute_dtype).flatten(0, 1).unbind(1)  # [B * k] each
+    sample_index = torch.arange(batch, device=device, dtype=compute_dtype)[:, None].expand(-1, num_views)
+    # [B * k, 5]: (sample, x0, y0, x1, y1) in grid units
+    rois = torch.stack([sample_index.flatten(), x0 * gw, y0 * gh, x1 * gw, y1 * gh], dim=1)
     pooled = roi_align(
         score_map.to(compute_dtype).unsqueeze(1),
         rois,

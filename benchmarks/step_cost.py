@@ -1,0 +1,230 @@
+"""Training-step cost of the token-reduction variants against plain CLIP, interleaved in one process.
+
+Every variant (`harness.VARIANTS`: clip, random_1x50, attentive_2x50, aclip, aclip_eff, resize) is the
+real `AClip` module of its method preset, trained by a real Lightning `Trainer` with the EMA callback
+on one fixed batch from the real datamodule, already on the device. The variants take turns, round
+after round in rotated order, so that drift of the machine falls on all of them alike. The report holds
+the median step time, its ratio to `clip`, the step's FLOPs (torch's FLOP counter) and their ratio to
+`clip` (the cost floor the design sets), peak device memory, and a phase breakdown of chosen variants
+(`benchmarks.breakdown`). It is printed and appended to BENCHMARKS.md with the command and device.
+
+    python -m benchmarks.step_cost                  # ViT-B/16 bf16 on a GPU; ViT-S/16 batch 4 on a CPU
+    python -m benchmarks.step_cost --threads 1 --clock cpu   # a CPU shared with other jobs (~5 min, 2 cores)
+    python -m benchmarks.step_cost --quick          # the tiny model, one step each, printed only
+    python -m benchmarks.step_cost --device cuda --model vit_b16 --batch-size 256 --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from benchmarks.breakdown import Breakdown, format_breakdown, profile_variant
+from benchmarks.harness import (
+    CLOCKS,
+    PRECISIONS,
+    VARIANTS,
+    RunSettings,
+    Variant,
+    add_output_arguments,
+    build_variant,
+    code_version,
+    compiles,
+    device_name,
+    fused_adamw,
+    output_file,
+    publish,
+    quiet_lightning,
+    resolve_device,
+    run_interleaved,
+    torch_threads,
+)
+
+BASELINE = "clip"
+CLOCK_TEXT = {"wall": "the wall clock (device synchronised)", "cpu": "this process's CPU time"}
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Per-device defaults: a GPU runs the paper's model; a small CPU finishes in minutes."""
+
+    model: str
+    batch_size: int
+    dtype: str
+    steps: int
+    warmup: int
+    rounds: int
+
+
+DEFAULTS = {
+    "cuda": Defaults("vit_b16", 256, "bf16", steps=10, warmup=3, rounds=3),
+    "cpu": Defaults("vit_s16", 4, "fp32", steps=2, warmup=1, rounds=2),
+    "quick": Defaults("tiny", 8, "fp32", steps=1, warmup=1, rounds=1),
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:i")
+    parser.add_argument("--model", help="a conf/model name (default: vit_b16 on CUDA, vit_s16 on the CPU)")
+    parser.add_argument(
+        "--batch-size", type=int, help="per-device batch (default: 256 on CUDA, 4 on the CPU)"
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(PRECISIONS), help="training precision (default: bf16 on CUDA)"
+    )
+    parser.add_argument("--steps", type=int, help="timed steps per variant and round")
+    parser.add_argument("--warmup", type=int, help="untimed steps before them, in every round (>= 1)")
+    parser.add_argument("--rounds", type=int, help="rounds over all variants, each in a rotated order")
+    parser.add_argument(
+        "--variants", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS), help="variants to time"
+    )
+    parser.add_argument(
+        "--breakdown",
+        nargs="*",
+        choices=sorted(VARIANTS),
+        default=["aclip", "aclip_eff"],
+        help="variants whose step is split into phases with the profiler (none: skip)",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: wall time, device synchronised; cpu: this process's CPU time (CPU device only: "
+        "steadier on a machine shared with other jobs)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of torch (default: torch's); 1 is steadier on a busy machine"
+    )
+    parser.add_argument(
+        "--fused-adamw",
+        action="store_true",
+        help="build AdamW with fused=True: measures a proposal, not what training runs today",
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny model, batch 8, one step per variant")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override of every variant's training config, e.g. model.compile=true (repeatable)",
+    )
+    add_output_arguments(parser)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    defaults = DEFAULTS["quick" if args.quick else device.type]
+    for name in ("model", "batch_size", "dtype", "steps", "warmup", "rounds"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(defaults, name))
+    if BASELINE not in args.variants:
+        parser.error(f"--variants must include the baseline {BASELINE!r}")
+    if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
+        parser.error("--warmup, --steps and --rounds must be >= 1")
+    if compiles(args.overrides) and args.warmup < 3:
+        parser.error("model.compile=true compiles during the first steps: use --warmup 3 or more")
+    if args.clock == "cpu" and device.type != "cpu":
+        parser.error("--clock cpu times CPU work only: use it with --device cpu")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be >= 1")
+    args.device = device
+    return args
+
+
+def format_table(variants: Sequence[Variant], device: torch.device) -> str:
+    """Markdown: per variant, ms/step (median, range) and its ratio to clip, GFLOP/step and ratio, memory."""
+    base = next(v for v in variants if v.name == BASELINE)
+    lines = [
+        "| variant | method preset | views x kept patches | ms / step, median (min-max) | ratio to clip "
+        "| GFLOP / step | FLOP ratio to clip | peak memory |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for variant in variants:
+        ms = [t * 1e3 for t in variant.times]
+        flops = f"{variant.flops / 1e9:.1f}" if variant.flops else "n/a"
+        flop_ratio = f"{variant.flops / base.flops:.2f}" if variant.flops and base.flops else "n/a"
+        memory = f"{variant.peak_memory / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on CPU"
+        lines.append(
+            f"| `{variant.name}` | `{VARIANTS[variant.name]}` | {_views(variant)} "
+            f"| {variant.median * 1e3:.1f} ({min(ms):.1f}-{max(ms):.1f}) "
+            f"| {variant.median / base.median:.2f} | {flops} | {flop_ratio} | {memory} |"
+        )
+    return "\n".join(lines)
+
+
+def _views(variant: Variant) -> str:
+    """`k x kept/total` patches of the online views, e.g. `2 x 98/196`."""
+    masking, vision, images = variant.module.masking, variant.module.model.vision, variant.batch["images"]
+    side = images.shape[-1]
+    if masking.resizes:
+        side = masking.image_size(side, vision.patch_size)
+    grid = vision.grid(side)
+    total = grid[0] * grid[1]
+    return f"{images.shape[1]} x {masking.num_keep(grid)}/{total}"
+
+
+def _breakdown_summary(name: str, breakdown: Breakdown) -> str:
+    return f"Phase breakdown of `{name}` (one profiled step after warm-up):\n\n{format_breakdown(breakdown)}"
+
+
+def report(
+    args: argparse.Namespace, command: str, variants: Sequence[Variant], breakdowns: dict[str, Breakdown]
+) -> str:
+    """The markdown section: command, device, settings, the table and the breakdowns."""
+    load = ""
+    if args.device.type == "cpu" and hasattr(os, "getloadavg"):
+        load = f", 1-minute load average at the end {os.getloadavg()[0]:.1f}"
+    lines = [
+        f"### step_cost, {datetime.date.today().isoformat()}",
+        "",
+        f"- command: `{command}`",
+        f"- code: `{code_version()}`; torch {torch.__version__}",
+        f"- device: {device_name(args.device)}{load}",
+        f"- model `{args.model}`, per-device batch {args.batch_size}, {args.dtype} "
+        f"(Lightning precision `{PRECISIONS[args.dtype]}`); {args.rounds} rounds x {args.steps} timed "
+        f"steps per variant after {args.warmup} warm-up step(s) each round; step times by "
+        f"{CLOCK_TEXT[args.clock]}{'; AdamW fused=True (a proposal)' * args.fused_adamw}",
+        "",
+        format_table(variants, args.device),
+    ]
+    lines += ["", *(_breakdown_summary(name, b) + "\n" for name, b in breakdowns.items())]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def measure(args: argparse.Namespace) -> tuple[list[Variant], dict[str, Breakdown]]:
+    """Build the variants, time them interleaved, then profile the breakdown variants."""
+    quiet_lightning()
+    settings = RunSettings(args.device, PRECISIONS[args.dtype], args.steps, args.warmup, args.clock)
+    variants = [build_variant(name, args.model, args.batch_size, args.overrides) for name in args.variants]
+    run_interleaved(variants, args.rounds, settings)
+    by_name = {variant.name: variant for variant in variants}
+    breakdowns = {
+        name: profile_variant(by_name[name], replace(settings, steps=1))
+        for name in args.breakdown
+        if name in by_name
+    }
+    return variants, breakdowns
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Run the benchmark; print the report and append it to the output file (see `output_file`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks.step_cost", *argv])
+    with torch_threads(args.threads), fused_adamw(args.fused_adamw):
+        text = report(args, command, *measure(args))
+    publish(text, output_file(args))
+    return text
+
+
+if __name__ == "__main__":
+    main()
