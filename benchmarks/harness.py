@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import gc
 import logging
 import os
@@ -315,21 +314,6 @@ def run_interleaved(variants: Sequence[Variant], rounds: int, settings: RunSetti
         shift = round_index % len(variants)
         for variant in [*variants[shift:], *variants[:shift]]:
             time_steps(variant, settings)
-
-
-@contextlib.contextmanager
-def fused_adamw(enabled: bool) -> Iterator[None]:
-    """While active (and `enabled`), `torch.optim.AdamW` builds the fused implementation.
-
-    Measures a proposed change to `AClip.configure_optimizers`; training today builds the default one.
-    """
-    original = torch.optim.AdamW
-    if enabled:
-        torch.optim.AdamW = functools.partial(original, fused=True)
-    try:
-        yield
-    finally:
-        torch.optim.AdamW = original
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:

@@ -38,7 +38,6 @@ from benchmarks.harness import (
     code_version,
     compiles,
     device_name,
-    fused_adamw,
     output_file,
     publish,
     quiet_lightning,
@@ -104,11 +103,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--threads", type=int, help="CPU threads of torch (default: torch's); 1 is steadier on a busy machine"
-    )
-    parser.add_argument(
-        "--fused-adamw",
-        action="store_true",
-        help="build AdamW with fused=True: measures a proposal, not what training runs today",
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, batch 8, one step per variant")
     parser.add_argument(
@@ -192,7 +186,7 @@ def report(
         f"- model `{args.model}`, per-device batch {args.batch_size}, {args.dtype} "
         f"(Lightning precision `{PRECISIONS[args.dtype]}`); {args.rounds} rounds x {args.steps} timed "
         f"steps per variant after {args.warmup} warm-up step(s) each round; step times by "
-        f"{CLOCK_TEXT[args.clock]}{'; AdamW fused=True (a proposal)' * args.fused_adamw}",
+        f"{CLOCK_TEXT[args.clock]}",
         "",
         format_table(variants, args.device),
     ]
@@ -220,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     command = shlex.join(["python", "-m", "benchmarks.step_cost", *argv])
-    with torch_threads(args.threads), fused_adamw(args.fused_adamw):
+    with torch_threads(args.threads):
         text = report(args, command, *measure(args))
     publish(text, output_file(args))
     return text
