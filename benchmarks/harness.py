@@ -78,9 +78,22 @@ def compose_variant(variant: str, model: str, batch_size: int, overrides: Sequen
     return cfg
 
 
-def compiles(overrides: Sequence[str]) -> bool:
-    """Whether the overrides switch on `torch.compile` of the towers (which then compiles in warm-up)."""
-    return any(o.replace(" ", "").lower() == "model.compile=true" for o in overrides)
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE` (repeatable): Hydra overrides of every variant's training config."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a Hydra override of every variant's training config, e.g. model.compile=true (repeatable)",
+    )
+
+
+def check_compile_warmup(parser: argparse.ArgumentParser, overrides: Sequence[str], warmup: int) -> None:
+    """Reject `model.compile=true` with fewer than 3 untimed steps: the towers compile during warm-up."""
+    if any(o.replace(" ", "").lower() == "model.compile=true" for o in overrides) and warmup < 3:
+        parser.error("model.compile=true compiles during the first steps: use --warmup 3 or more")
 
 
 def build_module(cfg: DictConfig, seed: int = 0) -> AClip:

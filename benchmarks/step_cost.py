@@ -34,9 +34,10 @@ from benchmarks.harness import (
     RunSettings,
     Variant,
     add_output_arguments,
+    add_override_argument,
     build_variant,
+    check_compile_warmup,
     code_version,
-    compiles,
     device_name,
     output_file,
     publish,
@@ -105,14 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--threads", type=int, help="CPU threads of torch (default: torch's); 1 is steadier on a busy machine"
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, batch 8, one step per variant")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a Hydra override of every variant's training config, e.g. model.compile=true (repeatable)",
-    )
+    add_override_argument(parser)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
@@ -124,8 +118,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--variants must include the baseline {BASELINE!r}")
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be >= 1")
-    if compiles(args.overrides) and args.warmup < 3:
-        parser.error("model.compile=true compiles during the first steps: use --warmup 3 or more")
+    check_compile_warmup(parser, args.overrides, args.warmup)
     if args.clock == "cpu" and device.type != "cpu":
         parser.error("--clock cpu times CPU work only: use it with --device cpu")
     if args.threads is not None and args.threads < 1:

@@ -38,9 +38,10 @@ from benchmarks.harness import (
     StepTimer,
     Variant,
     add_output_arguments,
+    add_override_argument,
     build_variant,
+    check_compile_warmup,
     code_version,
-    compiles,
     datamodule,
     device_name,
     fit,
@@ -224,21 +225,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for --dtype, for MFU")
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny model, batch 8, a few steps: a smoke test")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a Hydra override of every variant's training config, e.g. model.compile=true (repeatable)",
-    )
+    add_override_argument(parser)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.batch_size, args.steps, args.warmup = "tiny", 8, 2, 1
         args.loader_workers, args.loader_batches, args.loader_warmup = min(args.loader_workers, 1), 2, 1
-    if compiles(args.overrides) and min(args.warmup, args.loader_warmup) < 3:
-        parser.error("model.compile=true compiles during the first steps: use --warmup 3 or more")
+    check_compile_warmup(parser, args.overrides, min(args.warmup, args.loader_warmup))
     if args.warmup < 1 or args.steps < 1 or args.loader_warmup < 1 or args.loader_workers < 0:
         parser.error("--warmup, --steps and --loader-warmup must be >= 1, --loader-workers >= 0")
     args.device = resolve_device(args.device)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -63,3 +67,29 @@ def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
         return compose_config("train", [*TINY_OVERRIDES, *sizes, *overrides], output_dir) if sizes else cfg
 
     return make
+
+
+def run_train_py(
+    *arguments: str, cwd: Path, timeout: int = 300, env: Mapping[str, str] | None = None
+) -> None:
+    """Run `python train.py <arguments>` as a user would; a failure shows the end of its stderr."""
+    command = [sys.executable, str(CONF_DIR.parent / "train.py"), *arguments]
+    environment = {**os.environ, "HYDRA_FULL_ERROR": "1", **(env or {})}
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=environment, timeout=timeout, cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def override_value(job_dir: Path, key: str) -> str:
+    """The value a Hydra job was given for `key` on the command line (its `.hydra/overrides.yaml`)."""
+    overrides = (job_dir / ".hydra" / "overrides.yaml").read_text().splitlines()
+    return next(line.split("=", 1)[1] for line in overrides if line.lstrip("- ").startswith(f"{key}="))
+
+
+def callback_overrides(module: str, name: str, **kwargs: Any) -> list[str]:
+    """Overrides adding the callback class `name` of the test module `module`, imported by Hydra."""
+    return [
+        f"+callbacks.{name}._target_={module}.{name}",
+        *(f"+callbacks.{name}.{key}={value}" for key, value in kwargs.items()),
+    ]

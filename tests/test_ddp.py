@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from aclip.config import ConfigError, per_device_batch_size, resolved_job_config, validate_config, world_size
 from aclip.tasks import train
-from tests.conftest import CONF_DIR, TINY_OVERRIDES, compose_config
+from tests.conftest import TINY_OVERRIDES, compose_config, run_train_py
 
 WORLD = 2
 GLOBAL_BATCH = 8  # TINY_OVERRIDES' data.batch_size: 4 samples per rank
@@ -521,9 +519,7 @@ def test_augmentation_differs_per_rank_when_loading_in_the_main_process(ddp_worl
 @pytest.fixture(scope="module")
 def train_py_run(tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("train_py")
-    command = [
-        sys.executable,
-        str(CONF_DIR.parent / "train.py"),
+    run_train_py(
         *TINY_OVERRIDES,
         "trainer=ddp_cpu",
         "method=aclip",
@@ -535,10 +531,9 @@ def train_py_run(tmp_path_factory) -> dict[str, Any]:
         f"+callbacks.recorder.path={tmp / 'records'}",
         f"paths.log_dir={tmp}",
         f"hydra.run.dir={tmp / 'run'}",
-    ]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp)
-    assert result.returncode == 0, result.stderr[-4000:]
+        cwd=tmp,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     return {"records": read_records(tmp / "records"), "run_dir": tmp / "run"}
 
 

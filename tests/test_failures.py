@@ -15,6 +15,7 @@ from aclip.callbacks.failures import NonFiniteGuard, NonFiniteLossError
 from aclip.checkpointing import AtomicCheckpointIO
 from aclip.modules.aclip import AClip
 from aclip.tasks import load_checkpoint, train
+from tests.conftest import callback_overrides
 
 # 32 samples in batches of 8: 4 optimizer steps in the one epoch.
 RUN = ["evaluate=false", "callbacks.mask_pictures=null"]
@@ -36,12 +37,8 @@ class StopAt(pl.Callback):
 
 
 def helper(name: str, **kwargs: Any) -> list[str]:
-    """Overrides adding the test callback `name` of this file (imported by its path, as Hydra does)."""
-    module = Path(__file__).stem
-    return [
-        f"+callbacks.{name}._target_={module}.{name}",
-        *(f"+callbacks.{name}.{key}={value}" for key, value in kwargs.items()),
-    ]
+    """Overrides adding the test callback `name` of this file."""
+    return callback_overrides(Path(__file__).stem, name, **kwargs)
 
 
 def load(path: Path) -> dict[str, Any]:

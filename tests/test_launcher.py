@@ -4,25 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment
 
-from tests.conftest import CONF_DIR, TINY_SYNTHETIC_OVERRIDES
+from tests.conftest import TINY_SYNTHETIC_OVERRIDES, override_value, run_train_py
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
 
 def test_local_submitit_multirun_runs_two_jobs(tmp_path):
     """`python train.py -m launcher=local ...`: each job in its own process, each with its run directory."""
-    command = [
-        sys.executable,
-        str(CONF_DIR.parent / "train.py"),
+    run_train_py(
         "-m",
         "launcher=local",
         "model.lr=1e-3,5e-4",
@@ -30,18 +25,14 @@ def test_local_submitit_multirun_runs_two_jobs(tmp_path):
         "evaluate=false",
         *TINY_SYNTHETIC_OVERRIDES,
         f"paths.log_dir={tmp_path}",
-    ]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+        cwd=tmp_path,
+    )
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     results = sorted(path.name for path in (sweep / ".submitit").glob("*/*_result.pkl"))
     assert len(results) == 2 and results[0] != results[1]  # two submitit jobs
     for job, lr in (("0", 1e-3), ("1", 5e-4)):
         assert json.loads((sweep / job / "timing.json").read_text())["optimizer_steps"] == 1
-        overrides = (sweep / job / ".hydra" / "overrides.yaml").read_text()
-        value = next(line.split("=", 1)[1] for line in overrides.splitlines() if "model.lr=" in line)
-        assert math.isclose(float(value), lr)
+        assert math.isclose(float(override_value(sweep / job, "model.lr")), lr)
 
 
 def test_slurm_launcher_asks_for_the_devices_and_lightnings_requeue_signal(train_config, tmp_path):

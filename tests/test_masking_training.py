@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
 from aclip.tasks import train
-from tests.conftest import CONF_DIR, TINY_SYNTHETIC_OVERRIDES
+from tests.conftest import CONF_DIR, TINY_SYNTHETIC_OVERRIDES, run_train_py
 
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "masking").glob("*.yaml"))
 
@@ -98,18 +95,15 @@ def test_masks_are_reproducible_per_step_and_differ_across_ranks_and_steps(train
 def test_masking_multirun(tmp_path):
     """`python train.py -m masking=random,attentive_low,grid,block,resize` runs one job per policy."""
     strategies = ["random", "attentive_low", "grid", "block", "resize"]
-    command = [
-        sys.executable,
-        str(CONF_DIR.parent / "train.py"),
+    run_train_py(
         "-m",
         f"masking={','.join(strategies)}",
         "debug=fast_dev_run",
         *[o for o in TINY_SYNTHETIC_OVERRIDES if "enable_progress_bar" not in o],
         f"paths.log_dir={tmp_path}",
-    ]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=400, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+        cwd=tmp_path,
+        timeout=400,
+    )
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
     assert len(jobs) == len(strategies)

@@ -17,6 +17,7 @@ from aclip.callbacks.resume import collect_random_states, restore_random_states
 from aclip.checkpointing import resolve_ckpt_path
 from aclip.datamodules.sampling import EpochShuffleSampler, ResumableDataLoader
 from aclip.tasks import train
+from tests.conftest import callback_overrides
 
 # 24 samples in batches of 8: 3 steps per epoch, 6 in two epochs. A step checkpoint every 2 steps
 # leaves last.ckpt at step 4, one batch into the second epoch, when the run is killed at step 5.
@@ -59,12 +60,8 @@ class SaveFinalState(pl.Callback):
 
 
 def helper(name: str, **kwargs: Any) -> list[str]:
-    """Overrides adding the test callback `name` of this file (imported by its path, as Hydra does)."""
-    module = Path(__file__).stem
-    return [
-        f"+callbacks.{name}._target_={module}.{name}",
-        *(f"+callbacks.{name}.{key}={value}" for key, value in kwargs.items()),
-    ]
+    """Overrides adding the test callback `name` of this file."""
+    return callback_overrides(Path(__file__).stem, name, **kwargs)
 
 
 def final_state(path: Path) -> dict[str, Any]:

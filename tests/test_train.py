@@ -5,9 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,13 @@ from hydra.utils import instantiate
 
 from aclip.modules.model import MAX_LOGIT_SCALE
 from aclip.tasks import evaluate_checkpoint, load_checkpoint, train
-from tests.conftest import CONF_DIR, SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config
+from tests.conftest import (
+    SYNTHETIC_EVAL_OVERRIDES,
+    TINY_SYNTHETIC_OVERRIDES,
+    compose_config,
+    override_value,
+    run_train_py,
+)
 
 EXPECTED_KEYS = {
     "zeroshot/synthetic/top1",
@@ -153,18 +156,14 @@ def test_checkpoint_loads_without_unpickling_objects(train_config, tmp_path):
 def test_command_line_overrides_and_multirun(tmp_path):
     """`python train.py -m model.lr=...` runs one job per value, each with its own run directory."""
     overrides = [o for o in TINY_SYNTHETIC_OVERRIDES if "enable_progress_bar" not in o]
-    command = [
-        sys.executable,
-        str(CONF_DIR.parent / "train.py"),
+    run_train_py(
         "-m",
         "model.lr=1e-3,5e-4",
         "debug=fast_dev_run",
         *overrides,
         f"paths.log_dir={tmp_path}",
-    ]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+        cwd=tmp_path,
+    )
     sweeps = list((tmp_path / "train" / "multiruns").iterdir())
     assert len(sweeps) == 1
     jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
@@ -172,9 +171,4 @@ def test_command_line_overrides_and_multirun(tmp_path):
     for job, lr in zip(jobs, (1e-3, 5e-4), strict=True):
         job_dir = sweeps[0] / job
         assert json.loads((job_dir / "metrics.json").read_text())["ema"]
-        assert math.isclose(float(_override_value(job_dir, "model.lr")), lr)
-
-
-def _override_value(job_dir: Path, key: str) -> str:
-    overrides = (job_dir / ".hydra" / "overrides.yaml").read_text().splitlines()
-    return next(line.split("=", 1)[1] for line in overrides if line.lstrip("- ").startswith(f"{key}="))
+        assert math.isclose(float(override_value(job_dir, "model.lr")), lr)

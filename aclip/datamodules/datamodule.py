@@ -121,7 +121,6 @@ class ClipDataModule(pl.LightningDataModule):
         self.train_source = train
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.image_size = image_size
         text_masking = {"strategy": "truncate", "length": 77, **(text_masking or {})}
         self.tokenizer = build_tokenizer(text_masking["length"], text_masking["strategy"])
         self.view_transform = MultiViewTransform(
