@@ -13,6 +13,8 @@ import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 
+from aclip.distributed import rank_and_world
+
 
 def collect_random_states() -> dict[str, Any]:
     """The random states of Python, NumPy, torch and CUDA, as tensors and numbers only.
@@ -51,10 +53,6 @@ def restore_random_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
 class ResumeState(Callback):
     """Makes a resumed run continue exactly where its checkpoint left off.
 
@@ -78,7 +76,7 @@ class ResumeState(Callback):
     def state_dict(self) -> dict[str, Any]:
         # Every rank writes a checkpoint's content (Lightning's `save_checkpoint` runs on all of them).
         states = collect_random_states()
-        if self._trainer is None or self._trainer.world_size == 1 or not _distributed():
+        if self._trainer is None or self._trainer.world_size == 1 or rank_and_world()[1] == 1:
             return {"ranks": [states]}
         gathered: list[Any] = [None] * self._trainer.world_size
         dist.all_gather_object(gathered, states)

@@ -15,16 +15,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
-
-def _world() -> tuple[int, int]:
-    """(world size, rank) of the default process group, (1, 0) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
+from aclip.distributed import rank_and_world
 
 
 class EpochShuffleSampler(DistributedSampler):
@@ -36,7 +30,7 @@ class EpochShuffleSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, seed: int = 0, shuffle: bool = True) -> None:
-        world, rank = _world()
+        rank, world = rank_and_world()
         super().__init__(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
         self.start = 0
 

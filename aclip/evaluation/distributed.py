@@ -13,14 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from aclip.distributed import rank_and_world
+
 T = TypeVar("T")
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size (0 and 1 outside torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def my_share(items: Sequence[T]) -> Sequence[T]:

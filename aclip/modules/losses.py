@@ -8,16 +8,12 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from aclip.distributed import rank_and_world
 
 
 def gather_with_grad(features: Tensor) -> Tensor:
     """Concatenate `features` from every rank along dim 0; gradients flow back to each rank's slice."""
-    _, world = _world()
+    _, world = rank_and_world()
     if world == 1:
         return features
     return torch.cat(dist_fn.all_gather(features), dim=0)
@@ -42,7 +38,7 @@ class ClipLoss(nn.Module):
                 f"image and text features must have the same shape, got {tuple(image_features.shape)} "
                 f"and {tuple(text_features.shape)}"
             )
-        rank, _ = _world()
+        rank, _ = rank_and_world()
         all_images = gather_with_grad(image_features)
         all_texts = gather_with_grad(text_features)
         scale = logit_scale.exp()
@@ -73,7 +69,7 @@ def _full_precision(tensor: Tensor) -> torch.autocast:
 def _report_global_mean(loss: Tensor) -> Tensor:
     """Shift `loss` (without gradient) to the mean of the ranks' values: with equal local batches, the
     global-batch loss, reported alike by every rank while each rank's gradient stays its own."""
-    _, world = _world()
+    _, world = rank_and_world()
     if world == 1:
         return loss
     global_loss = loss.detach().clone()
@@ -114,7 +110,7 @@ class SimCLRLoss(nn.Module):
     def forward(self, views: Tensor) -> Tensor:
         _check_views("views", views, min_views=2)
         batch, k, dim = views.shape
-        rank, _ = _world()
+        rank, _ = rank_and_world()
         anchors = F.normalize(_upcast(views), dim=-1).reshape(batch * k, dim)  # row b * k + v
         candidates = gather_with_grad(anchors)  # row (rank * B + b) * k + v
         with _full_precision(views):
