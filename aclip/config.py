@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -11,6 +12,11 @@ if not OmegaConf.has_resolver("floordiv"):
     OmegaConf.register_new_resolver(
         "floordiv", lambda numerator, denominator: int(numerator) // int(denominator)
     )
+# `${aclip.launch_dir:}`: the directory the command was started in (Hydra never changes into the run
+# directory here, `hydra.job.chdir: false`). Unlike `${hydra:runtime.cwd}` it resolves before Hydra's
+# runtime config exists, which is when a multirun's sweeper resolves `hydra.sweep.dir`.
+if not OmegaConf.has_resolver("aclip.launch_dir"):
+    OmegaConf.register_new_resolver("aclip.launch_dir", os.getcwd)
 
 
 class ConfigError(ValueError):

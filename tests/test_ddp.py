@@ -529,12 +529,11 @@ def train_py_run(tmp_path_factory) -> dict[str, Any]:
         "callbacks.mask_pictures=null",  # it would take the masks the recorder reads
         "+callbacks.recorder._target_=tests.test_ddp.RankRecorder",
         f"+callbacks.recorder.path={tmp / 'records'}",
-        f"paths.log_dir={tmp}",
-        f"hydra.run.dir={tmp / 'run'}",
         cwd=tmp,
         env={"OMP_NUM_THREADS": "1"},
     )
-    return {"records": read_records(tmp / "records"), "run_dir": tmp / "run"}
+    (run_dir,) = (tmp / "logs" / "train" / "runs").iterdir()
+    return {"records": read_records(tmp / "records"), "run_dir": run_dir}
 
 
 def test_train_py_ddp_cpu_trains_two_steps_on_two_ranks(train_py_run):

@@ -5,12 +5,18 @@ from __future__ import annotations
 import json
 import math
 import signal
+from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning_fabric.plugins.environments import SLURMEnvironment
+from omegaconf import OmegaConf
 
-from tests.conftest import TINY_SYNTHETIC_OVERRIDES, override_value, run_train_py
+import aclip  # noqa: F401  (the config resolvers, as train.py registers them)
+from tests.conftest import CONF_DIR, TINY_SYNTHETIC_OVERRIDES, override_value, run_train_py
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 
@@ -24,10 +30,9 @@ def test_local_submitit_multirun_runs_two_jobs(tmp_path):
         "debug=fast_dev_run",
         "evaluate=false",
         *TINY_SYNTHETIC_OVERRIDES,
-        f"paths.log_dir={tmp_path}",
         cwd=tmp_path,
     )
-    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     results = sorted(path.name for path in (sweep / ".submitit").glob("*/*_result.pkl"))
     assert len(results) == 2 and results[0] != results[1]  # two submitit jobs
     for job, lr in (("0", 1e-3), ("1", 5e-4)):
@@ -66,3 +71,22 @@ def test_lightning_requeues_on_sigusr1_under_srun(monkeypatch):
     assert SLURMEnvironment.detect()
     environment = SLURMEnvironment()
     assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR1
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "local"])
+def test_sweep_dir_and_launcher_resolve_before_hydra_runtime_exists(launcher, tmp_path, monkeypatch):
+    """What a multirun's sweeper does first, with no Hydra runtime config yet: resolve the sweep directory
+    (under the launch directory's logs/) and the launcher's settings."""
+    monkeypatch.chdir(tmp_path)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"launcher={launcher}", "hydra.launcher.partition=p", "trainer=ddp", "experiment=clip"]
+            if launcher == "slurm"
+            else [f"launcher={launcher}"],
+            return_hydra_config=True,
+        )
+    HydraConfig.instance().cfg = None
+    assert Path(cfg.hydra.sweep.dir).parent == tmp_path / "logs" / "train" / "multiruns"
+    assert OmegaConf.to_container(cfg.hydra.launcher, resolve=True)["nodes"] == 1

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from aclip.tasks import train
-from tests.conftest import CONF_DIR, TINY_SYNTHETIC_OVERRIDES, run_train_py
+from tests.conftest import CONF_DIR
 
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "masking").glob("*.yaml"))
 
@@ -90,23 +90,3 @@ def test_masks_are_reproducible_per_step_and_differ_across_ranks_and_steps(train
     assert not torch.equal(mask(0, 3), mask(1, 3))
     assert not torch.equal(mask(0, 3), mask(0, 4))
     assert not torch.equal(mask(0, 3, 0), mask(0, 3, 1))
-
-
-def test_masking_multirun(tmp_path):
-    """`python train.py -m masking=random,attentive_low,grid,block,resize` runs one job per policy."""
-    strategies = ["random", "attentive_low", "grid", "block", "resize"]
-    run_train_py(
-        "-m",
-        f"masking={','.join(strategies)}",
-        "debug=fast_dev_run",
-        *[o for o in TINY_SYNTHETIC_OVERRIDES if "enable_progress_bar" not in o],
-        f"paths.log_dir={tmp_path}",
-        cwd=tmp_path,
-        timeout=400,
-    )
-    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
-    jobs = sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-    assert len(jobs) == len(strategies)
-    for job, strategy in zip(jobs, strategies, strict=True):
-        assert f"masking={strategy}" in (job / ".hydra" / "overrides.yaml").read_text()
-        assert (job / "metrics.json").is_file()

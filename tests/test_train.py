@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,7 @@ from aclip.modules.model import MAX_LOGIT_SCALE
 from aclip.tasks import evaluate_checkpoint, load_checkpoint, train
 from tests.conftest import (
     SYNTHETIC_EVAL_OVERRIDES,
-    TINY_SYNTHETIC_OVERRIDES,
     compose_config,
-    override_value,
-    run_train_py,
 )
 
 EXPECTED_KEYS = {
@@ -151,24 +147,3 @@ def test_checkpoint_loads_without_unpickling_objects(train_config, tmp_path):
     train(train_config("trainer.limit_train_batches=1", "evaluate=false"))
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert isinstance(checkpoint["hyper_parameters"]["vision"], dict)
-
-
-def test_command_line_overrides_and_multirun(tmp_path):
-    """`python train.py -m model.lr=...` runs one job per value, each with its own run directory."""
-    overrides = [o for o in TINY_SYNTHETIC_OVERRIDES if "enable_progress_bar" not in o]
-    run_train_py(
-        "-m",
-        "model.lr=1e-3,5e-4",
-        "debug=fast_dev_run",
-        *overrides,
-        f"paths.log_dir={tmp_path}",
-        cwd=tmp_path,
-    )
-    sweeps = list((tmp_path / "train" / "multiruns").iterdir())
-    assert len(sweeps) == 1
-    jobs = sorted(p.name for p in sweeps[0].iterdir() if p.is_dir() and p.name.isdigit())
-    assert jobs == ["0", "1"]
-    for job, lr in zip(jobs, (1e-3, 5e-4), strict=True):
-        job_dir = sweeps[0] / job
-        assert json.loads((job_dir / "metrics.json").read_text())["ema"]
-        assert math.isclose(float(override_value(job_dir, "model.lr")), lr)
