@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ThroughputMonitor
+from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from aclip.evaluation.suite import split_batch
 
-def batch_size(batch: Mapping[str, Tensor]) -> int:
-    """Image-text pairs in a training batch (the k views of a pair count once)."""
-    return batch["text"].shape[0]
+
+def batch_size(batch: Mapping[str, Tensor] | Sequence[Tensor]) -> int:
+    """Image-text pairs in a training batch (the k views of a pair count once), or images in a batch of
+    an evaluation set (validation)."""
+    if isinstance(batch, Mapping):
+        return batch["text"].shape[0]
+    return split_batch(batch)[0].shape[0]
 
 
 class Throughput(ThroughputMonitor):
@@ -51,6 +57,21 @@ class Throughput(ThroughputMonitor):
         device = trainer.strategy.root_device
         if device.type == "cuda":
             pl_module.log("train/device/max_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30)
+
+    @rank_zero_only
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        # Timed (Lightning then leaves the validation time out of the training throughput) but not logged:
+        # the FLOPs counted are those of a training batch.
+        if not trainer.sanity_checking:
+            self._update(trainer, pl_module, batch, trainer._evaluation_loop.batch_progress.total.ready)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException

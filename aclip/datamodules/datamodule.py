@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import pytorch_lightning as pl
@@ -18,6 +18,9 @@ from aclip.datamodules.images import BadSample, to_rgb
 from aclip.datamodules.sampling import ResumableDataLoader
 from aclip.datamodules.transforms import MultiViewTransform
 from aclip.modules.text import build_tokenizer
+
+if TYPE_CHECKING:
+    from aclip.evaluation.suite import Evaluation
 
 # Every training sample carries how many bad samples were skipped in its place and their names (joined
 # by newlines), so that the counts survive dataloader workers; `BadSampleMonitor` consumes them.
@@ -98,6 +101,8 @@ class ClipDataModule(pl.LightningDataModule):
             training captions (CLIPA text token reduction; see `build_tokenizer`).
         crop_scale: area range of the random resized crop of a training view.
         color_jitter, blur: strength of colour jitter and probability of Gaussian blur per view.
+        evaluation: the evaluation suite whose image sets are the validation dataloaders (the learning
+            curves during training); None: no validation.
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class ClipDataModule(pl.LightningDataModule):
         crop_scale: Sequence[float] = (0.5, 1.0),
         color_jitter: float = 0.0,
         blur: float = 0.0,
+        evaluation: Evaluation | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or num_workers < 0:
@@ -119,6 +125,7 @@ class ClipDataModule(pl.LightningDataModule):
                 f"need data.batch_size >= 1 and data.num_workers >= 0; got {batch_size}, {num_workers}"
             )
         self.train_source = train
+        self.evaluation = evaluation
         self.batch_size = batch_size
         self.num_workers = num_workers
         text_masking = {"strategy": "truncate", "length": 77, **(text_masking or {})}
@@ -166,6 +173,10 @@ class ClipDataModule(pl.LightningDataModule):
         dataset = ImageTextDataset(self.train_source, self.prepare_pair)
         # drop_last: every rank needs equal batches for the gathered contrastive loss.
         return self._loader(dataset, batch_size, shuffle=True, drop_last=True, persistent=True)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """This rank's share of every evaluation image set (`Evaluation.dataloaders`), if any."""
+        return self.evaluation.dataloaders() if self.evaluation is not None else []
 
     def _loader(
         self,

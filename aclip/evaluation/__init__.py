@@ -2,23 +2,29 @@
 
 from aclip.evaluation.loaders import EvalLoaders
 from aclip.evaluation.report import format_table, write_metrics
+from aclip.evaluation.suite import Evaluation, FeatureBank, Metrics, evaluate, split_batch
 from aclip.evaluation.tasks import (
+    EncodedImages,
     EvalTask,
     LinearProbe,
     Retrieval,
     ZeroShotClassification,
     encode_texts,
-    evaluate,
 )
 
 __all__ = [
+    "EncodedImages",
     "EvalLoaders",
     "EvalTask",
+    "Evaluation",
+    "FeatureBank",
     "LinearProbe",
+    "Metrics",
     "Retrieval",
     "ZeroShotClassification",
     "encode_texts",
     "evaluate",
     "format_table",
+    "split_batch",
     "write_metrics",
 ]

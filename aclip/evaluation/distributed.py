@@ -6,12 +6,13 @@ exactly those of one process, whatever the world size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.utils.data import Dataset, DistributedSampler
 
 from aclip.distributed import rank_and_world
 
@@ -22,6 +23,24 @@ def my_share(items: Sequence[T]) -> Sequence[T]:
     """The items this rank handles: every world-size-th one, starting at its rank."""
     rank, world = rank_and_world()
     return items[rank::world]
+
+
+class RankShareSampler(DistributedSampler):
+    """The indices of `my_share` of a dataset, in order: no padding, no duplicates.
+
+    A `DistributedSampler`, so that Lightning keeps it under DDP instead of injecting its own (which pads
+    the shares to equal length with repeated items).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        rank, world = rank_and_world()
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
 
 
 def gather_in_order(local: Tensor, total: int) -> Tensor:

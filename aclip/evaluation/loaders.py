@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from aclip.datamodules.images import to_rgb
 from aclip.datamodules.transforms import eval_transform
-from aclip.evaluation.distributed import my_share
+from aclip.evaluation.distributed import RankShareSampler
 
 
 class TransformedImages(Dataset):
@@ -32,7 +32,7 @@ class TransformedImages(Dataset):
 
 
 class EvalLoaders:
-    """Makes the dataloader over this rank's share (`my_share`) of an evaluation set, in item order.
+    """Makes the dataloader over this rank's share (`RankShareSampler`) of an evaluation set, in item order.
 
     Args:
         image_size: side of the square images the model sees (the shorter side is resized to it, then
@@ -51,9 +51,10 @@ class EvalLoaders:
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def __call__(self, dataset: Dataset) -> DataLoader:
-        share = Subset(TransformedImages(dataset, self.transform), my_share(range(len(dataset))))
+        images = TransformedImages(dataset, self.transform)
         return DataLoader(
-            share,
+            images,
+            sampler=RankShareSampler(images),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),

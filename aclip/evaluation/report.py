@@ -21,6 +21,18 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def flatten_metrics(metrics: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
+    """Logger keys `<prefix>/<model>/<metric>` for every model, and `<prefix>/<metric>` for the reported
+    one (listed first, `model.eval_model`), which dashboards chart by default."""
+    flat = {
+        f"{prefix}/{model}/{key}": value
+        for model, results in metrics.items()
+        for key, value in results.items()
+    }
+    flat |= {f"{prefix}/{key}": value for key, value in next(iter(metrics.values()), {}).items()}
+    return flat
+
+
 def write_metrics(metrics: dict[str, dict[str, float]], path: str | Path) -> Path:
     """Write `{model name: {metric: value}}` as JSON."""
     path = Path(path)

@@ -1,15 +1,18 @@
 """Downstream evaluation tasks of a CLIP model: zero-shot classification, retrieval and linear probes.
 
-Each task is built from the `eval` config group (one node per set) and reports a dict of percentages.
-Under torch.distributed every rank encodes its share of the images and texts and the results are
-gathered in item order, so the figures equal those of a single process.
+Each task is built from the `eval` config group (one node per set). A task names the image sets whose
+embeddings it needs (`image_sets`) and turns their embeddings into a dict of percentages (`score`); the
+images are encoded elsewhere, once for every evaluated model (`aclip.evaluation.suite`), by the
+evaluation after training and by Lightning's validation loop during it. Under torch.distributed every
+rank encodes its share of the images and texts and the results are gathered in item order, so the
+figures equal those of a single process.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
-from typing import ClassVar
+from collections.abc import Callable, Sequence
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import Tensor
@@ -18,12 +21,18 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from aclip.evaluation.distributed import gather_in_order, my_share
 from aclip.evaluation.linear_probe import fit_linear_probe
-from aclip.evaluation.loaders import EvalLoaders
 from aclip.evaluation.prompts import load_classnames, load_templates
 from aclip.modules.metrics import retrieval_recall, zero_shot_weights
 from aclip.modules.model import ClipModel
 
 Tokenizer = Callable[[list[str]], Tensor]
+
+
+class EncodedImages(NamedTuple):
+    """The normalised embeddings [N, D] of every item of an image set, and its labels [N] if it has any."""
+
+    features: Tensor
+    labels: Tensor | None
 
 
 @torch.no_grad()
@@ -41,39 +50,25 @@ def encode_texts(
     return gather_in_order(local, len(texts))
 
 
-@torch.no_grad()
-def encode_images(model: ClipModel, dataset: Dataset, loaders: EvalLoaders) -> tuple[Tensor, Tensor | None]:
-    """Normalised image embeddings [N, D] of every item of `dataset`, and its labels [N] if it has any."""
-    device = model.logit_scale.device
-    features, labels = [], []
-    for batch in loaders(dataset):
-        images, *rest = batch if isinstance(batch, list | tuple) else (batch,)
-        features.append(model.encode_image(images.to(device)))
-        labels += [rest[0].to(device)] if rest else []
-    local = torch.cat(features) if features else torch.empty(0, model.embed_dim, device=device)
-    gathered_labels = gather_in_order(torch.cat(labels), len(dataset)) if labels else None
-    return gather_in_order(local, len(dataset)), gathered_labels
-
-
 class ClassificationMetrics:
-    """Top-1 and top-5 accuracy and mean per-class recall (percent), synchronised across ranks."""
+    """Top-1 and top-5 accuracy and mean per-class recall (percent) of logits over a whole set.
+
+    Every rank holds the whole set (gathered), so nothing is synchronised across ranks.
+    """
 
     def __init__(self, num_classes: int, device: torch.device) -> None:
         self.top_k = {
-            f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro").to(device)
+            f"top{k}": MulticlassAccuracy(num_classes, top_k=k, average="micro", sync_on_compute=False)
             for k in (1, 5)
             if k <= num_classes
         }
-        self.confusion = MulticlassConfusionMatrix(num_classes).to(device)
+        self.confusion = MulticlassConfusionMatrix(num_classes, sync_on_compute=False)
+        for metric in (*self.top_k.values(), self.confusion):
+            metric.to(device)
 
-    def update(self, logits: Tensor, labels: Tensor) -> None:
-        for metric in self.top_k.values():
-            metric.update(logits, labels)
-        self.confusion.update(logits.argmax(dim=1), labels)
-
-    def compute(self) -> dict[str, float]:
-        results = {name: 100.0 * metric.compute().item() for name, metric in self.top_k.items()}
-        confusion = self.confusion.compute()
+    def __call__(self, logits: Tensor, labels: Tensor) -> dict[str, float]:
+        results = {name: 100.0 * metric(logits, labels).item() for name, metric in self.top_k.items()}
+        confusion = self.confusion(logits.argmax(dim=1), labels)
         support = confusion.sum(dim=1)
         # Classes absent from the evaluation set have no recall; they are left out of the mean.
         recall = confusion.diagonal()[support > 0] / support[support > 0]
@@ -85,13 +80,22 @@ class EvalTask(ABC):
     """One downstream evaluation; its metrics are reported as `<kind>/<name>/<metric>`."""
 
     kind: ClassVar[str]
+    # Whether the image sets' items are (image, label) pairs rather than images.
+    labelled: ClassVar[bool] = True
 
     def __init__(self, name: str) -> None:
         self.name = name
 
+    @property
     @abstractmethod
-    def evaluate(self, model: ClipModel, tokenize: Tokenizer, loaders: EvalLoaders) -> dict[str, float]:
-        """The task's metrics (percent) for `model`."""
+    def image_sets(self) -> list[Dataset]:
+        """The image datasets whose embeddings `score` takes, in its order."""
+
+    @abstractmethod
+    def score(
+        self, model: ClipModel, tokenize: Tokenizer, images: Sequence[EncodedImages]
+    ) -> dict[str, float]:
+        """The task's metrics (percent) for `model`, from the embeddings of its `image_sets`."""
 
 
 class ZeroShotClassification(EvalTask):
@@ -118,16 +122,20 @@ class ZeroShotClassification(EvalTask):
         self.classnames = load_classnames(classnames, dataset)
         self.templates = load_templates(templates, dataset)
 
+    @property
+    def image_sets(self) -> list[Dataset]:
+        return [self.dataset]
+
     @torch.no_grad()
-    def evaluate(self, model: ClipModel, tokenize: Tokenizer, loaders: EvalLoaders) -> dict[str, float]:
-        device = model.logit_scale.device
+    def score(
+        self, model: ClipModel, tokenize: Tokenizer, images: Sequence[EncodedImages]
+    ) -> dict[str, float]:
+        (encoded,) = images
         weights = zero_shot_weights(
             lambda texts: encode_texts(model, tokenize, texts), self.classnames, self.templates
         )
-        metrics = ClassificationMetrics(len(self.classnames), device)
-        for images, labels in loaders(self.dataset):
-            metrics.update(model.encode_image(images.to(device)) @ weights, labels.to(device))
-        return metrics.compute()
+        metrics = ClassificationMetrics(len(self.classnames), weights.device)
+        return metrics(encoded.features.to(weights.device) @ weights, encoded.labels.to(weights.device))
 
 
 class Retrieval(EvalTask):
@@ -139,20 +147,27 @@ class Retrieval(EvalTask):
     """
 
     kind = "retrieval"
+    labelled = False
 
     def __init__(self, dataset: Dataset, name: str = "retrieval") -> None:
         super().__init__(name)
         self.dataset = dataset
 
+    @property
+    def image_sets(self) -> list[Dataset]:
+        return [self.dataset]
+
     @torch.no_grad()
-    def evaluate(self, model: ClipModel, tokenize: Tokenizer, loaders: EvalLoaders) -> dict[str, float]:
+    def score(
+        self, model: ClipModel, tokenize: Tokenizer, images: Sequence[EncodedImages]
+    ) -> dict[str, float]:
+        (encoded,) = images
         captions: Sequence[Sequence[str]] = self.dataset.captions
-        image_features, _ = encode_images(model, self.dataset, loaders)
         texts = [caption for per_image in captions for caption in per_image]
         text_to_image = torch.cat(
             [torch.full((len(per_image),), index) for index, per_image in enumerate(captions)]
         )
-        return retrieval_recall(image_features, encode_texts(model, tokenize, texts), text_to_image)
+        return retrieval_recall(encoded.features, encode_texts(model, tokenize, texts), text_to_image)
 
 
 class LinearProbe(EvalTask):
@@ -189,42 +204,30 @@ class LinearProbe(EvalTask):
         self.weight_decays, self.val_fraction = tuple(weight_decays), val_fraction
         self.max_iter, self.seed = max_iter, seed
 
-    @torch.no_grad()
-    def evaluate(self, model: ClipModel, tokenize: Tokenizer, loaders: EvalLoaders) -> dict[str, float]:
-        train_features, train_labels = encode_images(model, self.train, loaders)
-        test_features, test_labels = encode_images(model, self.test, loaders)
-        if train_labels is None or test_labels is None:
+    @property
+    def image_sets(self) -> list[Dataset]:
+        return [self.train, self.test]
+
+    def score(
+        self, model: ClipModel, tokenize: Tokenizer, images: Sequence[EncodedImages]
+    ) -> dict[str, float]:
+        train, test = images
+        if train.labels is None or test.labels is None:
             raise ValueError(f"eval.{self.name}: the linear probe needs labelled (image, label) items")
         num_classes = (
-            len(getattr(self.train, "classes", ())) or int(max(train_labels.max(), test_labels.max())) + 1
+            len(getattr(self.train, "classes", ())) or int(max(train.labels.max(), test.labels.max())) + 1
         )
-        classifier = fit_linear_probe(
-            train_features,
-            train_labels,
-            num_classes,
-            self.weight_decays,
-            self.val_fraction,
-            self.max_iter,
-            self.seed,
-        )
-        # Every rank holds the same classifier; each scores its share of the test set.
-        share = torch.as_tensor(list(my_share(range(len(test_labels)))), dtype=torch.long)
-        metrics = ClassificationMetrics(num_classes, test_features.device)
-        metrics.update(classifier(test_features[share]), test_labels[share])
-        return metrics.compute()
-
-
-def evaluate(
-    model: ClipModel, tasks: Iterable[EvalTask], tokenize: Tokenizer, loaders: EvalLoaders
-) -> dict[str, float]:
-    """Run every task in eval mode; keys are `<kind>/<name>/<metric>`, e.g. `zeroshot/imagenet/top1`."""
-    was_training = model.training
-    model.eval()
-    metrics = {}
-    try:
-        for task in tasks:
-            results = task.evaluate(model, tokenize, loaders)
-            metrics.update({f"{task.kind}/{task.name}/{key}": value for key, value in results.items()})
-    finally:
-        model.train(was_training)
-    return metrics
+        # Fitted outside inference mode (Lightning's validation loop may run in it): L-BFGS needs gradients.
+        with torch.inference_mode(False), torch.enable_grad():
+            classifier = fit_linear_probe(
+                train.features.clone(),
+                train.labels.clone(),
+                num_classes,
+                self.weight_decays,
+                self.val_fraction,
+                self.max_iter,
+                self.seed,
+            )
+        with torch.no_grad():
+            logits = classifier(test.features.float())
+        return ClassificationMetrics(num_classes, logits.device)(logits, test.labels)

@@ -18,6 +18,8 @@ from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from aclip.callbacks.ema import EMAUpdate
+from aclip.evaluation.report import flatten_metrics
+from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.modules.losses import ClipLoss
 from aclip.modules.masking import NoMasking, TokenMasking, kept_score_mass, map_scores_to_views
 from aclip.modules.model import ClipModel
@@ -107,7 +109,7 @@ class AClip(pl.LightningModule):
         # Reject a policy that cannot work on this tower now, not at the first training step.
         if self.masking.needs_scores:
             self.model.vision.resolve_layers(self.masking.layers)
-        self.masking.num_keep(
+        self.kept_tokens = self.masking.num_keep(
             self.model.vision.grid(*self._resize_for_masking_size(self.model.vision.image_size))
         )
         self.clip_loss = ClipLoss()
@@ -117,6 +119,7 @@ class AClip(pl.LightningModule):
         # Set by the mask-picture callback: record the next step's masking for this many samples.
         self.record_masking = 0
         self.masking_record: dict[str, Any] | None = None
+        self._validation_features: FeatureBank | None = None
 
     def train(self, mode: bool = True) -> AClip:
         super().train(mode)
@@ -194,17 +197,43 @@ class AClip(pl.LightningModule):
         scores: Tensor | None,
         batch_size: int,
     ) -> None:
+        # The progress bar shows the loss and the learning rate; everything else goes to the loggers.
+        progress = {"train/loss": loss, "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
         logs = {
-            "train/loss": loss,
             "train/clip_loss": clip_loss,
             **{f"train/{name}_loss": value for name, value in auxiliary.items()},
             "train/logit_scale": self.model.logit_scale.detach(),
-            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
             "train/kept_tokens": float(keep.shape[1]),
         }
         if scores is not None:
             logs["train/kept_score_mass"] = kept_score_mass(scores, keep).mean()
-        self.log_dict(logs, prog_bar=True, batch_size=batch_size)
+        self.log_dict(progress, prog_bar=True, batch_size=batch_size)
+        self.log_dict(logs, batch_size=batch_size)
+
+    # -- Learning curves: the `eval` group's sets as Lightning validation (see ClipDataModule.val_dataloader)
+
+    def _evaluation(self) -> Evaluation:
+        evaluation = getattr(self.trainer.datamodule, "evaluation", None)
+        if evaluation is None:
+            raise RuntimeError(
+                "validation needs the datamodule's evaluation suite (ClipDataModule.evaluation)"
+            )
+        return evaluation
+
+    def on_validation_epoch_start(self) -> None:
+        self._validation_features = self._evaluation().feature_bank()
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = split_batch(batch)
+        self._validation_features.add(dataloader_idx, self.eval_models(), images, labels)
+
+    def on_validation_epoch_end(self) -> None:
+        features, self._validation_features = self._validation_features, None
+        if self.trainer.fast_dev_run:
+            return  # it ran one batch of each set: the code path is checked, there is nothing to score
+        metrics = self._evaluation().score(self.eval_models(), self.tokenizer, features)
+        # Every rank holds the same gathered figures, so nothing is reduced.
+        self.log_dict(flatten_metrics(metrics, "val"), sync_dist=False)
 
     def _record_masking(
         self, batch: Mapping[str, Tensor], views: Tensor, keep: Tensor, score_map: Tensor | None, grid
@@ -218,6 +247,22 @@ class AClip(pl.LightningModule):
         self.masking_record = {name: value.detach().cpu() for name, value in record.items()}
         self.masking_record |= {"grid": grid, "num_views": num_views}
         self.record_masking = 0
+
+    def summary(self) -> tuple[dict[str, nn.Module], dict[str, str]]:
+        """The model's parts by name and a few facts about its training, for the start-up summary."""
+        parts: dict[str, nn.Module] = {
+            "online image tower": self.model.vision,
+            "online text tower": self.model.text,
+            "EMA teacher (both towers)": self.ema_model,
+        }
+        if any(True for _ in self.self_supervision.parameters()):
+            parts["self-supervised heads"] = self.self_supervision
+        grid = self.model.vision.grid(self.model.vision.image_size)
+        notes = {
+            "masking": repr(self.masking),
+            "patch tokens per view": f"{self.kept_tokens} of {grid[0] * grid[1]}",
+        }
+        return parts, notes
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(EMA module, online module) pairs that the EMA callback moves."""
