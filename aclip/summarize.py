@@ -1,0 +1,426 @@
+"""One results table per sweep: `summary.csv`, `summary.md` and `summary.png` in the sweep directory.
+
+Written by the Hydra callback `SweepSummary` (`hydra.callbacks.sweep_summary`, every launcher) as each
+job ends and when the sweep ends, and rebuilt from the job folders by
+
+    python -m aclip.summarize logs/train/multiruns/<timestamp>
+
+for sweeps whose jobs finished on other machines (SLURM) or that were interrupted. Each job folder holds
+`.hydra/overrides.yaml` (what it was given), `.hydra/config.yaml`, `metrics.json` (the evaluation of
+the reported and the other model) and `timing.json` (seconds per step, tokens per view). A job whose
+folder is missing (or holds no result) is listed, not skipped silently.
+
+Columns: the overrides that differ between jobs, then the reported model's metrics, the other model's,
+seconds per optimizer step and the patch tokens each view kept. Jobs that differ only in `seed` are
+also aggregated to mean, standard deviation and count (`summary_seeds.csv` and a second table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SEED_KEY = "seed"
+# Metric kinds shown in the Markdown table (all metrics go to the CSV): zero-shot top-1, retrieval R@1,
+# linear-probe top-1 and the suite averages.
+_HEADLINE_SUFFIXES = ("/top1", "/i2t_R@1", "/t2i_R@1", "/reported", "/average")
+
+
+@dataclass
+class Job:
+    """One job of a sweep: its number, overrides and results (None where it has none)."""
+
+    number: int
+    overrides: dict[str, str]
+    metrics: dict[str, dict[str, float]] | None = None
+    timing: dict[str, Any] | None = None
+    optimized_metric: str | None = None
+    status: str = "ok"
+
+    @property
+    def reported(self) -> str | None:
+        """The reported model's name (listed first in metrics.json)."""
+        return next(iter(self.metrics), None) if self.metrics else None
+
+
+@dataclass
+class Summary:
+    """A sweep's jobs, which overrides vary between them, and the tables built from them."""
+
+    sweep_dir: Path
+    jobs: list[Job]
+    varying: list[str] = field(default_factory=list)
+    shared: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> list[Job]:
+        return [job for job in self.jobs if job.status != "ok"]
+
+    @property
+    def primary_metric(self) -> str | None:
+        """`<model>/<metric>` charted in summary.png: the jobs' `optimized_metric` of the reported model,
+        else its first zero-shot top-1."""
+        done = [job for job in self.jobs if job.metrics]
+        if not done:
+            return None
+        job = done[0]
+        keys = job.metrics[job.reported]
+        metric = job.optimized_metric if job.optimized_metric in keys else None
+        metric = (
+            metric
+            or next((k for k in sorted(keys) if k.endswith("/top1")), None)
+            or next(iter(sorted(keys)), None)
+        )
+        return f"{job.reported}/{metric}" if metric else None
+
+    def metric_columns(self, headline: bool) -> list[str]:
+        """`<model>/<metric>` of every metric any job has: the reported model's first."""
+        models: list[str] = []
+        keys: set[str] = set()
+        for job in self.jobs:
+            for model, results in (job.metrics or {}).items():
+                if model not in models:
+                    models.append(model)
+                keys |= set(results)
+        if headline:
+            keys = {key for key in keys if key.endswith(_HEADLINE_SUFFIXES)}
+        return [f"{model}/{key}" for model in models for key in sorted(keys)]
+
+    def rows(self, headline: bool = False) -> tuple[list[str], list[list[Any]]]:
+        """The per-job table: header and rows."""
+        metrics = self.metric_columns(headline)
+        header = ["job", *self.varying, *metrics, "s/step", "tokens/view", "views", "status"]
+        rows = []
+        for job in self.jobs:
+            values = [_metric(job, column) for column in metrics]
+            timing = job.timing or {}
+            rows.append(
+                [
+                    job.number,
+                    *(job.overrides.get(key, "") for key in self.varying),
+                    *values,
+                    timing.get("seconds_per_step"),
+                    timing.get("kept_tokens"),
+                    timing.get("num_views"),
+                    job.status,
+                ]
+            )
+        return header, rows
+
+    @property
+    def has_seed_groups(self) -> bool:
+        return SEED_KEY in self.varying
+
+    def seed_groups(self, headline: bool = False) -> tuple[list[str], list[list[Any]]]:
+        """Jobs that differ only in `seed`, aggregated: per value column its mean, std and count."""
+        metrics = [*self.metric_columns(headline), "s/step"]
+        keys = [key for key in self.varying if key != SEED_KEY]
+        groups: dict[tuple[str, ...], list[Job]] = {}
+        for job in self.jobs:
+            if job.metrics:
+                groups.setdefault(tuple(job.overrides.get(key, "") for key in keys), []).append(job)
+        header = [*keys, "seeds", *(f"{m} {stat}" for m in metrics for stat in ("mean", "std"))]
+        rows = []
+        for values, jobs in groups.items():
+            cells: list[Any] = [*values, len(jobs)]
+            for column in metrics:
+                samples = [
+                    v
+                    for v in (
+                        (job.timing or {}).get("seconds_per_step")
+                        if column == "s/step"
+                        else _metric(job, column)
+                        for job in jobs
+                    )
+                    if v is not None
+                ]
+                mean = statistics.fmean(samples) if samples else None
+                std = statistics.stdev(samples) if len(samples) > 1 else None
+                cells += [mean, std]
+            rows.append(cells)
+        return header, rows
+
+
+def _metric(job: Job, column: str) -> float | None:
+    model, key = column.split("/", 1)
+    return (job.metrics or {}).get(model, {}).get(key)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _overrides(job_dir: Path) -> dict[str, str]:
+    """The job's command-line overrides, `key=value`, from its `.hydra/overrides.yaml`."""
+    path = job_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    return dict(_split(line) for line in OmegaConf.load(path))
+
+
+def _split(override: str) -> tuple[str, str]:
+    key, _, value = str(override).partition("=")
+    return key.lstrip("+~"), value
+
+
+def expected_jobs(sweep_dir: Path) -> list[dict[str, str]] | None:
+    """Every job's overrides as Hydra's basic sweeper enumerates them, from the sweep's multirun.yaml;
+    None for sweepers that choose their jobs as they go (e.g. Optuna) or without a multirun.yaml."""
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    config = OmegaConf.load(path)
+    sweeper = config.hydra.get("sweeper") or {}
+    if "BasicSweeper" not in str(sweeper.get("_target_", "")):
+        return None
+    params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
+    arguments = [*params, *config.hydra.overrides.task]
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    batches = BasicSweeper.split_arguments(overrides, None)
+    return [dict(_split(item) for item in job) for batch in batches for job in batch]
+
+
+def collect(sweep_dir: str | os.PathLike, finished: bool = True) -> Summary:
+    """The sweep's jobs, read from its job folders (named by job number), with missing ones listed
+    (as "pending" while the sweep still runs, `finished=False`)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
+    folders = {int(p.name): p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()}
+    expected = expected_jobs(sweep_dir)
+    if expected is None:
+        # Without an enumeration, the numbers below the largest one found are the jobs that ran.
+        expected = [{} for _ in range(max(folders, default=-1) + 1)]
+    jobs = []
+    for number in range(max(len(expected), max(folders, default=-1) + 1)):
+        folder = folders.get(number)
+        overrides = _overrides(folder) if folder else {}
+        overrides = overrides or (expected[number] if number < len(expected) else {})
+        job = Job(number, overrides)
+        if folder is None:
+            job.status = "missing" if finished else "pending"
+        else:
+            job.metrics = _read_json(folder / "metrics.json")
+            job.timing = _read_json(folder / "timing.json")
+            config = folder / ".hydra" / "config.yaml"
+            if config.is_file():
+                job.optimized_metric = OmegaConf.load(config).get("optimized_metric")
+            if not job.metrics:
+                job.status = "no result" if finished else "pending"
+        jobs.append(job)
+    keys = list(dict.fromkeys(key for job in jobs for key in job.overrides))
+    values = {key: {job.overrides.get(key) for job in jobs} for key in keys}
+    varying = [key for key in keys if len(values[key]) > 1]
+    shared = {key: next(iter(values[key])) for key in keys if len(values[key]) == 1}
+    return Summary(sweep_dir, jobs, varying, shared)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
+    return str(value)
+
+
+def label(column: str) -> str:
+    """A short heading for a `<model>/<kind>/<set>/<metric>` column, e.g. `ema 0-shot synthetic top1`."""
+    parts = column.split("/")
+    if len(parts) != 4:
+        return column
+    model, kind, name, metric = parts
+    kind = {"zeroshot": "0-shot", "retrieval": "", "linear_probe": "probe"}.get(kind, kind)
+    return " ".join(part for part in (model, kind, name, metric.replace("_R@", " R@")) if part)
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    header = [label(name) for name in header]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _seed_table_cells(
+    header: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> tuple[list[str], list[list[str]]]:
+    """The seed-group table with each `mean`/`std` pair joined as `mean ± std`."""
+    first_stat = next(i for i, name in enumerate(header) if name.endswith(" mean"))
+    names = [*header[:first_stat], *(name.removesuffix(" mean") for name in header[first_stat::2])]
+    cells = []
+    for row in rows:
+        pairs = zip(row[first_stat::2], row[first_stat + 1 :: 2], strict=True)
+        joined = [f"{_cell(m)} ± {_cell(s)}" if s is not None else _cell(m) for m, s in pairs]
+        cells.append([_cell(v) for v in row[:first_stat]] + joined)
+    return names, cells
+
+
+def markdown(summary: Summary) -> str:
+    """The sweep's tables as Markdown: per job, then (when seeds vary) mean ± std per seed group."""
+    parts = [f"# Sweep {summary.sweep_dir}", ""]
+    if summary.shared:
+        parts += ["Shared overrides: " + " ".join(f"`{k}={v}`" for k, v in summary.shared.items()), ""]
+    parts += [_markdown_table(*summary.rows(headline=True)), ""]
+    if summary.has_seed_groups:
+        parts += [
+            "## Mean ± standard deviation over seeds",
+            "",
+            _markdown_table(*_seed_table_cells(*summary.seed_groups(headline=True))),
+            "",
+        ]
+    if summary.missing:
+        parts += ["## Jobs without a result", ""]
+        parts += [
+            f"- job {job.number} ({job.status}): " + " ".join(f"{k}={v}" for k, v in job.overrides.items())
+            for job in summary.missing
+        ]
+        parts.append("")
+    return "\n".join(parts)
+
+
+def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in row] for row in rows])
+    os.replace(temporary, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def plot(summary: Summary, path: Path) -> Path | None:
+    """A bar chart of the primary metric per job, or per seed group with standard-deviation error bars."""
+    metric = summary.primary_metric
+    if metric is None:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [key for key in summary.varying if key != SEED_KEY] if summary.has_seed_groups else summary.varying
+    if summary.has_seed_groups:
+        header, rows = summary.seed_groups()
+        mean_at = header.index(f"{metric} mean")
+        labels = [" ".join(str(v) for v in row[: len(keys)]) or "all" for row in rows]
+        values = [row[mean_at] for row in rows]
+        errors = [row[mean_at + 1] or 0.0 for row in rows]
+        counts = [row[len(keys)] for row in rows]
+        labels = [f"{label}\n(n={n})" for label, n in zip(labels, counts, strict=True)]
+    else:
+        done = [job for job in summary.jobs if job.metrics]
+        labels = [" ".join(job.overrides.get(k, "") for k in keys) or str(job.number) for job in done]
+        values = [_metric(job, metric) for job in done]
+        errors = None
+    values = [math.nan if v is None else v for v in values]
+    figure, axes = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
+    bars = axes.bar(range(len(values)), values, yerr=errors, capsize=4, color="#4c72b0")
+    texts = [
+        f"{v:.1f}" if e is None else f"{v:.1f}±{e:.1f}"
+        for v, e in zip(values, errors or [None] * len(values), strict=True)
+    ]
+    axes.bar_label(bars, texts, fontsize=7, padding=2)
+    axes.set_xticks(
+        range(len(values)),
+        labels,
+        rotation=30 if len(labels) > 4 else 0,
+        ha="right" if len(labels) > 4 else "center",
+        fontsize=8,
+    )
+    axes.set_ylabel(label(metric))
+    axes.set_title(" ".join(keys) or summary.sweep_dir.name, fontsize=9)
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+    return path
+
+
+def write(summary: Summary) -> dict[str, Path]:
+    """Write summary.csv (every metric), summary_seeds.csv (if seeds vary), summary.md and summary.png."""
+    directory = summary.sweep_dir
+    paths = {"csv": directory / "summary.csv", "md": directory / "summary.md"}
+    _write_csv(paths["csv"], *summary.rows())
+    if summary.has_seed_groups:
+        paths["seeds_csv"] = directory / "summary_seeds.csv"
+        _write_csv(paths["seeds_csv"], *summary.seed_groups())
+    _write_text(paths["md"], markdown(summary) + "\n")
+    png = plot(summary, directory / "summary.png")
+    if png is not None:
+        paths["png"] = png
+    return paths
+
+
+def summarize(sweep_dir: str | os.PathLike, finished: bool = True) -> tuple[Summary, dict[str, Path]]:
+    """Collect a sweep's jobs and write its summary files; returns both."""
+    summary = collect(sweep_dir, finished)
+    return summary, write(summary)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: rebuild the sweep's summary when a job ends (on the machine that ran it, so the
+    table fills as jobs finish) and when the sweep ends (then print it, and log it to W&B when the jobs
+    log there)."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:
+            try:
+                summarize(config.hydra.sweep.dir, finished=False)
+            except Exception as error:  # a summary must never fail a job that trained
+                log.warning("could not update the sweep summary in %s: %s", config.hydra.sweep.dir, error)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        summary, paths = summarize(config.hydra.sweep.dir)
+        print(markdown(summary))
+        log.info("Sweep summary written to %s", ", ".join(str(p) for p in paths.values()))
+        if "wandb" in (config.get("logger") or {}):
+            from aclip.loggers import log_sweep_summary
+
+            log_sweep_summary(summary, paths, config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m aclip.summarize", description="Rebuild a sweep's summary tables from its job folders."
+    )
+    parser.add_argument(
+        "sweep_dir", type=Path, help="the multirun directory, e.g. logs/train/multiruns/<timestamp>"
+    )
+    args = parser.parse_args(argv)
+    summary, paths = summarize(args.sweep_dir)
+    print(markdown(summary))
+    for job in summary.missing:
+        print(f"job {job.number} has no result ({job.status})", file=sys.stderr)
+    print("written: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
