@@ -79,6 +79,11 @@ def find_resumable(directory: Path) -> Path | None:
     return max(candidates, key=lambda path: path.stat().st_mtime, default=None)
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint file belongs to (the parent of its `checkpoints/` folder)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
 def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, run_dir: Path) -> Path | None:
     """The checkpoint file that `ckpt_path` names, checked before anything is built.
 
@@ -118,3 +123,10 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, run_dir: Path) -> Pat
             "(with hydra.run.dir=<run dir>)"
         )
     return path
+
+
+def checkpoint_step(path: Path | None) -> int:
+    """The optimizer step a checkpoint was saved at (0 for none); reads the file lazily (memory-mapped)."""
+    if path is None:
+        return 0
+    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))

@@ -1,19 +1,37 @@
-"""Weights & Biases logging: run names from the Hydra choices, offline when there are no credentials."""
+"""Weights & Biases logging: run names from the Hydra choices, offline when there are no credentials, the
+same run continued on resume, and a sweep's summary table.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
+from aclip.checkpointing import resolve_ckpt_path, run_dir_of
+
+if TYPE_CHECKING:
+    from aclip.summarize import Summary
+
+# The W&B run id of a run, in its run directory: a run resumed from its checkpoint continues that W&B run.
+RUN_ID_FILE = "wandb_run_id.txt"
+
 
 def wandb_logger(
-    name: str | None = None, group: str | None = None, offline: bool | None = None, **kwargs: Any
+    name: str | None = None,
+    group: str | None = None,
+    offline: bool | None = None,
+    resume_from: str | None = None,
+    job_type: str | None = None,
+    **kwargs: Any,
 ) -> WandbLogger:
     """A `WandbLogger` (other arguments are its own) with defaults taken from the Hydra run.
 
@@ -25,10 +43,15 @@ def wandb_logger(
         offline: None logs offline exactly when W&B has no credentials (no WANDB_API_KEY, no
             `wandb login`) or WANDB_MODE=offline; the run then writes `<save_dir>/wandb/offline-run-*`,
             which `wandb sync <that directory>` uploads later.
+        resume_from: the run's `ckpt_path`: a training job (`job_type="train"`) resumed from the
+            checkpoint of a run that logged to W&B continues that W&B run (its id is kept in the run
+            directory, `wandb_run_id.txt`). Other jobs (evaluate.py) start runs of their own.
+        job_type: W&B's job type, the Hydra task (`train`, `eval`).
     """
     default_name, default_group = _run_names()
     if offline is None:
         offline = _offline()
+    save_dir = Path(kwargs.get("save_dir") or ".")
     if offline:
         # Given to wandb.init explicitly: W&B reads WANDB_MODE (which WandbLogger sets) once per process.
         kwargs["mode"] = "offline"
@@ -37,7 +60,36 @@ def wandb_logger(
             f"W&B logs offline (WANDB_API_KEY or `wandb login` make it log online); upload the run "
             f"later with `wandb sync {directory}/offline-run-<time>-<id>`"
         )
-    return WandbLogger(name=name or default_name, group=group or default_group, offline=offline, **kwargs)
+    resumed = previous_run_id(resume_from, save_dir) if job_type == "train" else None
+    run_id = kwargs.pop("id", None) or resumed or _new_run_id()
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / RUN_ID_FILE).write_text(run_id + "\n")
+    return WandbLogger(
+        name=name or default_name,
+        group=group or default_group,
+        offline=offline,
+        id=run_id,
+        resume="allow",
+        job_type=job_type,
+        **kwargs,
+    )
+
+
+def previous_run_id(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """The W&B run id kept beside the checkpoint that `ckpt_path` resumes from, if there is one."""
+    if not ckpt_path:
+        return None
+    try:
+        checkpoint = resolve_ckpt_path(ckpt_path, run_dir)
+    except FileNotFoundError:
+        return None  # train() reports it, before anything is built
+    path = run_dir_of(checkpoint) / RUN_ID_FILE
+    return (path.read_text().strip() or None) if path.is_file() else None
+
+
+def _new_run_id() -> str:
+    """A fresh W&B run id: 8 lower-case letters and digits, as W&B draws them."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
 def _offline() -> bool:
@@ -50,14 +102,42 @@ def _offline() -> bool:
     return not wandb.login(prompt=False, verify=False)
 
 
-def _run_names() -> tuple[str | None, str | None]:
-    """Default run name and group from the Hydra choices (None, None outside a Hydra run)."""
-    if not HydraConfig.initialized():
-        return None, None
-    hydra = HydraConfig.get()
+def _names(hydra: DictConfig) -> tuple[str, str]:
+    """Run name and group from a Hydra config node (`hydra`) of a run or sweep."""
     choices = hydra.runtime.choices
     experiment = choices.get("experiment") or choices.get("model")
     name = f"{experiment}-{choices.get('masking')}"
     if hydra.mode == RunMode.MULTIRUN:
         return f"{name}-{hydra.job.num}", f"{experiment}-{Path(hydra.sweep.dir).name}"
     return name, experiment
+
+
+def _run_names() -> tuple[str | None, str | None]:
+    """Default run name and group from the Hydra choices (None, None outside a Hydra run)."""
+    if not HydraConfig.initialized():
+        return None, None
+    return _names(HydraConfig.get())
+
+
+def log_sweep_summary(summary: Summary, paths: dict[str, Path], config: DictConfig) -> None:
+    """The sweep's per-job table (and its chart) as a W&B run of its own in the jobs' group."""
+    import wandb
+
+    node = config.logger.wandb
+    _, group = _names(config.hydra)
+    offline = node.get("offline")
+    offline = _offline() if offline is None else offline
+    run = wandb.init(
+        project=node.get("project"),
+        group=node.get("group") or group,
+        name=f"{node.get('group') or group}-summary",
+        job_type="sweep-summary",
+        dir=str(summary.sweep_dir),
+        mode="offline" if offline else "online",
+    )
+    header, rows = summary.rows()
+    logged: dict[str, Any] = {"sweep/summary": wandb.Table(columns=header, data=rows)}
+    if "png" in paths:
+        logged["sweep/summary_plot"] = wandb.Image(str(paths["png"]))
+    run.log(logged)
+    run.finish()

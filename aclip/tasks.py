@@ -17,15 +17,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 
-from aclip.checkpointing import AtomicCheckpointIO, resolve_ckpt_path
+from aclip.checkpointing import AtomicCheckpointIO, checkpoint_step, resolve_ckpt_path
 from aclip.config import resolved_job_config, validate_config
+from aclip.console import print_model_summary, print_run_header, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
-from aclip.evaluation import EvalLoaders, EvalTask, evaluate, format_table, write_metrics
+from aclip.evaluation import EvalTask, Evaluation, Metrics, format_table, write_metrics
+from aclip.evaluation.report import flatten_metrics
 from aclip.modules.aclip import AClip
 
 log = logging.getLogger(__name__)
-
-Metrics = dict[str, dict[str, float]]
 
 
 def _instantiate_all(group: DictConfig | None) -> list[Any]:
@@ -47,15 +47,37 @@ def build_eval_tasks(cfg: DictConfig) -> list[EvalTask]:
     ]
 
 
-def evaluate_module(
-    module: AClip, tasks: list[EvalTask], loaders: EvalLoaders, device: torch.device | str
-) -> Metrics:
-    """Evaluate each of the module's reported models on `tasks` (every rank of a process group its share)."""
-    module.to(device)
-    return {
-        name: evaluate(model, tasks, module.tokenizer, loaders)
-        for name, model in module.eval_models().items()
-    }
+def build_evaluation(cfg: DictConfig) -> Evaluation:
+    """The `eval` group's tasks with the `eval_loader` settings."""
+    return Evaluation(build_eval_tasks(cfg), instantiate(cfg.eval_loader))
+
+
+def validation_schedule(cfg: DictConfig) -> dict[str, Any]:
+    """Trainer arguments that run the `eval` sets as Lightning validation every `evaluation.every_n_steps`
+    optimizer steps or `evaluation.every_n_epochs` epochs (neither: no validation)."""
+    schedule = cfg.get("evaluation") or {}
+    steps, epochs = schedule.get("every_n_steps"), schedule.get("every_n_epochs")
+    if not (steps or epochs):
+        return {"limit_val_batches": 0}
+    # Validation sees whole sets: no limit (None: all, without Lightning's message), no sanity check.
+    whole_sets = {"limit_val_batches": None, "num_sanity_val_steps": 0}
+    if steps:
+        batches = steps * cfg.trainer.get("accumulate_grad_batches", 1)
+        return whole_sets | {"val_check_interval": batches, "check_val_every_n_epoch": None}
+    return whole_sets | {"check_val_every_n_epoch": epochs}
+
+
+def optimized_value(metrics: Metrics, key: str | None) -> float | None:
+    """The reported model's `key` metric (`optimized_metric`), which `train.py` returns to the sweeper."""
+    if not key or not metrics:
+        return None
+    reported = next(iter(metrics.values()))
+    if key not in reported:
+        raise KeyError(
+            f"optimized_metric={key} is not among the evaluation's metrics {sorted(reported)}; set "
+            "optimized_metric to one of them (or null)"
+        )
+    return reported[key]
 
 
 def report(metrics: Metrics, output_dir: Path, loggers: list[Any]) -> None:
@@ -63,22 +85,21 @@ def report(metrics: Metrics, output_dir: Path, loggers: list[Any]) -> None:
     print(format_table(metrics))
     path = write_metrics(metrics, output_dir / "metrics.json")
     log.info("Evaluation written to %s", path)
-    flat = {
-        f"eval/{model}/{key}": value for model, results in metrics.items() for key, value in results.items()
-    }
-    # The reported model (listed first, `model.eval_model`) also under the plain keys, for dashboards.
-    flat |= {f"eval/{key}": value for key, value in next(iter(metrics.values()), {}).items()}
+    flat = flatten_metrics(metrics, "eval")
     for logger in loggers:
         logger.log_metrics(flat)
         logger.save()
 
 
-def write_timing(fit_seconds: float, steps: int, path: Path) -> None:
-    """Record the wall time of `trainer.fit` (data loading included) and its time per optimizer step."""
+def write_timing(fit_seconds: float, steps: int, kept_tokens: int, num_views: int, path: Path) -> None:
+    """Record the wall time of this process's `trainer.fit` (data loading included) over the optimizer
+    steps it took, and the patch tokens per view that the online image encoder saw."""
     timing = {
         "fit_seconds": fit_seconds,
         "optimizer_steps": steps,
         "seconds_per_step": fit_seconds / max(steps, 1),
+        "kept_tokens": kept_tokens,
+        "num_views": num_views,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(timing, indent=2) + "\n")
@@ -90,21 +111,28 @@ def write_timing(fit_seconds: float, steps: int, path: Path) -> None:
     )
 
 
-def finish_wandb(loggers: list[Any]) -> None:
-    """End the W&B run, so that the next job of a multirun in this process logs to a run of its own."""
+def finish_wandb(loggers: list[Any], failed: bool = False) -> None:
+    """End the W&B run (as failed after an error), so that the next job of a multirun in this process
+    logs to a run of its own."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
+        # `_experiment` is None until the run was started; `.experiment` would start one.
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish(exit_code=1 if failed else 0)
 
 
 def train(cfg: DictConfig) -> Metrics:
     """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`."""
+    quiet_known_noise()
     validate_config(cfg)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), _output_dir(cfg))
+    output_dir = _output_dir(cfg)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    print_run_header(cfg, output_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    datamodule: ClipDataModule = instantiate(cfg.data)
-    tasks = build_eval_tasks(cfg) if cfg.get("evaluate") else []
+    schedule = validation_schedule(cfg)
+    validating = schedule["limit_val_batches"] != 0
+    evaluation = build_evaluation(cfg) if cfg.get("evaluate") or validating else None
+    datamodule: ClipDataModule = instantiate(cfg.data, evaluation=evaluation if validating else None)
     module: AClip = instantiate(cfg.model)
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
@@ -112,23 +140,36 @@ def train(cfg: DictConfig) -> Metrics:
         callbacks=_instantiate_all(cfg.get("callbacks")),
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
+        **schedule,
     )
     if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
         # Like torchrun, share the cores among the processes instead of each starting one thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
     for logger in loggers:
         logger.log_hyperparams(resolved_job_config(cfg))
-    started = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    print_model_summary(*module.summary())
+    started, start_step = time.perf_counter(), checkpoint_step(ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except BaseException:
+        finish_wandb(loggers, failed=True)
+        raise
     if trainer.is_global_zero:
-        write_timing(time.perf_counter() - started, trainer.global_step, _output_dir(cfg) / "timing.json")
+        write_timing(
+            time.perf_counter() - started,
+            trainer.global_step - start_step,
+            module.kept_tokens,
+            datamodule.view_transform.num_views,
+            output_dir / "timing.json",
+        )
 
     metrics: Metrics = {}
     if cfg.get("evaluate"):
         # Every rank evaluates its share of each set; rank 0 reports the gathered results.
-        metrics = evaluate_module(module, tasks, instantiate(cfg.eval_loader), trainer.strategy.root_device)
+        module.to(trainer.strategy.root_device)
+        metrics = evaluation.run(module.eval_models(), module.tokenizer)
         if trainer.is_global_zero:
-            report(metrics, _output_dir(cfg), loggers)
+            report(metrics, output_dir, loggers)
     finish_wandb(loggers)
     return metrics
 
@@ -149,14 +190,15 @@ def load_checkpoint(path: str | Path) -> AClip:
 
 def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
+    quiet_known_noise()
     module = load_checkpoint(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     # The evaluation images must fit the checkpoint's vision tower.
     cfg.eval_loader.image_size = module.hparams.vision["image_size"]
-    tasks = build_eval_tasks(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    metrics = evaluate_module(module, tasks, instantiate(cfg.eval_loader), device)
+    evaluation = build_evaluation(cfg)
+    module.to("cuda" if torch.cuda.is_available() else "cpu")
+    metrics = evaluation.run(module.eval_models(), module.tokenizer)
     loggers = _instantiate_all(cfg.get("logger"))
     report(metrics, _output_dir(cfg), loggers)
     finish_wandb(loggers)

@@ -88,3 +88,41 @@ def test_offline_run_holds_metrics_config_and_mask_pictures(
     assert b"tiny-none" in log  # the run name
     pictures = list((run / "files" / "media" / "images").rglob("*.png"))
     assert pictures, "no mask picture in the offline run"
+
+
+def test_resumed_run_continues_the_same_wandb_run(no_credentials, monkeypatch, train_config, tmp_path):
+    """A run resumed from its checkpoint, in a new run directory, logs to the W&B run it started."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    first = tmp_path / "first"
+    train(train_config("logger=wandb", "trainer.limit_train_batches=2", "evaluate=false", output_dir=first))
+    resumed = tmp_path / "resumed"
+    train(
+        train_config(
+            "logger=wandb",
+            "trainer.limit_train_batches=2",
+            "trainer.max_epochs=2",
+            "evaluate=false",
+            f"ckpt_path={first}",
+            output_dir=resumed,
+        )
+    )
+    (run,) = (first / "wandb").glob("offline-run-*")
+    (continued,) = (resumed / "wandb").glob("offline-run-*")
+    run_id = (first / loggers.RUN_ID_FILE).read_text().strip()
+    assert run.name.endswith(f"-{run_id}") and continued.name.endswith(f"-{run_id}")
+    assert (resumed / loggers.RUN_ID_FILE).read_text().strip() == run_id  # for the next resume
+    # A fresh run gets an id of its own.
+    train(train_config("logger=wandb", "trainer.limit_train_batches=1", "evaluate=false"))
+    assert (tmp_path / "run" / loggers.RUN_ID_FILE).read_text().strip() != run_id
+
+
+def test_failed_run_is_closed_as_failed(no_credentials, monkeypatch, train_config):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    finished = []
+    monkeypatch.setattr(
+        "wandb.sdk.wandb_run.Run.finish", lambda self, exit_code=None, **kwargs: finished.append(exit_code)
+    )
+    cfg = train_config("logger=wandb", "trainer.limit_train_batches=2", "model.lr=1e12", "evaluate=false")
+    with pytest.raises(FloatingPointError):
+        train(cfg)
+    assert finished == [1]

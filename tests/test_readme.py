@@ -1,0 +1,265 @@
+"""The documentation's commands, run as a user types them: every shell command of README.md and docs/*.md.
+
+Each command runs in a fresh copy of the repository (its tracked and untracked-but-not-ignored files),
+with that copy as the working directory, through the same `.venv` (the copy's `.venv` links to the
+interpreter running the tests). The only change made to a command is appending tiny-size overrides (a
+tiny model, a few samples and steps) to `train.py` and `evaluate.py` commands, and filling the `<...>`
+placeholders of the docs with real paths of the copy (a run directory, a checkpoint, a sweep). Never a
+`paths.*` or `hydra.*` override, nor an environment variable. A command that needs what this machine
+lacks (a GPU, a cluster, a dataset) is listed in SKIPPED with the reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import TINY_SYNTHETIC_OVERRIDES
+
+REPO = Path(__file__).resolve().parents[1]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+
+_NEEDS_GPU = "needs CUDA GPUs, which the test machine lacks"
+_NEEDS_SLURM = "needs a SLURM cluster"
+_NEEDS_PAPER_DATA = "trains the paper preset: YFCC-15M on 8 GPUs x 8 nodes"
+_NEEDS_EVAL_DATA = "needs the downstream evaluation sets on disk (ImageNet, Flickr30K, COCO, ...)"
+SKIPPED: dict[str, str] = {
+    "make train": "the default training itself runs below as `.venv/bin/python train.py` (make adds only "
+    "the .venv set-up, which this suite already ran in)",
+    "make test": "this suite itself",
+    ".venv/bin/python -m pytest -m slow": "the long tests, deselected from the default suite on purpose",
+    ".venv/bin/python train.py model=vit_b16 trainer=gpu data.batch_size=256": _NEEDS_GPU,
+    ".venv/bin/python train.py experiment=aclip": _NEEDS_PAPER_DATA,
+    ".venv/bin/python train.py experiment=aclip_eff": _NEEDS_PAPER_DATA,
+    ".venv/bin/python train.py experiment=aclip trainer=ddp trainer.devices=8": _NEEDS_GPU,
+    "srun .venv/bin/python train.py experiment=aclip trainer.num_nodes=2 trainer.devices=8 "
+    "hydra.run.dir=logs/train/slurm/${SLURM_JOB_ID}": _NEEDS_SLURM,
+    ".venv/bin/python train.py -m launcher=slurm hydra.launcher.partition=<p> trainer=ddp "
+    "experiment=clip,aclip": _NEEDS_SLURM + " (tests/test_launcher.py composes and resolves it)",
+    ".venv/bin/python evaluate.py ckpt_path=<ckpt> eval=[imagenet,flickr30k,coco]": _NEEDS_EVAL_DATA,
+    ".venv/bin/python evaluate.py ckpt_path=<ckpt> eval=[slip26]": _NEEDS_EVAL_DATA,
+    ".venv/bin/python train.py eval=[synthetic,imagenet]": _NEEDS_EVAL_DATA,
+    ".venv/bin/python evaluate.py ckpt_path=path/to/last.ckpt eval=[imagenet,flickr30k,coco]": (
+        _NEEDS_EVAL_DATA
+    ),
+    ".venv/bin/python evaluate.py ckpt_path=path/to/last.ckpt eval=[slip26]": _NEEDS_EVAL_DATA,
+    ".venv/bin/python train.py eval=[synthetic,cifar10]": _NEEDS_EVAL_DATA,
+    'RESUME=$([ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] && echo ckpt_path=last)': _NEEDS_SLURM,
+    "srun .venv/bin/python train.py ... hydra.run.dir=logs/train/slurm/${SLURM_JOB_ID} ${RESUME}": (
+        _NEEDS_SLURM
+    ),
+    ".venv/bin/torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d "
+    "--rdzv-endpoint=<first node>:29500 --rdzv-id=aclip-1 train.py experiment=aclip trainer.num_nodes=2 "
+    "trainer.devices=8 hydra.run.dir=logs/train/torchrun/aclip-1": _NEEDS_GPU + " on two nodes",
+    '.venv/bin/pip install -e ".[slurm]"': "installs an extra that the dev extra of this .venv holds",
+    '.venv/bin/pip install -e ".[wandb]"': "installs an extra that the dev extra of this .venv holds",
+    ".venv/bin/python train.py -m launcher=slurm hydra.launcher.partition=<partition> "
+    "hydra.launcher.timeout_min=2880 experiment=paper trainer.num_nodes=4 "
+    "method=attentive_2x50,random_2x50": _NEEDS_SLURM,
+}
+
+# A tiny model on a few samples of the built-in data: every training job takes a few steps.
+TRAIN_OVERRIDES = [o for o in TINY_SYNTHETIC_OVERRIDES if not o.startswith("trainer.enable_")]
+TRAIN_OVERRIDES = [o.replace("data.train.size=32", "data.train.size=16") for o in TRAIN_OVERRIDES]
+EVAL_OVERRIDES = [
+    "eval.synthetic.dataset.size=48",
+    "eval.synthetic_retrieval.dataset.size=12",
+    "eval_loader.batch_size=32",
+    "eval_loader.num_workers=0",
+]
+
+
+def _strip_comment(line: str) -> str:
+    """`line` without a trailing shell comment (a `#` after white space, outside quotes)."""
+    quote = None
+    for index, char in enumerate(line):
+        if char in "'\"" and quote in (None, char):
+            quote = None if quote else char
+        elif char == "#" and quote is None and (index == 0 or line[index - 1].isspace()):
+            return line[:index].rstrip()
+    return line.rstrip()
+
+
+def shell_commands(path: Path) -> list[str]:
+    """The commands of the ```bash / ```sh blocks of a Markdown file, continuation lines joined."""
+    commands, block, pending = [], None, ""
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            block = line[3:].strip() if block is None else None
+            continue
+        if block not in ("bash", "sh", "shell"):
+            continue
+        text = _strip_comment(line) if not line.lstrip().startswith("#") else ""
+        if text.endswith("\\"):
+            pending += text[:-1].strip() + " "
+            continue
+        command = re.sub(r"\s+", " ", (pending + text).strip())
+        pending = ""
+        if command:
+            commands.append(command)
+    return commands
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(document, command) for every command, in document order, each command once."""
+    seen, found = set(), []
+    for document in DOCUMENTS:
+        for command in shell_commands(document):
+            if command not in seen:
+                seen.add(command)
+                found.append((document.name, command))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_skips_name_documented_commands():
+    """Every skip entry is a command the docs still show (no stale entries)."""
+    documented = {command for _, command in COMMANDS}
+    assert set(SKIPPED) <= documented, sorted(set(SKIPPED) - documented)
+
+
+def fresh_copy(directory: Path) -> Path:
+    """The repository's files (tracked and untracked, not ignored) in `directory`, with `.venv`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, directory / name)
+    (directory / ".venv").symlink_to(sys.prefix)  # the virtual environment running this suite
+    return directory
+
+
+def _newest(pattern: str, folder: Path) -> Path | None:
+    found = sorted(folder.glob(pattern), key=lambda path: path.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def _run(command: str, copy: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command, shell=True, cwd=copy, capture_output=True, text=True, timeout=900, env=dict(os.environ)
+    )
+
+
+def with_overrides(command: str) -> str:
+    """`command` with the tiny overrides appended (to `train.py` and `evaluate.py` commands)."""
+    if re.search(r"\btrain\.py\b", command) and "--help" not in command:
+        # A resumed run continues for one more epoch than the run it resumes.
+        extra = ["trainer.max_epochs=2"] if "ckpt_path=" in command else []
+        return " ".join([command, *TRAIN_OVERRIDES, *EVAL_OVERRIDES[:2], *extra])
+    if re.search(r"\bevaluate\.py\b", command):
+        return " ".join([command, *EVAL_OVERRIDES])
+    return command
+
+
+def with_placeholders_filled(command: str, copy: Path) -> str:
+    """`command` with the docs' `<...>` placeholders replaced by the newest run, checkpoint and sweep."""
+    run = _newest("logs/train/runs/*/checkpoints/last.ckpt", copy).parents[1]
+    sweep = _newest("logs/train/multiruns/*", copy)
+    fills = {
+        "logs/train/runs/<timestamp>/checkpoints/step0003662.ckpt": _newest("checkpoints/step*.ckpt", run),
+        "logs/train/runs/<timestamp>/checkpoints/last.ckpt": run / "checkpoints" / "last.ckpt",
+        "logs/train/runs/<timestamp>": run.relative_to(copy),
+        "logs/train/multiruns/<timestamp>": sweep.relative_to(copy) if sweep else None,
+        "<ckpt>": run / "checkpoints" / "last.ckpt",
+        "<the run's overrides> ": "",
+    }
+    for placeholder, value in fills.items():
+        if placeholder in command:
+            assert value is not None, f"nothing in the copy for {placeholder} of {command!r}"
+            command = command.replace(placeholder, str(value))
+    assert "<" not in command, f"unknown placeholder in {command!r}"
+    return command
+
+
+def _swept_values(command: str) -> dict[str, set[str]]:
+    """The values of each comma-separated (swept) override of a multirun command."""
+    return {
+        key: set(values.split(","))
+        for key, values in re.findall(r"(?<=\s)([\w.]+)=([^\s\[\]]+,[^\s\[\]]+)", command)
+    }
+
+
+def _number_or_text(value: str) -> float | str:
+    """Hydra writes a swept `1e-3` as `0.001`: numbers compare as numbers."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def check_sweep(command: str, copy: Path) -> None:
+    """The command's sweep wrote its summary: one row per job folder, each with metrics and its values."""
+    sweep = _newest("logs/train/multiruns/*", copy)
+    jobs = [path for path in sweep.iterdir() if path.is_dir() and path.name.isdigit()]
+    with (sweep / "summary.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == len(jobs) > 0
+    assert all(row["status"] == "ok" for row in rows), rows
+    assert all(any(key.endswith("/top1") and row[key] for key in row) for row in rows)
+    for key, values in _swept_values(command).items():
+        assert {_number_or_text(row[key]) for row in rows} == set(map(_number_or_text, values)), (key, rows)
+    assert (sweep / "summary.md").is_file() and (sweep / "summary.png").is_file()
+
+
+@dataclass
+class Outcome:
+    command: str  # as run: placeholders filled, overrides appended
+    result: subprocess.CompletedProcess
+    copy: Path
+
+
+def _run_in(copy: Path, commands: list[str]) -> dict[str, Outcome]:
+    outcomes = {}
+    for command in commands:
+        run = with_overrides(with_placeholders_filled(command, copy) if "<" in command else command)
+        outcomes[command] = Outcome(run, _run(run, copy), copy)
+    return outcomes
+
+
+@pytest.fixture(scope="module")
+def outcomes(tmp_path_factory) -> dict[str, Outcome]:
+    """Every documented command that is not skipped, run two at a time (each run mostly imports).
+
+    Each command without a placeholder runs in a fresh copy of its own; the commands with placeholders
+    run one after another in one copy, after the README's plain `train.py`, whose run they then name.
+    """
+    runnable = [command for _, command in COMMANDS if command not in SKIPPED]
+    first = ".venv/bin/python train.py"
+    chain = [first, *(command for command in runnable if "<" in command)]
+    alone = [command for command in runnable if command not in chain]
+    jobs = [chain, *([command] for command in alone)]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [
+            pool.submit(_run_in, fresh_copy(tmp_path_factory.mktemp("fresh")), commands) for commands in jobs
+        ]
+        return {command: outcome for future in futures for command, outcome in future.result().items()}
+
+
+@pytest.mark.parametrize(("document", "command"), COMMANDS, ids=[command for _, command in COMMANDS])
+def test_documented_command_runs_as_written(document, command, outcomes):
+    if command in SKIPPED:
+        pytest.skip(SKIPPED[command])
+    outcome = outcomes[command]
+    result = outcome.result
+    assert result.returncode == 0, (
+        f"{document}: {outcome.command}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    )
+    if re.search(r"\btrain\.py -m\b", command):
+        check_sweep(command, outcome.copy)
