@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,53 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, run_dir: Path) -> Pat
     return path
 
 
-def checkpoint_step(path: Path | None) -> int:
-    """The optimizer step a checkpoint was saved at (0 for none); reads the file lazily (memory-mapped)."""
-    if path is None:
-        return 0
-    return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: unreadable, truncated, foreign, or holding code."""
+
+
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+
+
+def _reason(error: Exception) -> str:
+    """Why torch could not load a checkpoint, in a line (never torch's advice to load it unsafely)."""
+    text = str(error)
+    found = _UNSUPPORTED_GLOBAL.search(text)
+    if found:
+        return f"it holds a pickled Python object ({found.group(1)}), which aclip's checkpoints never hold"
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first if "weights_only" not in first else type(error).__name__
+
+
+def _siblings(path: Path) -> str:
+    """The other checkpoints beside `path`, newest first, for an error message."""
+    others = sorted(
+        (p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    if not others:
+        return "There is no other checkpoint in its folder."
+    return "Other checkpoints in its folder, newest first: " + ", ".join(p.name for p in others[:8])
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The contents of a checkpoint file: tensors and plain containers only (`weights_only=True`, so no
+    pickled object is ever rebuilt), memory-mapped so that reading the metadata costs little.
+
+    Raises:
+        CheckpointError: the file is truncated, not a checkpoint, or holds pickled objects; the message
+            names the file and the other checkpoints beside it.
+    """
+    path = Path(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of aclip's model, or is truncated: {_reason(error)}. "
+            f"{_siblings(path)}"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(
+            f"{path} is not a checkpoint of aclip's model: it holds a {type(checkpoint).__name__}"
+        )
+    return checkpoint

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,15 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 
-from aclip.checkpointing import AtomicCheckpointIO, checkpoint_step, resolve_ckpt_path
+from aclip.callbacks.resume import RUN_CONFIG_KEY, RunConfigRecord, check_resumed_config
+from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, resolve_ckpt_path
 from aclip.config import resolved_job_config, validate_config
 from aclip.console import print_model_summary, print_run_header, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
-from aclip.evaluation import EvalTask, Evaluation, Metrics, format_table, write_metrics
+from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
 from aclip.evaluation.report import flatten_metrics
 from aclip.modules.aclip import AClip
+from aclip.specs import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,17 @@ def report(metrics: Metrics, output_dir: Path, loggers: list[Any]) -> None:
         logger.save()
 
 
-def write_timing(fit_seconds: float, steps: int, kept_tokens: int, num_views: int, path: Path) -> None:
-    """Record the wall time of this process's `trainer.fit` (data loading included) over the optimizer
-    steps it took, and the patch tokens per view that the online image encoder saw."""
+def write_timing(
+    fit_seconds: float, validation_seconds: float, steps: int, kept_tokens: int, num_views: int, path: Path
+) -> None:
+    """Record the wall time of this process's `trainer.fit` (data loading included), the part of it spent
+    on validation, the training time per optimizer step it took (validation left out), and the patch
+    tokens per view that the online image encoder saw."""
     timing = {
         "fit_seconds": fit_seconds,
+        "validation_seconds": validation_seconds,
         "optimizer_steps": steps,
-        "seconds_per_step": fit_seconds / max(steps, 1),
+        "seconds_per_step": (fit_seconds - validation_seconds) / max(steps, 1),
         "kept_tokens": kept_tokens,
         "num_views": num_views,
     }
@@ -120,24 +125,52 @@ def finish_wandb(loggers: list[Any], failed: bool = False) -> None:
             logger.experiment.finish(exit_code=1 if failed else 0)
 
 
+class TrainingError(RuntimeError):
+    """A run that ended without training (a non-zero exit, not a run that seems to have succeeded)."""
+
+
+def inspect_resumed(ckpt_path: Path, run_config: dict[str, Any]) -> int:
+    """Check the checkpoint a run resumes from before anything is built: readable, a description of
+    this project's model (no code), a config that the current one may continue. Returns its step."""
+    checkpoint = read_checkpoint(ckpt_path)
+    try:
+        AClip.check_hparams(checkpoint.get("hyper_parameters", {}))
+    except SpecError as error:
+        raise CheckpointError(f"{ckpt_path} cannot be resumed: {error}") from None
+    check_resumed_config(checkpoint.get(RUN_CONFIG_KEY), run_config, str(ckpt_path))
+    return int(checkpoint.get("global_step", 0))
+
+
+def _evaluate(evaluation: Evaluation, module: AClip) -> tuple[Metrics, EvaluationError | None]:
+    """The evaluation's metrics, and the error of the tasks that failed (the others still count)."""
+    try:
+        return evaluation.run(module.eval_models(), module.tokenizer), None
+    except EvaluationError as error:
+        return error.metrics, error
+
+
 def train(cfg: DictConfig) -> Metrics:
     """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`."""
     quiet_known_noise()
     validate_config(cfg)
     output_dir = _output_dir(cfg)
+    run_config = resolved_job_config(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    start_step = inspect_resumed(ckpt_path, run_config) if ckpt_path is not None else 0
     print_run_header(cfg, output_dir)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     schedule = validation_schedule(cfg)
     validating = schedule["limit_val_batches"] != 0
     evaluation = build_evaluation(cfg) if cfg.get("evaluate") or validating else None
+    if evaluation is not None:
+        evaluation.check()  # a broken evaluation image stops the run now, not after training
     datamodule: ClipDataModule = instantiate(cfg.data, evaluation=evaluation if validating else None)
     module: AClip = instantiate(cfg.model)
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=_instantiate_all(cfg.get("callbacks")),
+        callbacks=[*_instantiate_all(cfg.get("callbacks")), RunConfigRecord(run_config)],
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         **schedule,
@@ -146,17 +179,30 @@ def train(cfg: DictConfig) -> Metrics:
         # Like torchrun, share the cores among the processes instead of each starting one thread per core.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // trainer.num_devices))
     for logger in loggers:
-        logger.log_hyperparams(resolved_job_config(cfg))
+        logger.log_hyperparams(run_config)
     print_model_summary(*module.summary())
-    started, start_step = time.perf_counter(), checkpoint_step(ckpt_path)
+    started = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        # Checkpoints hold tensors and plain containers only: never unpickle objects (code) from one.
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        if trainer.global_step == start_step:
+            raise TrainingError(
+                f"the run took no optimizer step (stopped at step {trainer.global_step}, "
+                f"trainer.max_epochs={cfg.trainer.get('max_epochs')}, trainer.max_steps="
+                f"{cfg.trainer.get('max_steps')})"
+                + (
+                    f"; {ckpt_path} had already reached them: raise them to train further"
+                    if ckpt_path
+                    else ""
+                )
+            )
     except BaseException:
         finish_wandb(loggers, failed=True)
         raise
     if trainer.is_global_zero:
         write_timing(
             time.perf_counter() - started,
+            module.validation_seconds,
             trainer.global_step - start_step,
             module.kept_tokens,
             datamodule.view_transform.num_views,
@@ -167,25 +213,38 @@ def train(cfg: DictConfig) -> Metrics:
     if cfg.get("evaluate"):
         # Every rank evaluates its share of each set; rank 0 reports the gathered results.
         module.to(trainer.strategy.root_device)
-        metrics = evaluation.run(module.eval_models(), module.tokenizer)
+        metrics, failed = _evaluate(evaluation, module)
         if trainer.is_global_zero:
             report(metrics, output_dir, loggers)
+        if failed is not None:
+            finish_wandb(loggers, failed=True)
+            raise failed
     finish_wandb(loggers)
     return metrics
 
 
 def load_checkpoint(path: str | Path) -> AClip:
-    """Load a trained module from a Lightning checkpoint, without unpickling arbitrary objects."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass ckpt_path=<path to a .ckpt file>")
+    """The trained module of a checkpoint file or run directory (its newest last/interrupted checkpoint),
+    rebuilt from its description (`AClip.check_hparams`), never unpickling objects."""
+    path = resolve_ckpt_path(path, Path.cwd())
+    checkpoint = read_checkpoint(path)
+    hparams, state = checkpoint.get("hyper_parameters"), checkpoint.get("state_dict")
+    if not isinstance(hparams, dict) or not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} is not a checkpoint of aclip's model: it has no hyper_parameters or state_dict"
+        )
     try:
-        return AClip.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, ValueError, EOFError) as error:
-        raise ValueError(
+        AClip.check_hparams(hparams)
+        module = AClip(**hparams)
+        module.load_state_dict(state)
+    except SpecError as error:
+        raise CheckpointError(f"{path} cannot be loaded: {error}") from None
+    except (RuntimeError, KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
             f"{path} is not a checkpoint of aclip's model (or was written by an incompatible "
             f"version): {error}"
-        ) from error
+        ) from None
+    return module
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
@@ -197,9 +256,12 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     # The evaluation images must fit the checkpoint's vision tower.
     cfg.eval_loader.image_size = module.hparams.vision["image_size"]
     evaluation = build_evaluation(cfg)
+    evaluation.check()
     module.to("cuda" if torch.cuda.is_available() else "cpu")
-    metrics = evaluation.run(module.eval_models(), module.tokenizer)
+    metrics, failed = _evaluate(evaluation, module)
     loggers = _instantiate_all(cfg.get("logger"))
     report(metrics, _output_dir(cfg), loggers)
-    finish_wandb(loggers)
+    finish_wandb(loggers, failed=failed is not None)
+    if failed is not None:
+        raise failed
     return metrics

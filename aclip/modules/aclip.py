@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Mapping
 from functools import partial
 from typing import Any
@@ -12,7 +13,6 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
@@ -21,12 +21,13 @@ from aclip.callbacks.ema import EMAUpdate
 from aclip.evaluation.report import flatten_metrics
 from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.modules.losses import ClipLoss
-from aclip.modules.masking import NoMasking, TokenMasking, kept_score_mass, map_scores_to_views
+from aclip.modules.masking import TokenMasking, build_policy, kept_score_mass, map_scores_to_views
 from aclip.modules.model import ClipModel
 from aclip.modules.schedule import warmup_cosine_lr
 from aclip.modules.self_supervision import SelfSupervision
 from aclip.modules.text import TextTower, build_tokenizer
 from aclip.modules.vision import VisionTower
+from aclip.specs import SpecError, check_plain
 
 
 def _plain(value: Any) -> Any:
@@ -85,6 +86,9 @@ class AClip(pl.LightningModule):
         super().__init__()
         vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
         self_supervision = _plain(self_supervision)
+        # The towers' and heads' arguments are plain values (a checkpoint's hyper-parameters are data).
+        for key, value in (("vision", vision), ("text", text), ("self_supervision", self_supervision)):
+            check_plain(value or {}, key)
         self.save_hyperparameters()
         if lr <= 0 or not 0 <= warmup_start_lr <= lr or not 0 <= min_lr <= lr:
             raise ValueError(
@@ -105,7 +109,8 @@ class AClip(pl.LightningModule):
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.model.vision.set_grad_checkpointing(grad_checkpointing)
         self.model.text.set_grad_checkpointing(grad_checkpointing)
-        self.masking: TokenMasking = instantiate(masking) if masking else NoMasking()
+        # Built from this project's own policy classes only: a checkpoint's hyper-parameters are data.
+        self.masking: TokenMasking = build_policy(masking)
         # Reject a policy that cannot work on this tower now, not at the first training step.
         if self.masking.needs_scores:
             self.model.vision.resolve_layers(self.masking.layers)
@@ -120,6 +125,9 @@ class AClip(pl.LightningModule):
         self.record_masking = 0
         self.masking_record: dict[str, Any] | None = None
         self._validation_features: FeatureBank | None = None
+        # Wall time spent in validation during `fit` (the learning curves), left out of the step time.
+        self.validation_seconds = 0.0
+        self._validation_started = 0.0
 
     def train(self, mode: bool = True) -> AClip:
         super().train(mode)
@@ -131,6 +139,33 @@ class AClip(pl.LightningModule):
         if self.hparams.compile:
             self.model.vision.compile()
             self.model.text.compile()
+
+    @staticmethod
+    def check_hparams(hparams: Any) -> None:
+        """Reject a description (a checkpoint's `hyper_parameters`) that is not plain data or names a
+        masking policy this project does not define (`SpecError`), without building anything large."""
+        if not isinstance(hparams, Mapping):
+            raise SpecError(f"the hyper-parameters must be a mapping, got {type(hparams).__name__}")
+        check_plain({key: value for key, value in hparams.items() if key != "masking"}, "hyper_parameters")
+        build_policy(hparams.get("masking"))
+
+    def on_train_start(self) -> None:
+        # A resumed run restores the optimizer's and the scheduler's settings along with their state. It
+        # follows this run's configuration instead (a lower model.lr after a NaN stop, say), keeping the
+        # moments and the step; for a new run this changes nothing.
+        hp = self.hparams
+        optimizer = self.trainer.optimizers[0]
+        scheduler = self.trainer.lr_scheduler_configs[0].scheduler
+        for group, weight_decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0), strict=True):
+            group.update(weight_decay=weight_decay, betas=tuple(hp.betas), eps=hp.eps, initial_lr=hp.lr)
+        scheduler.base_lrs = [hp.lr] * len(optimizer.param_groups)
+        lrs = [
+            base * factor(scheduler.last_epoch)
+            for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+        ]
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
 
     def on_fit_start(self) -> None:
         if not any(isinstance(callback, EMAUpdate) for callback in self.trainer.callbacks):
@@ -222,6 +257,7 @@ class AClip(pl.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._validation_features = self._evaluation().feature_bank()
+        self._validation_started = time.perf_counter()
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = split_batch(batch)
@@ -229,6 +265,7 @@ class AClip(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         features, self._validation_features = self._validation_features, None
+        self.validation_seconds += time.perf_counter() - self._validation_started
         if self.trainer.fast_dev_run:
             return  # it ran one batch of each set: the code path is checked, there is nothing to score
         metrics = self._evaluation().score(self.eval_models(), self.tokenizer, features)

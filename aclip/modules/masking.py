@@ -28,13 +28,18 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from aclip.specs import build, class_path
+
 Device = torch.device | str | None
+# Class path -> policy class, for every subclass of TokenMasking defined in this process.
+POLICIES: dict[str, type[TokenMasking]] = {}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,10 +203,18 @@ class TokenMasking:
 
     `needs_scores`: `select` reads the EMA attention scores. `resizes`: the policy drops no tokens but the
     views must be downsampled first (see `ResizeMasking.image_size`).
+
+    Every subclass is registered by its class path (`POLICIES`), the only classes that `build_policy`
+    makes from a description such as a checkpoint's hyper-parameters.
     """
 
     needs_scores: bool = False
     resizes: bool = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_"):
+            POLICIES[class_path(cls)] = cls
 
     def num_keep(self, grid: tuple[int, int]) -> int:
         """Number of patch indices `select` returns for a (gh, gw) patch grid."""
@@ -459,3 +472,8 @@ class AttentiveMasking(_CellMasking):
         keys = _random_keys(batch, values.shape[1], generator, device)
         keys.scatter_(1, values.topk(n_top, dim=1).indices, 2.0)
         return _top_k_sorted(keys, n_keep)
+
+
+def build_policy(spec: Mapping[str, Any] | None) -> TokenMasking:
+    """The policy a `masking` description names (None or empty: keep every token), from `POLICIES` only."""
+    return build(spec, POLICIES, "masking") if spec else NoMasking()

@@ -1,0 +1,159 @@
+"""Trusting a run: checkpoints are data (no code runs from one), resumes follow the new config, bad inputs
+stop a run early with the file or key named."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from aclip.checkpointing import CheckpointError, read_checkpoint
+from aclip.datamodules.csv_source import CsvCaptions
+from aclip.modules.aclip import AClip
+from aclip.tasks import TrainingError, evaluate_checkpoint, load_checkpoint, train
+from tests.conftest import SYNTHETIC_EVAL_OVERRIDES, compose_config
+from tests.test_train import read_csv_metrics
+
+QUICK = ["trainer.limit_train_batches=2", "evaluate=false", "evaluation.every_n_steps=null"]
+
+
+def unreachable(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("the model was built before the input was checked")
+
+
+@pytest.fixture
+def trained(train_config, tmp_path) -> Path:
+    """The run directory of a two-step tiny training run."""
+    train(train_config(*QUICK, output_dir=tmp_path / "trained"))
+    return tmp_path / "trained"
+
+
+def tampered(trained: Path, tmp_path: Path, masking: dict[str, Any]) -> Path:
+    """A copy of the run's last.ckpt whose masking description is `masking` (still loadable as weights)."""
+    checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["masking"] = masking
+    path = tmp_path / "tampered" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save(checkpoint, path)
+    torch.load(path, weights_only=True)  # weights_only loading alone does not stop it
+    return path
+
+
+@pytest.mark.parametrize("target", ["builtins.open", "torch.load"])
+def test_a_checkpoint_cannot_choose_what_code_runs(trained, tmp_path, train_config, monkeypatch, target):
+    created = tmp_path / "created-by-the-checkpoint"
+    payload = tmp_path / "payload.pkl"
+    payload.write_bytes(pickle.dumps(print))
+    arguments = {"file": str(created), "mode": "w"} if target == "builtins.open" else {"f": str(payload)}
+    checkpoint = tampered(trained, tmp_path, {"_target_": target, **arguments, "weights_only": False})
+    eval_cfg = compose_config("eval", [*SYNTHETIC_EVAL_OVERRIDES, f"ckpt_path={checkpoint}"], tmp_path / "e")
+    with pytest.raises(CheckpointError, match=r"masking\._target_=.* is not one of aclip's known classes"):
+        evaluate_checkpoint(eval_cfg)
+    monkeypatch.setattr(AClip, "__init__", unreachable)
+    with pytest.raises(CheckpointError, match=r"cannot be resumed: masking\._target_"):
+        train(train_config(*QUICK, f"ckpt_path={checkpoint}"))
+    assert not created.exists()
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_without_advice_to_unpickle(tmp_path):
+    path = tmp_path / "objects.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"vision": datetime.date(2026, 1, 1)}}, path)
+    with pytest.raises(CheckpointError, match=r"pickled Python object \(datetime\.date\)") as raised:
+        load_checkpoint(path)
+    assert "weights_only" not in str(raised.value)
+
+
+def test_a_truncated_checkpoint_is_named_with_the_ones_beside_it(train_config, tmp_path, monkeypatch):
+    train(
+        train_config(
+            "data.train.size=32", "evaluate=false", "trainer.max_epochs=2", output_dir=tmp_path / "a"
+        )
+    )
+    checkpoints = tmp_path / "a" / "checkpoints"
+    last = checkpoints / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    monkeypatch.setattr(AClip, "__init__", unreachable)
+    with pytest.raises(CheckpointError) as raised:
+        train(train_config("evaluate=false", "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a'}"))
+    message = str(raised.value)
+    assert str(last) in message and "truncated" in message
+    assert "step0000008.ckpt" in message and "step0000004.ckpt" in message  # what is left to resume from
+
+
+def test_resume_follows_the_new_learning_rate(train_config, tmp_path):
+    """Two steps at lr 20, resumed with lr 1e-3: the resumed steps use the new rate, not the checkpoint's."""
+    first = tmp_path / "first"
+    fast = ["model.warmup_epochs=0", "model.min_lr=0", "trainer.log_every_n_steps=1", "evaluate=false"]
+    fast += ["trainer.max_epochs=5"]  # the step limits end the runs
+    train(train_config(*fast, "model.lr=20", "trainer.max_steps=2", output_dir=first))
+    assert float(
+        next(row for row in read_csv_metrics(first) if row["train/lr"])["train/lr"]
+    ) == pytest.approx(20)
+    resumed = tmp_path / "resumed"
+    train(
+        train_config(*fast, "model.lr=1e-3", "trainer.max_steps=4", f"ckpt_path={first}", output_dir=resumed)
+    )
+    lrs = [float(row["train/lr"]) for row in read_csv_metrics(resumed) if row.get("train/lr")]
+    assert len(lrs) == 2 and all(0 < lr <= 1e-3 for lr in lrs)
+    optimizer = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)["optimizer_states"][0]
+    assert all(group["initial_lr"] == 1e-3 for group in optimizer["param_groups"])
+    # The step time of the resumed run counts its own two steps.
+    assert json.loads((resumed / "timing.json").read_text())["optimizer_steps"] == 2
+
+
+def test_resume_lists_changed_keys_and_refuses_another_model(trained, train_config, monkeypatch, caplog):
+    with caplog.at_level(logging.WARNING):
+        train(train_config(*QUICK, "trainer.max_epochs=2", "data.batch_size=4", f"ckpt_path={trained}"))
+    assert "data.batch_size: 8 -> 4" in caplog.text
+    monkeypatch.setattr(AClip, "__init__", unreachable)
+    with pytest.raises(ValueError, match=r"different model[\s\S]*model\.embed_dim: 32 -> 16"):
+        train(train_config(*QUICK, "trainer.max_epochs=2", "model.embed_dim=16", f"ckpt_path={trained}"))
+
+
+def test_resuming_a_finished_run_is_an_error_not_a_success(trained, train_config):
+    with pytest.raises(TrainingError, match=r"took no optimizer step.*raise them to train further"):
+        train(train_config(*QUICK, f"ckpt_path={trained}"))
+
+
+def test_evaluate_takes_a_run_directory(trained, tmp_path):
+    cfg = compose_config("eval", [*SYNTHETIC_EVAL_OVERRIDES, f"ckpt_path={trained}"], tmp_path / "eval")
+    assert set(evaluate_checkpoint(cfg)) == {"ema", "online"}
+
+
+def test_a_broken_evaluation_image_stops_the_run_before_training(train_config, tmp_path, monkeypatch):
+    root = tmp_path / "folders"
+    for label, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (root / label).mkdir(parents=True)
+        for index in range(2):
+            Image.new("RGB", (8, 8), colour).save(root / label / f"{index}.png")
+    (root / "blue" / "1.png").write_bytes(b"\x89PNG garbage")
+    folder_set = [
+        "+eval.colours._target_=aclip.evaluation.ZeroShotClassification",
+        "+eval.colours.dataset._target_=aclip.datamodules.eval_sets.ImageFolderClassification",
+        f"+eval.colours.dataset.root={root}",
+        "+eval.colours.templates=['a {} square.']",
+    ]
+    monkeypatch.setattr(AClip, "__init__", unreachable)
+    with pytest.raises(OSError, match=r"1 of the 4 images .* cannot be read[\s\S]*blue/1\.png"):
+        train(train_config(*folder_set))
+
+
+def test_non_utf8_csv_names_the_line_and_the_fix(tmp_path):
+    rows = [b"filepath,title\n", *(b"%d.png,caption %d\n" % (i, i) for i in range(600)), b"x.png,caf\xe9\n"]
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"".join(rows))
+    with pytest.raises(ValueError, match=r"line 602 is not valid utf-8.*data\.train\.encoding"):
+        CsvCaptions(path)
+    assert len(CsvCaptions(path, encoding="latin-1")) == 601
+
+
+def test_checkpoint_metadata_is_read_without_loading_the_weights_eagerly(trained):
+    checkpoint = read_checkpoint(trained / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 2 and "aclip_run_config" in checkpoint
