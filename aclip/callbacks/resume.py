@@ -3,6 +3,7 @@ dataloader position when `configure_optimizers` reads `trainer.estimated_steppin
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -11,9 +12,11 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_only, rank_zero_warn
 
 from aclip.distributed import rank_and_world
+
+log = logging.getLogger(__name__)
 
 
 def collect_random_states() -> dict[str, Any]:
@@ -99,3 +102,117 @@ class ResumeState(Callback):
                 )
             restore_random_states(self._restored[trainer.global_rank if same_world else 0])
             self._restored = None
+
+
+# The run's resolved config, saved in every checkpoint under this key, so that a resume can compare.
+RUN_CONFIG_KEY = "aclip_run_config"
+# Keys a resumed run may change without comment: where it writes, how it logs, evaluates and reports,
+# and how long it trains.
+MAY_CHANGE = (
+    "paths",
+    "logger",
+    "eval",
+    "evaluate",
+    "evaluation",
+    "eval_loader",
+    "ckpt_path",
+    "task_name",
+    "optimized_metric",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.enable_progress_bar",
+    "trainer.log_every_n_steps",
+    "callbacks.mask_pictures",
+    "callbacks.throughput",
+    "callbacks.step_checkpoint",
+    "data.num_workers",
+)
+# The optimizer and learning-rate schedule: a resumed run follows the current config's values
+# (`AClip.on_train_start`), e.g. a lower model.lr after a NaN stop.
+APPLIED = (
+    "model.lr",
+    "model.weight_decay",
+    "model.betas",
+    "model.eps",
+    "model.warmup_epochs",
+    "model.warmup_start_lr",
+    "model.min_lr",
+)
+# What shapes the parameters, which the checkpoint's weights must match.
+REFUSED = ("model.vision", "model.text", "model.embed_dim", "model.self_supervision")
+
+
+class RunConfigRecord(Callback):
+    """Saves the run's resolved config in every checkpoint (`RUN_CONFIG_KEY`)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        checkpoint[RUN_CONFIG_KEY] = self.config
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    log.warning(message)  # logged (not a Python warning), so that it reaches the run's log file
+
+
+@rank_zero_only
+def _info(message: str) -> None:
+    log.info(message)
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(config, dict):
+        flat: dict[str, Any] = {}
+        for key, value in config.items():
+            flat |= _flatten(value, f"{prefix}{key}.")
+        return flat or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): config}
+
+
+def _under(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every dotted key whose value differs between two resolved configs: key -> (saved, current)."""
+    before, after = _flatten(saved), _flatten(current)
+    missing = object()
+    return {
+        key: (before.get(key), after.get(key))
+        for key in sorted(before.keys() | after.keys())
+        if before.get(key, missing) != after.get(key, missing)
+    }
+
+
+def check_resumed_config(saved: dict[str, Any] | None, current: dict[str, Any], ckpt_path: str) -> None:
+    """Compare the config of the run being resumed with this one's: refuse changes to the model's shape,
+    say which optimizer settings now apply, and list every other difference."""
+    if saved is None:
+        rank_zero_warn(
+            f"{ckpt_path} holds no run config (an older checkpoint): the resumed config is not compared"
+        )
+        return
+    changes = {
+        key: values for key, values in config_changes(saved, current).items() if not _under(key, MAY_CHANGE)
+    }
+    lines = {key: f"  {key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()}
+    refused = [line for key, line in lines.items() if _under(key, REFUSED)]
+    if refused:
+        raise ValueError(
+            f"resuming {ckpt_path} with a different model: the checkpoint's weights cannot fit\n"
+            + "\n".join(refused)
+            + "\nrevert these overrides to resume, or start a new run"
+        )
+    applied = [line for key, line in lines.items() if _under(key, APPLIED)]
+    other = [line for key, line in lines.items() if not _under(key, APPLIED)]
+    if applied:
+        _info("Resuming with this config's optimizer settings:\n" + "\n".join(applied))
+    if other:
+        _warn(
+            "Resuming with a config that differs from the run's (the data position, schedules and results "
+            "may not continue as they would have):\n" + "\n".join(other)
+        )
