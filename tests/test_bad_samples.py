@@ -15,8 +15,8 @@ from PIL import Image
 from aclip.callbacks.data_quality import BadDataError
 from aclip.datamodules.coco import CocoCaptions
 from aclip.datamodules.csv_source import CsvCaptions
-from aclip.datamodules.datamodule import BAD_COUNT, BAD_NAMES, ImageTextDataset
-from aclip.datamodules.images import BadSample, clean_caption, load_rgb
+from aclip.datamodules.datamodule import ImageTextDataset
+from aclip.datamodules.images import BAD_COUNT, BAD_NAMES, READ_COUNT, BadSample, clean_caption, load_rgb
 from aclip.datamodules.yfcc15m import Yfcc15mCaptions
 from aclip.tasks import train
 from tests.test_sources import coco_dataset, csv_dataset, image_bytes, run_config, write_csv
@@ -157,16 +157,21 @@ def caption_only(image: Image.Image, caption: str) -> dict[str, str]:
     return {"caption": caption}
 
 
-def test_bad_samples_are_replaced_by_the_next_good_one_and_counted(tmp_path):
+def test_bad_samples_are_replaced_by_the_next_good_one_and_counted_once(tmp_path):
+    """A bad index is counted at that index only: the bad ones passed over to reach a substitute are
+    counted when their own index is read, so a run of k adjacent bad rows counts k, not k(k+1)/2."""
     dataset = ImageTextDataset(CsvCaptions(csv_dataset(tmp_path, size=6, bad=[1, 2, 5])), caption_only)
-    assert dataset[0] == {"caption": "caption 0", BAD_COUNT: 0, BAD_NAMES: ""}
+    assert dataset[0] == {"caption": "caption 0", BAD_COUNT: 0, READ_COUNT: 1, BAD_NAMES: ""}
     replaced = dataset[1]
-    assert replaced["caption"] == "caption 3" and replaced[BAD_COUNT] == 2
-    assert replaced[BAD_NAMES].split("\n") == [
-        f"{tmp_path / 'images' / '001.png'} (file not found)",
-        f"{tmp_path / 'images' / '002.png'} (file not found)",
-    ]
+    assert replaced["caption"] == "caption 3" and replaced[BAD_COUNT] == 1 and replaced[READ_COUNT] == 1
+    assert replaced[BAD_NAMES] == f"{tmp_path / 'images' / '001.png'} (file not found)"
+    assert dataset[2][BAD_NAMES] == f"{tmp_path / 'images' / '002.png'} (file not found)"
     assert dataset[5]["caption"] == "caption 0" and dataset[5][BAD_COUNT] == 1  # wraps around
+    # Over one epoch (every index once) each of the 3 bad rows is counted once, among 6 read.
+    epoch = [dataset[index] for index in range(len(dataset))]
+    assert (
+        sum(sample[BAD_COUNT] for sample in epoch) == 3 and sum(sample[READ_COUNT] for sample in epoch) == 6
+    )
 
 
 def test_too_many_consecutive_bad_samples_is_an_error(tmp_path):
@@ -193,7 +198,7 @@ def test_bad_samples_under_the_limit_are_logged_and_training_continues(tmp_path)
         rows = [row for row in csv.DictReader(file) if row.get("data/bad_samples")]
     assert len(rows) == 3  # 24 samples in batches of 8
     assert float(rows[-1]["data/bad_samples"]) == 1.0
-    assert float(rows[-1]["data/bad_fraction"]) == pytest.approx(1 / 25)
+    assert float(rows[-1]["data/bad_fraction"]) == pytest.approx(1 / 24)
 
 
 @pytest.mark.parametrize("min_samples", [1, 10_000], ids=["judged-every-step", "judged-at-epoch-end"])
@@ -212,4 +217,34 @@ def test_too_many_bad_samples_stop_the_run_naming_examples(tmp_path, min_samples
     named = [index for index in bad if f"images/{index:03d}.png (file not found)" in message]
     assert named, message
     if min_samples > 1:
-        assert "3 of 27 training samples" in message and len(named) == 3
+        assert "3 of 24 training samples" in message and len(named) == 3
+        # The epoch trained before the bad share was judged at its end: it is kept.
+        assert "Saved" in message and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_adjacent_bad_rows_count_once_each_and_pass_a_one_percent_limit(tmp_path):
+    """5 adjacent missing rows of 1,000 are 0.5 %: counted exactly 5, under the 1 % limit."""
+    csv_path = csv_dataset(tmp_path / "data", size=1000, bad=range(500, 505))
+    cfg = run_config(
+        tmp_path / "run",
+        "data=csv",
+        f"data.train.path={csv_path}",
+        "data.batch_size=100",
+        "evaluate=false",
+        "trainer.log_every_n_steps=1",
+    )
+    train(cfg)
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row.get("data/bad_samples")]
+    assert float(rows[-1]["data/bad_samples"]) == 5.0
+    assert float(rows[-1]["data/bad_fraction"]) == pytest.approx(0.005)
+
+
+def test_bad_samples_are_named_in_the_log(tmp_path, caplog):
+    csv_path = csv_dataset(tmp_path / "data", size=24, bad=[7])
+    cfg = run_config(
+        tmp_path / "run", "data=csv", f"data.train.path={csv_path}", "callbacks.bad_samples.max_fraction=0.1"
+    )
+    with caplog.at_level("WARNING", logger="aclip.callbacks.data_quality"):
+        train(cfg)
+    assert any("007.png (file not found)" in record.getMessage() for record in caplog.records)

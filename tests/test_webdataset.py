@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from aclip.callbacks.data_quality import BadDataError
 from aclip.datamodules.webdataset_source import WebDatasetSource
 from aclip.tasks import train
 
@@ -206,6 +207,44 @@ def test_unreadable_shard_is_skipped_with_a_warning(tmp_path, caplog):
         read = ids(source.batches(sample_id, batch_size=2, rank=0, world_size=1, num_workers=0))
     assert sorted(read) == [0, 1, 2, 3, 8, 9, 10, 11]
     assert f"{tmp_path}/00001.tar" in caplog.text
+
+
+def test_truncated_shard_counts_the_samples_it_lost(tmp_path, caplog):
+    """6 shards of 16: the third cut in half delivers its first samples; the rest count as bad samples,
+    named by the shard, so that read + lost is the whole epoch."""
+    pattern = write_shards(tmp_path, num_shards=6, per_shard=16)
+    broken = tmp_path / "00002.tar"
+    broken.write_bytes(broken.read_bytes()[: broken.stat().st_size // 2])
+    source = WebDatasetSource(pattern, num_samples=96, shard_shuffle=False, shuffle_buffer=0)
+    with caplog.at_level(logging.WARNING):
+        batches = list(source.batches(sample_id, batch_size=1, rank=0, world_size=1, num_workers=0))
+    delivered = [i for i in ids(batches) if 32 <= i < 48]
+    assert 0 < len(delivered) < 16
+    lost = sum(int(batch["bad_samples"].sum()) for batch in batches)
+    assert lost == 16 - len(delivered)
+    assert sum(int(batch["samples_read"].sum()) for batch in batches) == 96
+    assert "00002.tar" in "".join(name for batch in batches for name in batch["bad_names"])
+    assert "00002.tar" in caplog.text
+
+
+def test_img2dataset_stats_give_a_shards_expected_size(tmp_path):
+    pattern = write_shards(tmp_path, num_shards=2, per_shard=4)
+    (tmp_path / "00001.tar").write_bytes(b"garbage")
+    (tmp_path / "00001_stats.json").write_text(json.dumps({"successes": 9, "count": 10}))
+    source = WebDatasetSource(pattern, num_samples=8, shard_shuffle=False, shuffle_buffer=0)
+    batches = list(source.batches(sample_id, batch_size=1, rank=0, world_size=1, num_workers=0))
+    assert sum(int(batch["bad_samples"].sum()) for batch in batches) == 9
+
+
+def test_garbage_shards_stop_the_run_with_a_bad_data_error(train_config, tmp_path):
+    """Every shard corrupt: no batch at all is a bad-data error, not a successful run of 0 steps."""
+    pattern = write_shards(tmp_path / "shards", num_shards=4, per_shard=8)
+    for shard in (tmp_path / "shards").glob("*.tar"):
+        shard.write_bytes(b"\x00garbage" * 100)
+    cfg = train_config("data=webdataset", f"data.train.urls='{pattern}'", "data.train.num_samples=32")
+    with pytest.raises(BadDataError, match=r"could not be read|planned batches"):
+        train(cfg)
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_missing_shards_are_named_at_construction(tmp_path):

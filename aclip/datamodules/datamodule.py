@@ -14,23 +14,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from aclip.config import per_device_batch_size
-from aclip.datamodules.images import BadSample, to_rgb
+from aclip.datamodules.images import BadSample, skip_record, to_rgb
 from aclip.datamodules.sampling import ResumableDataLoader
 from aclip.datamodules.transforms import MultiViewTransform
 from aclip.modules.text import build_tokenizer
 
 if TYPE_CHECKING:
     from aclip.evaluation.suite import Evaluation
-
-# Every training sample carries how many bad samples were skipped in its place and their names (joined
-# by newlines), so that the counts survive dataloader workers; `BadSampleMonitor` consumes them.
-BAD_COUNT = "bad_samples"
-BAD_NAMES = "bad_names"
-
-
-def skip_record(skipped: Sequence[BadSample]) -> dict[str, Any]:
-    """The bad-sample fields of the next good sample, after `skipped` were dropped before it."""
-    return {BAD_COUNT: len(skipped), BAD_NAMES: "\n".join(f"{bad.name} ({bad.reason})" for bad in skipped)}
 
 
 @runtime_checkable
@@ -54,9 +44,11 @@ class StreamingSource(Protocol):
 class ImageTextDataset(Dataset):
     """Turns a map-style source of (PIL image, caption) pairs into training samples (`prepare`).
 
-    A pair the source cannot provide (it raises :class:`BadSample`) is replaced by the next good one, and
-    the sample records what was skipped (`skip_record`). After `max_consecutive_bad` bad pairs in a row
-    the source is assumed broken (e.g. a wrong image root) and an error is raised.
+    A pair the source cannot provide (it raises :class:`BadSample`) is replaced by the next good one. The
+    sample records (`skip_record`) whether its own index was bad, and only that: each index is read once
+    an epoch, so every bad pair is counted exactly once, at its own index, and the bad ones passed over on
+    the way to a substitute are not counted again. After `max_consecutive_bad` bad pairs in a row the
+    source is assumed broken (e.g. a wrong image root) and an error is raised.
     """
 
     def __init__(
@@ -78,7 +70,7 @@ class ImageTextDataset(Dataset):
             except BadSample as bad:
                 skipped.append(bad)
                 continue
-            return {**self.prepare(image, caption), **skip_record(skipped)}
+            return {**self.prepare(image, caption), **skip_record(skipped[:1])}
         examples = "\n  ".join(str(bad) for bad in skipped[:5])
         raise RuntimeError(
             f"{len(skipped)} consecutive samples from index {index} could not be read, e.g.\n  {examples}\n"

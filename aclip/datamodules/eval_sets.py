@@ -7,6 +7,8 @@ error naming the file, never a skipped sample, so that every model is scored on 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -18,6 +20,29 @@ from aclip.datamodules.images import BadSample, load_rgb
 __all__ = ["ImageFolderClassification", "KarpathyRetrieval", "load_eval_image"]
 
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
+
+
+def check_images(paths: Sequence[Path], what: str, threads: int = 16) -> None:
+    """Open every image's header (in threads), so that a missing or unreadable evaluation image stops
+    the run at start-up, naming the files, not after training. (A file truncated after its header is
+    still found only when it is decoded.)"""
+
+    def unreadable(path: Path) -> str | None:
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018  (the header is parsed by Image.open; the size proves it)
+        except (OSError, ValueError, SyntaxError) as error:
+            return f"{path} ({type(error).__name__}: {error})"
+        return None
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        bad = [problem for problem in pool.map(unreadable, paths) if problem]
+    if bad:
+        examples = "\n  ".join(bad[:5])
+        raise OSError(
+            f"{len(bad)} of the {len(paths)} images of {what} cannot be read, e.g.\n  {examples}\n"
+            "an evaluation set must be complete: fix or restore these files, or leave the set out of `eval`"
+        )
 
 
 def load_eval_image(path: str | Path) -> Image.Image:
@@ -45,6 +70,10 @@ class ImageFolderClassification(ImageFolder):
                 "folder holding one sub-folder of images per class; see docs/evaluation.md."
             ) from None
 
+    def check(self) -> None:
+        """Raise OSError, naming them, if any of the set's images cannot be opened."""
+        check_images([Path(path) for path, _ in self.samples], f"the image folder {self.root}")
+
 
 class KarpathyRetrieval(Dataset):
     """One split of a Karpathy-split caption set (`dataset_flickr30k.json`, `dataset_coco.json`).
@@ -68,6 +97,10 @@ class KarpathyRetrieval(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def check(self) -> None:
+        """Raise OSError, naming them, if any of the split's images cannot be opened."""
+        check_images(self.paths, f"this caption set's split under {self.paths[0].parent}")
 
     def __getitem__(self, index: int) -> Image.Image:
         return load_eval_image(self.paths[index])

@@ -12,7 +12,7 @@ import random
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -22,11 +22,32 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 
 
 class BadSample(Exception):
-    """A sample that cannot be trained on: `name` says which one (a path or shard key), `reason` why."""
+    """A sample that cannot be trained on: `name` says which one (a path or shard key), `reason` why.
 
-    def __init__(self, name: str, reason: str) -> None:
+    `count` is how many samples it stands for: 1, or the members lost with an unreadable shard.
+    """
+
+    def __init__(self, name: str, reason: str, count: int = 1) -> None:
         super().__init__(f"{name}: {reason}")
-        self.name, self.reason = name, reason
+        self.name, self.reason, self.count = name, reason, count
+
+
+# Every training sample carries how many bad samples were counted in its place, how many samples were
+# read for it, and the bad ones' names (joined by newlines), so that the counts survive dataloader
+# workers and collation; `aclip.callbacks.data_quality.BadSampleMonitor` consumes them.
+BAD_COUNT = "bad_samples"
+READ_COUNT = "samples_read"
+BAD_NAMES = "bad_names"
+
+
+def skip_record(bad: Sequence[BadSample], read: int = 1) -> dict[str, Any]:
+    """The bad-sample fields of a training sample: `bad` were counted in its place among `read` samples
+    read for it (1 for a map-style dataset's index; 1 plus the skipped ones for a stream)."""
+    return {
+        BAD_COUNT: sum(sample.count for sample in bad),
+        READ_COUNT: read,
+        BAD_NAMES: "\n".join(f"{sample.name} ({sample.reason})" for sample in bad),
+    }
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

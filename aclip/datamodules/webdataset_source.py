@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -16,8 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from aclip.datamodules.datamodule import skip_record
-from aclip.datamodules.images import BadSample, clean_caption, load_rgb
+from aclip.datamodules.images import BadSample, clean_caption, load_rgb, skip_record
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,10 @@ class WebDatasetSource:
     The members of a shard form samples by their name up to the first dot (`000123.jpg` and
     `000123.txt` are one sample). A sample's image is its first member with one of `image_keys`, its
     caption the first with one of `caption_keys` (from a `.json` member, its `caption_field`). Samples
-    whose image or caption is missing or unreadable are skipped and counted (`skip_record`); data that
-    cannot be read at all (a broken shard) is skipped with a logged warning.
+    whose image or caption is missing or unreadable are skipped and counted (`skip_record`). A shard
+    that cannot be opened or read to its end (truncated, corrupt) is logged by name, and the samples it
+    did not deliver are counted as bad: its expected size is the `successes` of img2dataset's
+    `<shard>_stats.json` beside it, else `num_samples` over the number of shards.
 
     An epoch is read in one of two ways:
 
@@ -144,7 +147,7 @@ class WebDatasetSource:
             # The trainer's rank, where webdataset's split_by_node would read it from the environment.
             wds.slice(rank, None, world_size),
             wds.split_by_worker,
-            wds.tarfile_to_samples(handler=_skip_unreadable),
+            partial(_read_shards, expected=self._expected_samples),
         )
 
     def _resampled(self, urls: list[str], rank: int, source: int) -> IterableDataset:
@@ -154,19 +157,36 @@ class WebDatasetSource:
             worker_seed=partial(_worker_seed, rank),
             deterministic=True,
         )
-        return wds.DataPipeline(shards, wds.tarfile_to_samples(handler=_skip_unreadable))
+        return wds.DataPipeline(shards, partial(_read_shards, expected=self._expected_samples))
+
+    def _expected_samples(self, url: str) -> int:
+        """How many samples the shard `url` holds: img2dataset's count for it, else the average."""
+        stats = Path(url).with_name(Path(url).stem + "_stats.json") if not _is_remote(url) else None
+        if stats is not None and stats.is_file():
+            try:
+                return int(json.loads(stats.read_text())["successes"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        return max(1, round(self.num_samples / len(self.shards)))
 
     def _prepared(self, samples: Iterable[dict[str, Any]], prepare: Prepare) -> Iterator[dict[str, Any]]:
-        """`prepare`d pairs; bad samples are skipped and recorded in the next good one (`skip_record`)."""
+        """`prepare`d pairs; bad samples (and the lost part of a broken shard) are skipped and recorded in
+        the next good one (`skip_record`), or, at the end of the stream, in the last one."""
         skipped: list[BadSample] = []
+        held: tuple[dict[str, Any], list[BadSample]] | None = None  # yielded once the next one is known
         for sample in samples:
             try:
+                if _LOST in sample:
+                    raise sample[_LOST]
                 image, caption = self._pair(sample)
             except BadSample as bad:
                 skipped.append(bad)
                 continue
-            yield {**prepare(image, caption), **skip_record(skipped)}
-            skipped = []
+            if held is not None:
+                yield _recorded(*held)
+            held, skipped = (prepare(image, caption), skipped), []
+        if held is not None:
+            yield _recorded(held[0], held[1] + skipped)
 
     def _pair(self, sample: dict[str, Any]) -> tuple[Image.Image, str]:
         name = f"{sample['__url__']}/{sample['__key__']}"
@@ -184,6 +204,11 @@ class WebDatasetSource:
         except ValueError as error:  # invalid UTF-8 or JSON
             raise BadSample(name, f"cannot read the caption ({type(error).__name__}: {error})") from None
         return clean_caption(text if isinstance(text, str) else None, name)
+
+
+def _recorded(sample: dict[str, Any], skipped: list[BadSample]) -> dict[str, Any]:
+    """A prepared stream sample with the record of the bad ones skipped before it (read: all of them)."""
+    return {**sample, **skip_record(skipped, read=1 + sum(bad.count for bad in skipped))}
 
 
 class _SizedPipeline(wds.DataPipeline):
@@ -240,10 +265,56 @@ def _shuffle(size: int, seed: int) -> wds.detshuffle | None:
     return wds.detshuffle(size, initial=size, seed=seed) if size else None
 
 
-def _skip_unreadable(error: Exception) -> bool:
-    """A webdataset error handler: log what could not be read (e.g. a broken shard) and go on."""
-    log.warning("skipping unreadable webdataset data: %s", error)
-    return True
+# A stream item standing for the samples a broken shard did not deliver: {_LOST: BadSample(count=n)}.
+_LOST = "__lost__"
+
+
+def _read_shards(
+    shards: Iterable[dict[str, Any]], expected: Callable[[str], int]
+) -> Iterator[dict[str, Any]]:
+    """The samples of each shard (`{"url": ...}` items) in order. A shard that cannot be opened or read to
+    its end-of-archive marker yields what it could, then one `_LOST` item counting what it did not."""
+    for shard in shards:
+        url, delivered = shard["url"], 0
+        try:
+            for sample in wds.tariterators.group_by_keys(_members(url)):
+                delivered += 1
+                yield sample
+        except Exception as error:  # tar, gzip and I/O errors alike
+            lost = max(1, expected(url) - delivered)
+            reason = (
+                f"unreadable after {delivered} samples, about {lost} lost ({type(error).__name__}: {error})"
+            )
+            log.warning("webdataset shard %s: %s", url, reason)
+            yield {_LOST: BadSample(url, reason, count=lost)}
+
+
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """Records how a tar stream ended: Python's tarfile ends a stream that stops between two members, or
+    inside a header, as quietly as one that reaches its end-of-archive marker (zero blocks)."""
+
+    @classmethod
+    def fromtarfile(cls, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(archive)
+        except tarfile.EOFHeaderError:
+            archive.reached_end_marker = True
+            raise
+
+
+def _members(url: str) -> Iterator[dict[str, Any]]:
+    """The regular files of the tar shard `url` (a path, `pipe:` command or URL, as webdataset opens it),
+    as webdataset's `group_by_keys` takes them; raises `tarfile.ReadError` if the shard is cut short."""
+    with (
+        contextlib.closing(wds.gopen(url)) as stream,
+        tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckedTarInfo) as archive,
+    ):
+        for info in archive:
+            if info.isreg() and not info.name.startswith("__"):
+                yield {"fname": info.name, "data": archive.extractfile(info).read(), "__url__": url}
+            archive.members = []  # a stream's members need not be kept
+        if not getattr(archive, "reached_end_marker", False):
+            raise tarfile.ReadError("the shard ends before its end-of-archive marker (truncated)")
 
 
 def _worker_seed(rank: int) -> int:
