@@ -88,12 +88,44 @@ def validate_config(cfg: DictConfig) -> None:
             f"model.self_supervision.view_loss={ssl.view_loss} compares different views of an image but "
             f"data.num_views={num_views}; set data.num_views>=2 or model.self_supervision.view_weight=0"
         )
+    _check_masking(cfg)
     _check_batch_norm_sync(cfg, world)
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     if not trainer.get("fast_dev_run") and (max_epochs in (None, -1, 0)) and max_steps in (None, -1):
         raise ConfigError(
             "set trainer.max_epochs (>= 1) or trainer.max_steps: training needs an end for its schedule"
         )
+
+
+def _check_masking(cfg: DictConfig) -> None:
+    """Build the masking policy (importing its class, as the config names it) and check that it works on
+    the tower's patch grid and blocks, before any tower is built."""
+    from hydra.utils import instantiate
+
+    from aclip.modules.vision import resolve_layers
+
+    if not cfg.get("masking"):
+        return
+    try:
+        policy = instantiate(cfg.masking)
+    except Exception as error:  # Hydra wraps the constructor's error; its message names the parameter
+        cause = error.__cause__ or error
+        raise ConfigError(f"masking.{cause}") from None
+    vision = cfg.model.vision
+    side = policy.image_size(vision.image_size, vision.patch_size) if policy.resizes else vision.image_size
+    grid = (side // vision.patch_size, side // vision.patch_size)
+    try:
+        policy.num_keep(grid)
+    except ValueError as error:
+        raise ConfigError(
+            f"masking.unit={getattr(policy, 'unit', None)} does not fit model.vision.image_size="
+            f"{vision.image_size} at patch_size={vision.patch_size}: {error}"
+        ) from None
+    if policy.needs_scores:
+        try:
+            resolve_layers(policy.layers, vision.depth)
+        except ValueError as error:
+            raise ConfigError(f"masking.layers: {error} (model.vision.depth={vision.depth})") from None
 
 
 def _check_batch_norm_sync(cfg: DictConfig, world: int) -> None:

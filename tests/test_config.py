@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from aclip.config import ConfigError, resolved_job_config, validate_config, world_size
+from aclip.modules.vision import VisionTower
 from aclip.tasks import train
 from tests.conftest import CONF_DIR, compose_config
 
@@ -104,9 +105,18 @@ def test_world_size(devices, num_nodes, expected):
         (["trainer.max_epochs=-1"], "set trainer.max_epochs"),
         (["trainer.accumulate_grad_batches=0"], "accumulate_grad_batches"),
         (["method=aclip", "data.num_views=1"], "data.num_views>=2"),
+        (["masking=random", "masking.keep_ratio=0"], r"masking\.keep_ratio must be a number in \(0, 1\]"),
+        (["masking=random", "masking.keep_ratio=1.5"], r"masking\.keep_ratio"),
+        (["masking=attentive_low", "masking.unit=3"], r"masking\.unit=3 does not fit"),
+        (["masking=attentive_low", "masking.layers=[5]"], r"masking\.layers: .* out of range"),
+        (["masking=attentive_low", "masking.layers=[99]"], r"masking\.layers: .* out of range"),
     ],
 )
-def test_bad_values_rejected_at_start_up(train_config, overrides, message):
+def test_bad_values_rejected_at_start_up(train_config, monkeypatch, overrides, message):
+    def unreachable(*args, **kwargs):
+        raise AssertionError("a tower was built before the config was checked")
+
+    monkeypatch.setattr(VisionTower, "__init__", unreachable)
     cfg = train_config(*overrides)
     with pytest.raises(ConfigError, match=message):
         train(cfg)
@@ -118,9 +128,6 @@ def test_bad_values_rejected_at_start_up(train_config, overrides, message):
         (["data.crop_scale=[0.0,1.0]"], "crop_scale"),
         (["data.train.size=0"], "size"),
         (["model.text.context_length=2"], "context_length"),
-        (["masking=random", "masking.keep_ratio=1.5"], "keep_ratio"),
-        (["masking=attentive_low", "masking.unit=3"], "unit"),
-        (["masking=attentive_low", "masking.layers=[5]"], "out of range"),
         (["text_masking=random", "text_masking.strategy=shuffle"], "text reduction"),
         (["model.eval_model=best"], "eval_model"),
     ],

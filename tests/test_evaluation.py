@@ -15,7 +15,15 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from aclip.datamodules.synthetic import SyntheticClassification, SyntheticRetrieval
-from aclip.evaluation import EvalLoaders, LinearProbe, Retrieval, ZeroShotClassification, evaluate
+from aclip.evaluation import (
+    EvalLoaders,
+    Evaluation,
+    EvaluationError,
+    LinearProbe,
+    Retrieval,
+    ZeroShotClassification,
+    evaluate,
+)
 from aclip.evaluation.distributed import gather_in_order, my_share
 from aclip.evaluation.linear_probe import fit_linear_probe, fit_logistic_regression
 from aclip.modules.model import ClipModel
@@ -200,3 +208,28 @@ def test_split_over_two_ranks_equals_one_process(tmp_path):
         for key, value in single.items():
             assert split[key] == pytest.approx(value, abs=1e-6), key
     assert {"zeroshot/shapes/top5", "retrieval/scenes/t2i_R@10", "linear_probe/shapes/top1"} <= single.keys()
+
+
+class Unreadable(SolidColours):
+    """A set whose item 1 cannot be read (a broken file, as eval_sets raises it)."""
+
+    def __getitem__(self, index: int):
+        if index == 1:
+            raise OSError("unreadable evaluation image broken.png")
+        return super().__getitem__(index)
+
+
+def test_a_failing_task_is_named_and_the_others_still_reported():
+    good = ZeroShotClassification(
+        SolidColours(["red", "green"], labels=[0, 1]), list(COLOURS), ["{}"], name="good"
+    )
+    bad = ZeroShotClassification(
+        Unreadable(["red", "green"], labels=[0, 1]), list(COLOURS), ["{}"], name="bad"
+    )
+    with pytest.raises(
+        EvaluationError, match=r"zeroshot/bad: OSError: unreadable evaluation image"
+    ) as raised:
+        Evaluation([bad, good], LOADERS).run({"model": ColourModel()}, colour_tokenize)
+    assert set(raised.value.failures) == {"zeroshot/bad"}
+    assert raised.value.metrics["model"]["zeroshot/good/top1"] == 100.0
+    assert not any(key.startswith("zeroshot/bad") for key in raised.value.metrics["model"])

@@ -2,7 +2,7 @@
 
 from aclip.evaluation.loaders import EvalLoaders
 from aclip.evaluation.report import format_table, write_metrics
-from aclip.evaluation.suite import Evaluation, FeatureBank, Metrics, evaluate, split_batch
+from aclip.evaluation.suite import Evaluation, EvaluationError, FeatureBank, Metrics, evaluate, split_batch
 from aclip.evaluation.tasks import (
     EncodedImages,
     EvalTask,
@@ -17,6 +17,7 @@ __all__ = [
     "EvalLoaders",
     "EvalTask",
     "Evaluation",
+    "EvaluationError",
     "FeatureBank",
     "LinearProbe",
     "Metrics",

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
 from rich.progress import track
 from torch import Tensor
@@ -54,6 +55,8 @@ class FeatureBank:
         self.sets = list(sets)
         self._features: list[dict[str, list[Tensor]]] = [{} for _ in self.sets]
         self._labels: list[list[Tensor]] = [[] for _ in self.sets]
+        # Sets whose encoding failed (on any rank): left out of the gathers and the scores.
+        self.failed: set[int] = set()
 
     @torch.no_grad()
     def add(
@@ -65,11 +68,14 @@ class FeatureBank:
         if labels is not None:
             self._labels[set_index].append(labels)
 
-    def gathered(self, models: Mapping[str, ClipModel]) -> dict[str, list[EncodedImages]]:
-        """Per model, every set's `EncodedImages` over all ranks (a collective: every rank calls it)."""
+    def gathered(self, models: Mapping[str, ClipModel]) -> dict[str, list[EncodedImages | None]]:
+        """Per model, every set's `EncodedImages` over all ranks, None for a failed set (a collective:
+        every rank calls it)."""
         device = next(iter(models.values())).logit_scale.device
         rank, world = rank_and_world()
         for index, (size, _) in enumerate(self.sets):
+            if index in self.failed:
+                continue
             seen = sum(len(chunk) for chunk in next(iter(self._features[index].values()), []))
             share = len(range(rank, size, world))
             if seen != share:
@@ -77,8 +83,12 @@ class FeatureBank:
                     f"image set {index} was encoded for {seen} of this rank's {share} items: an evaluation "
                     "must see whole sets (no limit_val_batches, no sanity check)"
                 )
-        encoded: dict[str, list[EncodedImages]] = {name: [] for name in models}
+        encoded: dict[str, list[EncodedImages | None]] = {name: [] for name in models}
         for index, (size, labelled) in enumerate(self.sets):
+            if index in self.failed:
+                for name in models:
+                    encoded[name].append(None)
+                continue
             labels = None
             if labelled:
                 # A rank whose share of a small set is empty still takes part in the gathers.
@@ -114,44 +124,103 @@ class Evaluation:
         """One loader per image set over this rank's share: Lightning's validation dataloaders."""
         return [self.loaders(dataset) for dataset in self.image_sets]
 
+    def check(self) -> None:
+        """Open every image set that can check itself (files on disk: `check()`), on rank 0 only: a broken
+        evaluation image stops the run before training, not after it."""
+        if rank_zero_only.rank != 0:
+            return
+        for task in self.tasks:
+            for dataset in task.image_sets:
+                check = getattr(dataset, "check", None)
+                if callable(check):
+                    check()
+
     def feature_bank(self) -> FeatureBank:
         """An empty bank for the embeddings of every image set."""
         return FeatureBank(
             [(len(dataset), task.labelled) for task in self.tasks for dataset in task.image_sets]
         )
 
-    def score(self, models: Mapping[str, ClipModel], tokenize: Tokenizer, bank: FeatureBank) -> Metrics:
-        """Every task's metrics for every model, from the embeddings in `bank` (every rank calls it)."""
+    def score(
+        self,
+        models: Mapping[str, ClipModel],
+        tokenize: Tokenizer,
+        bank: FeatureBank,
+        failures: dict[str, str] | None = None,
+    ) -> Metrics:
+        """Every task's metrics for every model, from the embeddings in `bank` (every rank calls it). A
+        task whose images failed to encode, or that fails to score, is left out and named in `failures`."""
+        failures = {} if failures is None else failures
         encoded = bank.gathered(models)
         metrics: Metrics = {name: {} for name in models}
         for name, model in models.items():
             sets = iter(encoded[name])
             for task in self.tasks:
                 images = [next(sets) for _ in task.image_sets]
-                results = task.score(model, tokenize, images)
-                metrics[name] |= {f"{task.kind}/{task.name}/{key}": value for key, value in results.items()}
+                key = f"{task.kind}/{task.name}"
+                if key in failures or any(image is None for image in images):
+                    continue
+                try:
+                    results = task.score(model, tokenize, images)
+                except Exception as error:  # the other tasks are still reported
+                    failures[key] = f"{type(error).__name__}: {error}"
+                    continue
+                metrics[name] |= {f"{key}/{metric}": value for metric, value in results.items()}
         return metrics
 
     @torch.no_grad()
     def run(self, models: Mapping[str, ClipModel], tokenize: Tokenizer) -> Metrics:
-        """Encode every image set once for all `models` (in eval mode), then score every task."""
+        """Encode every image set once for all `models` (in eval mode), then score every task.
+
+        Raises:
+            EvaluationError: some tasks failed (an unreadable image, say); it carries the other tasks'
+                metrics, so that they can still be reported.
+        """
         modes = {name: model.training for name, model in models.items()}
         for model in models.values():
             model.eval()
         try:
-            bank = self.feature_bank()
+            bank, failures = self.feature_bank(), {}
             device = next(iter(models.values())).logit_scale.device
             sets = [(task, dataset) for task in self.tasks for dataset in task.image_sets]
             for index, (task, dataset) in enumerate(sets):
-                description = f"{task.kind}/{task.name}: {len(dataset)} images"
+                key = f"{task.kind}/{task.name}"
+                description = f"{key}: {len(dataset)} images"
                 log.info("Evaluating %s (image set %d of %d)", description, index + 1, len(sets))
-                for batch in progress(self.loaders(dataset), description):
-                    images, labels = split_batch(batch)
-                    bank.add(index, models, images.to(device), labels)
-            return self.score(models, tokenize, bank)
+                try:
+                    for batch in progress(self.loaders(dataset), description):
+                        images, labels = split_batch(batch)
+                        bank.add(index, models, images.to(device), labels)
+                except Exception as error:  # the other sets are still evaluated
+                    failures[key] = f"{type(error).__name__}: {error}"
+                if _failed_on_any_rank(key in failures, device):
+                    bank.failed.add(index)
+                    failures.setdefault(key, "failed on another rank")
+            metrics = self.score(models, tokenize, bank, failures)
         finally:
             for name, model in models.items():
                 model.train(modes[name])
+        if failures:
+            raise EvaluationError(metrics, failures)
+        return metrics
+
+
+class EvaluationError(RuntimeError):
+    """Evaluation tasks that failed, by `<kind>/<name>`, with the metrics of those that did not."""
+
+    def __init__(self, metrics: Metrics, failures: dict[str, str]) -> None:
+        lines = "\n  ".join(f"{key}: {reason}" for key, reason in failures.items())
+        super().__init__(f"{len(failures)} evaluation task(s) failed:\n  {lines}")
+        self.metrics, self.failures = metrics, failures
+
+
+def _failed_on_any_rank(failed: bool, device: torch.device) -> bool:
+    """Whether any rank failed (every rank calls it, so that all skip the same sets)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return failed
+    flag = torch.tensor([float(failed)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def evaluate(

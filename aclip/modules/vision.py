@@ -113,25 +113,28 @@ class VisionTower(nn.Module):
 
     def resolve_layers(self, layers: Layers) -> list[int]:
         """Block indices for "all", "last" or a list of (possibly negative) indices; validated."""
-        depth = len(self.trunk.blocks)
-        if layers == "all":
-            return list(range(depth))
-        if layers == "last":
-            return [depth - 1]
-        if (
-            isinstance(layers, str)
-            or not layers
-            or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
-        ):
-            raise ValueError(
-                f'layers must be "all", "last" or a non-empty list of block indices, got {layers!r}'
-            )
-        if any(not -depth <= index < depth for index in layers):
-            raise ValueError(f"layers {list(layers)} out of range for a tower of {depth} blocks")
-        return sorted({index % depth for index in layers})
+        return resolve_layers(layers, len(self.trunk.blocks))
 
     def _head(self, tokens: Tensor) -> Tensor:
         return self.proj(self.trunk.forward_head(self.trunk.norm(tokens), pre_logits=True))
+
+
+def resolve_layers(layers: Layers, depth: int) -> list[int]:
+    """Block indices of a tower of `depth` blocks for "all", "last" or a list of (possibly negative)
+    indices, sorted and unique; a ValueError for anything else or an index out of range."""
+    if layers == "all":
+        return list(range(depth))
+    if layers == "last":
+        return [depth - 1]
+    if (
+        isinstance(layers, str)
+        or not layers
+        or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+    ):
+        raise ValueError(f'layers must be "all", "last" or a non-empty list of block indices, got {layers!r}')
+    if any(not -depth <= index < depth for index in layers):
+        raise ValueError(f"layers {list(layers)} out of range for a tower of {depth} blocks")
+    return sorted({index % depth for index in layers})
 
 
 def keep_tokens(tokens: Tensor, keep: Tensor, num_prefix_tokens: int = 1) -> Tensor:
