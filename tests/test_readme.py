@@ -238,11 +238,18 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     """Every documented command that is not skipped, run two at a time (each run mostly imports).
 
     Each command without a placeholder runs in a fresh copy of its own; the commands with placeholders
-    run one after another in one copy, after the README's plain `train.py`, whose run they then name.
+    run one after another in one copy, after the README's plain `train.py` (and the sweep a placeholder
+    for a sweep directory follows in the docs), whose run (or sweep) they then name.
     """
     runnable = [command for _, command in COMMANDS if command not in SKIPPED]
-    first = ".venv/bin/python train.py"
-    chain = [first, *(command for command in runnable if "<" in command)]
+    chain = [".venv/bin/python train.py"]
+    for index, command in enumerate(runnable):
+        if "<" not in command:
+            continue
+        if "logs/train/multiruns/<" in command:  # names the sweep the docs ran just before it
+            sweep = next(c for c in reversed(runnable[:index]) if re.search(r"\btrain\.py -m\b", c))
+            chain += [sweep] if sweep not in chain else []
+        chain.append(command)
     alone = [command for command in runnable if command not in chain]
     jobs = [chain, *([command] for command in alone)]
     with ThreadPoolExecutor(max_workers=2) as pool:
