@@ -47,7 +47,7 @@ def full_attention_cls_row(block, x):
 def reference_scores(tower, x, layers):
     """Per-block CLS rows from the full attention matrices, averaged over `layers` (block indices)."""
     trunk = tower.trunk
-    tokens = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(x)))
+    tokens = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(tower.normalize_pixels(x))))
     per_block = []
     for block in trunk.blocks:
         per_block.append(full_attention_cls_row(block, tokens))
@@ -124,7 +124,7 @@ def test_scores_sum_below_one_and_positive():
         # Per block, the CLS query's own weight is exactly what the patches leave.
         x = images(batch=4)
         trunk = tower.trunk
-        tokens = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(x)))
+        tokens = trunk.norm_pre(trunk._pos_embed(trunk.patch_embed(tower.normalize_pixels(x))))
         _, scores = _block_with_cls_attention(trunk.blocks[0], tokens, 1)
         attn = trunk.blocks[0].attn
         h = trunk.blocks[0].norm1(tokens)

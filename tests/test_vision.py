@@ -25,7 +25,7 @@ def images(batch=2, height=32, width=32, seed=1):
 def reference_forward(tower, x, keep):
     """The intended computation, assembled by hand from the trunk's pieces."""
     trunk = tower.trunk
-    tokens = trunk._pos_embed(trunk.patch_embed(x))
+    tokens = trunk._pos_embed(trunk.patch_embed(tower.normalize_pixels(x)))
     cls, patches = tokens[:, :1], tokens[:, 1:]
     kept = torch.stack([patches[b, keep[b]] for b in range(x.shape[0])])
     tokens = torch.cat([cls, kept], dim=1)
@@ -123,7 +123,7 @@ def test_other_image_sizes_interpolate_position_embeddings(height, width):
         tokens = tower.embed(x)
         assert tokens.shape == (2, 1 + gh * gw, 32)
         # The patch tokens carry position embeddings resampled to the input grid.
-        patches = tower.trunk.patch_embed(x).reshape(2, gh * gw, 32)
+        patches = tower.trunk.patch_embed(tower.normalize_pixels(x)).reshape(2, gh * gw, 32)
         pos = tower.trunk.pos_embed[:, 1:].reshape(1, 4, 4, 32).permute(0, 3, 1, 2)
         resized = F.interpolate(pos, size=(gh, gw), mode="bicubic", antialias=True, align_corners=False)
         resized = resized.permute(0, 2, 3, 1).reshape(1, gh * gw, 32)

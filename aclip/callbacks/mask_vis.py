@@ -8,7 +8,6 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
@@ -17,11 +16,9 @@ from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 DROPPED_GREY = 0.5
 
 
-def denormalise(images: Tensor) -> Tensor:
-    """CLIP-normalised images back to [0, 1]."""
-    mean = torch.tensor(OPENAI_DATASET_MEAN).view(-1, 1, 1)
-    std = torch.tensor(OPENAI_DATASET_STD).view(-1, 1, 1)
-    return (images.float() * std + mean).clamp(0, 1)
+def as_unit_float(images: Tensor) -> Tensor:
+    """Pixels of a batch (uint8 in [0, 255] or float in [0, 1]) as floats in [0, 1]."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float().clamp(0, 1)
 
 
 def grey_out_dropped(views: Tensor, keep: Tensor, grid: tuple[int, int]) -> Tensor:
@@ -47,11 +44,11 @@ def render_masking(record: dict[str, Any], tile: int = 128) -> Tensor:
     """One row per sample: the EMA crop with its heat map and view boxes (when scored), then each view
     with its dropped patches greyed out. Returns an image [3, H, W] in [0, 1]."""
     num_views, grid = record["num_views"], record["grid"]
-    views = grey_out_dropped(denormalise(record["views"]), record["keep"], grid)
+    views = grey_out_dropped(as_unit_float(record["views"]), record["keep"], grid)
     views = F.interpolate(views, size=(tile, tile), mode="nearest")
     rows = views.unflatten(0, (-1, num_views))
     if "score_map" in record:
-        ema = heat_overlay(denormalise(record["ema_image"]), record["score_map"])
+        ema = heat_overlay(as_unit_float(record["ema_image"]), record["score_map"])
         ema = F.interpolate(ema, size=(tile, tile), mode="bilinear", align_corners=False)
         ema = torch.stack(
             [

@@ -92,7 +92,8 @@ class ClipDataModule(pl.LightningDataModule):
         text_masking: `{"strategy": truncate | random | block | syntax, "length": tokens}` for the
             training captions (CLIPA text token reduction; see `build_tokenizer`).
         crop_scale: area range of the random resized crop of a training view.
-        color_jitter, blur: strength of colour jitter and probability of Gaussian blur per view.
+        augment: the photometric augmentation of the views (`PhotometricAugment`'s arguments); None: none.
+        interpolation: the crops' resampling filter, "bicubic" or "bilinear".
         evaluation: the evaluation suite whose image sets are the validation dataloaders (the learning
             curves during training); None: no validation.
     """
@@ -107,8 +108,8 @@ class ClipDataModule(pl.LightningDataModule):
         ema_image_size: int | None = None,
         text_masking: Mapping[str, Any] | None = None,
         crop_scale: Sequence[float] = (0.5, 1.0),
-        color_jitter: float = 0.0,
-        blur: float = 0.0,
+        augment: Mapping[str, Any] | None = None,
+        interpolation: str = "bicubic",
         evaluation: Evaluation | None = None,
     ) -> None:
         super().__init__()
@@ -127,8 +128,8 @@ class ClipDataModule(pl.LightningDataModule):
             num_views=num_views,
             crop_scale=crop_scale,
             ema_image_size=ema_image_size,
-            color_jitter=color_jitter,
-            blur=blur,
+            augment=augment,
+            interpolation=interpolation,
         )
 
     def setup(self, stage: str) -> None:

@@ -39,15 +39,18 @@ class EvalLoaders:
             centre-cropped).
         batch_size: images per batch on each device.
         num_workers: dataloader worker processes per device.
+        interpolation: the resize's filter, "bicubic" or "bilinear".
     """
 
-    def __init__(self, image_size: int, batch_size: int = 256, num_workers: int = 4) -> None:
+    def __init__(
+        self, image_size: int, batch_size: int = 256, num_workers: int = 4, interpolation: str = "bicubic"
+    ) -> None:
         if image_size < 1 or batch_size < 1 or num_workers < 0:
             raise ValueError(
                 "need eval_loader.image_size >= 1, eval_loader.batch_size >= 1 and "
                 f"eval_loader.num_workers >= 0; got {image_size}, {batch_size}, {num_workers}"
             )
-        self.transform = eval_transform(image_size)
+        self.transform = eval_transform(image_size, interpolation)
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def __call__(self, dataset: Dataset) -> DataLoader:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import open_clip.tokenizer
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transformer import TextTransformer, text_global_pool
+from open_clip.transformer import QuickGELU, TextTransformer, text_global_pool
 from torch import Tensor, nn
 
 # CLIPA's text token reductions, by our name, as open_clip's tokenizer calls them.
@@ -13,6 +15,7 @@ TEXT_REDUCTIONS = {"truncate": "", "random": "random", "block": "simple", "synta
 _SYNTAX_DATA = ("tokenizers/punkt_tab", "taggers/averaged_perceptron_tagger_eng")
 
 
+@functools.lru_cache(maxsize=8)
 def build_tokenizer(context_length: int = 77, reduction: str = "truncate") -> SimpleTokenizer:
     """CLIP's byte-pair tokenizer, read from the vocabulary file shipped inside open_clip (no network).
 
@@ -60,8 +63,14 @@ def _require_syntax_data() -> None:
     open_clip.tokenizer._nltk_init = True  # data present: skip open_clip's nltk.download() calls
 
 
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class TextTower(nn.Module):
-    """Causal text transformer pooled at the end-of-text token, projected to the joint space."""
+    """Causal text transformer pooled at the end-of-text token, projected to the joint space.
+
+    `activation` is the MLP's: "gelu", or "quick_gelu" (x * sigmoid(1.702 x), as CLIP and A-CLIP's code).
+    """
 
     def __init__(
         self,
@@ -72,10 +81,13 @@ class TextTower(nn.Module):
         layers: int = 12,
         mlp_ratio: float = 4.0,
         output_dim: int = 512,
+        activation: str = "gelu",
     ) -> None:
         super().__init__()
         if width % heads:
             raise ValueError(f"text width {width} must be divisible by heads {heads}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"text activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.context_length = context_length
         self.vocab_size = vocab_size
         # pool_type="argmax" pools at the end-of-text token: it has the largest id in CLIP's vocabulary.
@@ -88,6 +100,7 @@ class TextTower(nn.Module):
             mlp_ratio=mlp_ratio,
             output_dim=output_dim,
             pool_type="argmax",
+            act_layer=ACTIVATIONS[activation],
         )
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -6,6 +6,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from timm.data import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from timm.layers import Attention
 from timm.models import VisionTransformer
 from timm.models.vision_transformer import Block
@@ -15,6 +18,13 @@ from torch.utils.checkpoint import checkpoint
 Layers = str | Sequence[int]
 
 
+# Per-channel pixel statistics the tower normalises its input with, by name.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "openai": (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
 class VisionTower(nn.Module):
     """ViT image encoder with token removal and a projection to the joint embedding space.
 
@@ -22,6 +32,12 @@ class VisionTower(nn.Module):
     patch size; position embeddings are interpolated to the input grid. `forward(images, keep)` embeds
     all patches, adds position embeddings, then keeps only the CLS token and the patches listed in
     `keep`, so dropped tokens never enter a transformer block.
+
+    Images come in as pixels, uint8 in [0, 255] or float in [0, 1], and are normalised here with the
+    `normalize` statistics ("openai": CLIP's; "imagenet": ImageNet's, as A-CLIP's code), so that the data
+    pipeline moves compact pixels and the normalisation runs on the model's device. `freeze_patch_embed`
+    keeps the patch embedding's projection at its initialisation and out of the optimizer (MoCo v3's
+    stabiliser, which A-CLIP's code applies).
     """
 
     def __init__(
@@ -34,14 +50,24 @@ class VisionTower(nn.Module):
         mlp_ratio: float = 4.0,
         output_dim: int = 512,
         drop_path_rate: float = 0.0,
+        normalize: str = "openai",
+        freeze_patch_embed: bool = False,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
         if width % heads:
             raise ValueError(f"vision width {width} must be divisible by heads {heads}")
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
         self.image_size = image_size
         self.patch_size = patch_size
+        self.width = width
+        self.normalize = normalize
+        mean, std = NORMALIZATIONS[normalize]
+        # Not saved: they follow from `normalize`, which the checkpoint's description holds.
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.trunk = VisionTransformer(
             img_size=image_size,
             patch_size=patch_size,
@@ -58,6 +84,7 @@ class VisionTower(nn.Module):
         for module in self.trunk.modules():
             if isinstance(module, Attention):
                 module.fused_attn = True  # F.scaled_dot_product_attention, whatever TIMM_FUSED_ATTN says
+        self.trunk.patch_embed.proj.requires_grad_(not freeze_patch_embed)
         self.proj = nn.Linear(width, output_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=width**-0.5)
 
@@ -66,31 +93,49 @@ class VisionTower(nn.Module):
         width = height if width is None else width
         return height // self.patch_size, width // self.patch_size
 
+    def normalize_pixels(self, images: Tensor) -> Tensor:
+        """Pixels (uint8 in [0, 255], or float in [0, 1]) to the normalised input of the patch embedding."""
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255)
+        return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
+
     def embed(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         """Tokens entering the first block: CLS first, then the kept patches in `keep` order."""
         trunk = self.trunk
-        tokens = trunk._pos_embed(trunk.patch_embed(images))  # [B, 1 + gh * gw, C]
+        tokens = trunk._pos_embed(trunk.patch_embed(self.normalize_pixels(images)))  # [B, 1 + gh * gw, C]
         if keep is not None:
             tokens = keep_tokens(tokens, keep, trunk.num_prefix_tokens)
         return trunk.norm_pre(tokens)
 
-    def forward(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
-        """Projected CLS features [B, output_dim] of `images` [B, 3, H, W] seeing only `keep` patches.
+    def forward(
+        self, images: Tensor, keep: Tensor | None = None, *, return_cls_token: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Projected CLS features [B, output_dim] of `images` [B, 3, H, W] seeing only `keep` patches;
+        with `return_cls_token`, also the `cls_features` they project, as `(cls_features, projected)`.
 
         `keep` is a LongTensor [B, n_keep] of row-major patch indices (CLS excluded) or None for all.
         """
+        features = self.cls_features(images, keep)
+        return (features, self.proj(features)) if return_cls_token else self.proj(features)
+
+    def cls_features(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The CLS token after the final norm, before the projection [B, width] (what A-CLIP's
+        self-supervised heads read); `forward` is its projection."""
         tokens = self.embed(images, keep)
         checkpointing = self.trunk.grad_checkpointing and torch.is_grad_enabled()
         for block in self.trunk.blocks:
             tokens = checkpoint(block, tokens, use_reentrant=False) if checkpointing else block(tokens)
-        return self._head(tokens)
+        return self._pool(tokens)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""
         self.trunk.set_grad_checkpointing(enable)
 
-    def forward_with_cls_attention(self, images: Tensor, layers: Layers = "all") -> tuple[Tensor, Tensor]:
-        """Projected CLS features [B, output_dim] and CLS-attention scores [B, gh * gw], in one pass.
+    def forward_with_cls_attention(
+        self, images: Tensor, layers: Layers = "all", project: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Projected CLS features [B, output_dim] (`project=False`: the `cls_features` before the projection)
+        and CLS-attention scores [B, gh * gw], in one pass.
 
         The score of patch P is softmax_j(q(CLS) . k(j) / sqrt(d)) at j = P, averaged over heads and
         over the blocks in `layers` ("all", "last", or a list of block indices). Only the CLS query
@@ -105,7 +150,8 @@ class VisionTower(nn.Module):
                 score_sum += scores
             else:
                 tokens = block(tokens)
-        return self._head(tokens), score_sum / len(chosen)
+        features = self._pool(tokens)
+        return (self.proj(features) if project else features), score_sum / len(chosen)
 
     def cls_attention(self, images: Tensor, layers: Layers = "all") -> Tensor:
         """CLS-attention scores [B, gh * gw] of every patch (see `forward_with_cls_attention`)."""
@@ -115,8 +161,8 @@ class VisionTower(nn.Module):
         """Block indices for "all", "last" or a list of (possibly negative) indices; validated."""
         return resolve_layers(layers, len(self.trunk.blocks))
 
-    def _head(self, tokens: Tensor) -> Tensor:
-        return self.proj(self.trunk.forward_head(self.trunk.norm(tokens), pre_logits=True))
+    def _pool(self, tokens: Tensor) -> Tensor:
+        return self.trunk.forward_head(self.trunk.norm(tokens), pre_logits=True)
 
 
 def resolve_layers(layers: Layers, depth: int) -> list[int]:
