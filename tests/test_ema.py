@@ -158,7 +158,8 @@ def test_callback_needs_an_ema_model():
 
 @pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
 def test_callback_moves_every_ema_pair_of_the_module(train_config):
-    """With BYOL on, the EMA projector is a second (EMA, online) pair: frozen, in eval mode, and moved."""
+    """With BYOL on, the EMA projector is a second (EMA, online) pair: frozen, moved, and in the module's
+    mode (its batch norms use the batch's statistics in training, as A-CLIP's), unlike the EMA model."""
     module = instantiate(train_config("model.self_supervision.byol_weight=1.0").model)
     pairs = module.ema_pairs()
     assert len(pairs) == 2
@@ -168,7 +169,8 @@ def test_callback_moves_every_ema_pair_of_the_module(train_config):
     assert projector is module.self_supervision.byol_projector
     assert all(not p.requires_grad for p in projector_ema.parameters())
     module.train()
-    assert not any(m.training for ema, _ in pairs for m in ema.modules())
+    assert not any(m.training for m in module.ema_model.modules())
+    assert all(m.training for m in projector_ema.modules())
     with torch.no_grad():
         for online in (module.model, projector):
             for p in online.parameters():

@@ -118,7 +118,9 @@ class AClip(pl.LightningModule):
             self.model.vision.grid(*self._resize_for_masking_size(self.model.vision.image_size))
         )
         self.clip_loss = ClipLoss()
-        self.self_supervision = SelfSupervision(embed_dim, **(self_supervision or {}))
+        self.self_supervision = SelfSupervision(
+            embed_dim, cls_dim=self.model.vision.width, **(self_supervision or {})
+        )
         self.tokenizer = build_tokenizer(self.model.text.context_length)
         self._mask_generator: torch.Generator | None = None
         # Set by the mask-picture callback: record the next step's masking for this many samples.
@@ -131,8 +133,9 @@ class AClip(pl.LightningModule):
 
     def train(self, mode: bool = True) -> AClip:
         super().train(mode)
-        for ema, _ in self.ema_pairs():
-            ema.eval()  # the teacher never uses dropout or drop-path
+        # The teacher never uses dropout or drop-path. (The EMA BYOL projector follows the module's mode:
+        # in training its batch norms use the batch's statistics, as A-CLIP's.)
+        self.ema_model.eval()
         return self
 
     def configure_model(self) -> None:
@@ -180,8 +183,8 @@ class AClip(pl.LightningModule):
         views = self._resize_for_masking(images.flatten(0, 1))
         grid = self.model.vision.grid(*views.shape[-2:])
 
-        # 1. One EMA pass over the crop enclosing all views: its embedding and patch scores.
-        ema_embedding, score_map = self.ema_pass(batch.get("ema_image"))
+        # 1. One EMA pass over the crop enclosing all views: its features and patch scores.
+        ema_features, score_map = self.ema_pass(batch.get("ema_image"))
         # 2. Each view reads its patch scores from the shared map, over its box in the enclosing crop.
         scores = map_scores_to_views(score_map, batch["boxes"], grid) if score_map is not None else None
         # 3. The masking policy decides which patch tokens the online encoder keeps in each view.
@@ -189,7 +192,8 @@ class AClip(pl.LightningModule):
             scores, grid, batch_size * num_views, device=self.device, generator=self.mask_generator(batch_idx)
         )
         # 4. The online encoders: every view of the batch through the vision tower in one call.
-        view_embeddings = self.model.vision(views, keep).unflatten(0, (batch_size, num_views))
+        cls_tokens, view_embeddings = self.model.vision(views, keep, return_cls_token=True)
+        view_embeddings = view_embeddings.unflatten(0, (batch_size, num_views))
         image_features = F.normalize(view_embeddings, dim=-1)
         text_features = self.model.encode_text(text)
 
@@ -198,7 +202,10 @@ class AClip(pl.LightningModule):
         clip_loss = torch.stack(
             [self.clip_loss(image_features[:, v], text_features, logit_scale) for v in range(num_views)]
         ).mean()
-        auxiliary = self.self_supervision(view_embeddings, ema_embedding)
+        ssl_inputs = view_embeddings
+        if self.self_supervision.source == "cls_token":
+            ssl_inputs = cls_tokens.unflatten(0, (batch_size, num_views))
+        auxiliary = self.self_supervision(ssl_inputs, ema_features)
         loss = clip_loss + sum(auxiliary.values())
 
         self._log_step(loss, clip_loss, auxiliary, keep, scores, batch_size)
@@ -208,20 +215,23 @@ class AClip(pl.LightningModule):
 
     @torch.no_grad()
     def ema_pass(self, ema_image: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
-        """The EMA model's embedding of the EMA view [B, D] and its patch-score map [B, gh, gw].
-
-        Each is None when neither the masking policy nor the auxiliary losses need it.
+        """The EMA model's features of the EMA view, as the auxiliary heads read them (its CLS token
+        [B, width] or its embedding [B, D], `self_supervision.source`), and its patch-score map
+        [B, gh, gw]. Each is None when neither the masking policy nor the auxiliary losses need it.
         """
-        needs_scores, needs_embedding = self.masking.needs_scores, self.self_supervision.uses_ema
-        if not (needs_scores or needs_embedding):
+        needs_scores, needs_features = self.masking.needs_scores, self.self_supervision.uses_ema
+        if not (needs_scores or needs_features):
             return None, None
         if ema_image is None:
             raise ValueError("this masking policy or BYOL needs the batch's `ema_image` (the enclosing crop)")
         vision = self.ema_model.vision
+        project = self.self_supervision.source == "embedding"
         if not needs_scores:
-            return vision(ema_image), None
-        embedding, scores = vision.forward_with_cls_attention(ema_image, layers=self.masking.layers)
-        return embedding, scores.unflatten(1, vision.grid(*ema_image.shape[-2:]))
+            return (vision(ema_image) if project else vision.cls_features(ema_image)), None
+        features, scores = vision.forward_with_cls_attention(
+            ema_image, layers=self.masking.layers, project=project
+        )
+        return features, scores.unflatten(1, vision.grid(*ema_image.shape[-2:]))
 
     def _log_step(
         self,

@@ -35,7 +35,10 @@ class MLPHead(nn.Module):
     - "sync_batch": nn.SyncBatchNorm, statistics of the global batch under torch.distributed (needs GPU
       tensors when a process group is initialised; plain batch norm otherwise).
     - "none": no normalisation.
-    Linear layers followed by a batch norm have no bias (it would be cancelled by the norm's centring).
+
+    `bias`: None (default) gives every Linear a bias except those followed by a batch norm (whose
+    centring would cancel it); True gives every Linear one (A-CLIP's SimCLR head), False none (A-CLIP's
+    BYOL projector and predictor).
 
     The input may have any leading dimensions, `[..., in_dim] -> [..., out_dim]`: they are flattened into
     one batch dimension, so batch norms see every row (e.g. all B * k views) as one batch.
@@ -49,6 +52,7 @@ class MLPHead(nn.Module):
         num_layers: int = 3,
         norm: str = "layer",
         activation: str = "gelu",
+        bias: bool | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("in_dim", in_dim), ("hidden_dim", hidden_dim), ("out_dim", out_dim)):
@@ -62,14 +66,15 @@ class MLPHead(nn.Module):
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.in_dim, self.out_dim = in_dim, out_dim
 
+        hidden_bias = norm not in ("batch", "sync_batch") if bias is None else bias
         layers: list[nn.Module] = []
         dim = in_dim
         for _ in range(num_layers - 1):
-            layers.append(nn.Linear(dim, hidden_dim, bias=norm not in ("batch", "sync_batch")))
+            layers.append(nn.Linear(dim, hidden_dim, bias=hidden_bias))
             layers.append(_norm(norm, hidden_dim))
             layers.append(nn.GELU() if activation == "gelu" else nn.ReLU(inplace=True))
             dim = hidden_dim
-        layers.append(nn.Linear(dim, out_dim))
+        layers.append(nn.Linear(dim, out_dim, bias=True if bias is None else bias))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

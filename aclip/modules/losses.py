@@ -132,6 +132,41 @@ class SimCLRLoss(nn.Module):
         return _report_global_mean(loss)
 
 
+class SimCLRReferenceLoss(nn.Module):
+    """The SimCLR term of A-CLIP's published code, reproduced to bracket its numbers (not the default).
+
+    Its `ACLIPLoss` passes the first view's projections as both augmentations of SLIP's `SIMCLRLoss`, so
+    each anchor's "positive" is itself. With z_b the normalised projection of image b's first view
+    (`views[:, 0]`), s_bc = <z_b, z_c> / temperature and N the global batch, the loss is the mean over
+    anchors b of
+
+        -s_bb + log( sum_c exp(s_bc) + sum_{c != b} exp(s_bc) ),
+
+    cross-entropy over the 2N logits [s_b., s_b. with the self term masked out] at label b. Its gradient
+    only spreads the first views apart; the second view is never used. Gathered and reported like
+    `SimCLRLoss`.
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def forward(self, views: Tensor) -> Tensor:
+        _check_views("views", views, min_views=1)
+        rank, _ = rank_and_world()
+        anchors = F.normalize(_upcast(views[:, 0]), dim=-1)  # [B, D]
+        candidates = gather_with_grad(anchors)  # [N, D]
+        with _full_precision(views):
+            logits = anchors @ candidates.T / self.temperature  # [B, N]
+        labels = torch.arange(anchors.shape[0], device=views.device) + rank * anchors.shape[0]
+        self_term = torch.arange(candidates.shape[0], device=views.device)[None, :] == labels[:, None]
+        masked = logits.masked_fill(self_term, float("-inf"))
+        loss = F.cross_entropy(torch.cat([logits, masked], dim=1), labels)
+        return _report_global_mean(loss)
+
+
 class SimSiamLoss(nn.Module):
     """Symmetric negative cosine of SimSiam between the k views of each image.
 

@@ -4,59 +4,89 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import Tensor, nn
 
 from aclip.modules.heads import MLPHead
-from aclip.modules.losses import BYOLLoss, SimCLRLoss, SimSiamLoss
+from aclip.modules.losses import BYOLLoss, SimCLRLoss, SimCLRReferenceLoss, SimSiamLoss
 
-VIEW_LOSSES = ("simclr", "simsiam")
+VIEW_LOSSES = ("simclr", "simsiam", "simclr_reference")
+# What the heads read: the vision tower's CLS token after its final norm, before the image projection
+# (A-CLIP's code), or the projected CLIP image embedding.
+SOURCES = ("cls_token", "embedding")
 
 
 class SelfSupervision(nn.Module):
     """The heads and losses of the auxiliary objectives, weighted.
 
     - `view_loss="simclr"`: NT-Xent between different views of an image (other images' views are
-      negatives, gathered across ranks), on an MLP head (`num_layers` 3, hidden -> out).
+      negatives, gathered across ranks), on an MLP head (3 layers, hidden -> out).
+    - `view_loss="simclr_reference"`: the term A-CLIP's published code computes instead (its loss passes
+      the first view as both augmentations, so each image's first view is its own positive); offered to
+      reproduce the published numbers, never the default.
     - `view_loss="simsiam"`: negative cosine between a view's prediction and another view's
       projection (stop-gradient).
-    - `byol_weight > 0`: BYOL from every online view (projector + predictor) to the EMA model's embedding
+    - `byol_weight > 0`: BYOL from every online view (projector + predictor) to the EMA model's features
       of the EMA view through the EMA copy of the projector (`ema_projector`, moved by the EMA callback).
+      With batch norms, the EMA projector normalises with its own batch statistics (it stays in train
+      mode, as in A-CLIP's code), not with running statistics copied from the online one.
 
-    `forward(view_embeddings [B, k, D], ema_embedding [B, D] | None)` returns the weighted losses
-    by name (an empty dict when every weight is zero).
+    `source` says what the heads read: "cls_token" (the vision tower's `cls_features`, width `cls_dim`;
+    A-CLIP's wiring, so the auxiliary gradients reach the trunk but not the CLIP image projection) or
+    "embedding" (the projected CLIP embedding, width `embed_dim`). `norm`, `activation` and the biases
+    shape the heads (`MLPHead`); A-CLIP's code: batch norm, ReLU, `view_head_bias=True`,
+    `byol_head_bias=False`.
+
+    `forward(view_features [B, k, C], ema_features [B, C] | None)` returns the weighted losses by name
+    (an empty dict when every weight is zero).
     """
 
     def __init__(
         self,
         embed_dim: int,
+        cls_dim: int | None = None,
         view_loss: str | None = None,
         view_weight: float = 1.0,
         byol_weight: float = 0.0,
         hidden_dim: int = 4096,
         out_dim: int = 256,
+        source: str = "embedding",
         norm: str = "layer",
+        activation: str = "gelu",
+        view_head_bias: bool | None = None,
+        byol_head_bias: bool | None = None,
         temperature: float = 0.1,
     ) -> None:
         super().__init__()
         if view_loss not in (None, *VIEW_LOSSES):
             raise ValueError(f"view_loss must be one of {VIEW_LOSSES} or null, got {view_loss!r}")
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+        if source == "cls_token" and cls_dim is None:
+            raise ValueError('source="cls_token" needs cls_dim, the vision tower\'s width')
+        self.source = source
         if view_weight < 0 or byol_weight < 0:
             raise ValueError(
                 f"loss weights must be >= 0, got view_weight={view_weight}, byol_weight={byol_weight}"
             )
         self.view_loss_name = view_loss if view_loss and view_weight > 0 else None
         self.view_weight, self.byol_weight = view_weight, byol_weight
+        in_dim = cls_dim if source == "cls_token" else embed_dim
+        view_head = {"norm": norm, "activation": activation, "bias": view_head_bias}
+        byol_head = {"norm": norm, "activation": activation, "bias": byol_head_bias}
 
         if self.view_loss_name:
-            self.view_projector = MLPHead(embed_dim, hidden_dim, out_dim, num_layers=3, norm=norm)
+            self.view_projector = MLPHead(in_dim, hidden_dim, out_dim, num_layers=3, **view_head)
         if self.view_loss_name == "simclr":
             self.view_loss = SimCLRLoss(temperature)
+        elif self.view_loss_name == "simclr_reference":
+            self.view_loss = SimCLRReferenceLoss(temperature)
         elif self.view_loss_name == "simsiam":
-            self.view_predictor = MLPHead(out_dim, hidden_dim, out_dim, num_layers=2, norm=norm)
+            self.view_predictor = MLPHead(out_dim, hidden_dim, out_dim, num_layers=2, **view_head)
             self.view_loss = SimSiamLoss()
         if self.uses_ema:
-            self.byol_projector = MLPHead(embed_dim, hidden_dim, out_dim, num_layers=2, norm=norm)
-            self.byol_predictor = MLPHead(out_dim, hidden_dim, out_dim, num_layers=2, norm=norm)
+            self.byol_projector = MLPHead(in_dim, hidden_dim, out_dim, num_layers=2, **byol_head)
+            self.byol_predictor = MLPHead(out_dim, hidden_dim, out_dim, num_layers=2, **byol_head)
             self.ema_projector = copy.deepcopy(self.byol_projector).requires_grad_(False)
             self.byol_loss = BYOLLoss()
 
@@ -67,25 +97,27 @@ class SelfSupervision(nn.Module):
 
     @property
     def needs_views(self) -> int:
-        """The number of views per image the objectives need (2 for the view losses)."""
-        return 2 if self.view_loss_name else 1
+        """The number of views per image the objectives need (2 for the view losses that compare views)."""
+        return 2 if self.view_loss_name in ("simclr", "simsiam") else 1
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(EMA module, online module) pairs that the EMA callback moves."""
         return [(self.ema_projector, self.byol_projector)] if self.uses_ema else []
 
-    def forward(self, view_embeddings: Tensor, ema_embedding: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, view_features: Tensor, ema_features: Tensor | None = None) -> dict[str, Tensor]:
         losses = {}
-        if self.view_loss_name == "simclr":
-            losses["simclr"] = self.view_weight * self.view_loss(self.view_projector(view_embeddings))
+        if self.view_loss_name in ("simclr", "simclr_reference"):  # both logged as the SimCLR term
+            losses["simclr"] = self.view_weight * self.view_loss(self.view_projector(view_features))
         elif self.view_loss_name == "simsiam":
-            projections = self.view_projector(view_embeddings)
+            projections = self.view_projector(view_features)
             losses["simsiam"] = self.view_weight * self.view_loss(
                 self.view_predictor(projections), projections
             )
         if self.uses_ema:
-            if ema_embedding is None:
-                raise ValueError("BYOL needs the EMA model's embedding of the EMA view")
-            predictions = self.byol_predictor(self.byol_projector(view_embeddings))
-            losses["byol"] = self.byol_weight * self.byol_loss(predictions, self.ema_projector(ema_embedding))
+            if ema_features is None:
+                raise ValueError("BYOL needs the EMA model's features of the EMA view")
+            predictions = self.byol_predictor(self.byol_projector(view_features))
+            with torch.no_grad():  # the target: batch statistics of its own batch (train mode), no gradient
+                targets = self.ema_projector(ema_features)
+            losses["byol"] = self.byol_weight * self.byol_loss(predictions, targets)
         return losses
