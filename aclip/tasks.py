@@ -81,9 +81,11 @@ def optimized_value(metrics: Metrics, key: str | None) -> float | None:
     return reported[key]
 
 
-def report(metrics: Metrics, output_dir: Path, loggers: list[Any]) -> None:
+def report(
+    metrics: Metrics, output_dir: Path, loggers: list[Any], reported: dict[str, str] | None = None
+) -> None:
     """Print the metrics table, write metrics.json and send the values to the loggers."""
-    print(format_table(metrics))
+    print(format_table(metrics, reported))
     path = write_metrics(metrics, output_dir / "metrics.json")
     log.info("Evaluation written to %s", path)
     flat = flatten_metrics(metrics, "eval")
@@ -215,7 +217,7 @@ def train(cfg: DictConfig) -> Metrics:
         module.to(trainer.strategy.root_device)
         metrics, failed = _evaluate(evaluation, module)
         if trainer.is_global_zero:
-            report(metrics, output_dir, loggers)
+            report(metrics, output_dir, loggers, evaluation.reported_metrics())
         if failed is not None:
             finish_wandb(loggers, failed=True)
             raise failed
@@ -253,14 +255,17 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     module = load_checkpoint(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    # The evaluation images must fit the checkpoint's vision tower.
+    # The evaluation images must fit the checkpoint's vision tower, resized as its run resized them.
     cfg.eval_loader.image_size = module.hparams.vision["image_size"]
+    if cfg.eval_loader.get("interpolation") is None:
+        run_config = read_checkpoint(resolve_ckpt_path(cfg.ckpt_path, Path.cwd())).get(RUN_CONFIG_KEY) or {}
+        cfg.eval_loader.interpolation = (run_config.get("eval_loader") or {}).get("interpolation", "bicubic")
     evaluation = build_evaluation(cfg)
     evaluation.check()
     module.to("cuda" if torch.cuda.is_available() else "cpu")
     metrics, failed = _evaluate(evaluation, module)
     loggers = _instantiate_all(cfg.get("logger"))
-    report(metrics, _output_dir(cfg), loggers)
+    report(metrics, _output_dir(cfg), loggers, evaluation.reported_metrics())
     finish_wandb(loggers, failed=failed is not None)
     if failed is not None:
         raise failed

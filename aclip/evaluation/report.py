@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 
-def format_table(metrics: dict[str, dict[str, float]]) -> str:
-    """A text table: one row per metric, one column per evaluated model (e.g. online, ema)."""
+def format_table(metrics: dict[str, dict[str, float]], reported: dict[str, str] | None = None) -> str:
+    """A text table: one row per metric, one column per evaluated model (e.g. online, ema). `reported`
+    (`zeroshot/<set>` -> metric name) names, under the table, what each set's `reported` row is."""
     models = list(metrics)
     keys = sorted({key for results in metrics.values() for key in results})
     width = max([len("metric"), *map(len, keys)])
@@ -18,6 +19,9 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
             f"{metrics[name][key]:>10.2f}" if key in metrics[name] else f"{'-':>10}" for name in models
         )
         lines.append(key.ljust(width) + cells)
+    if reported:
+        notes = ", ".join(f"{name.split('/', 1)[1]}: {metric}" for name, metric in reported.items())
+        lines.append(f"reported = the paper's figure per set ({notes})")
     return "\n".join(lines)
 
 

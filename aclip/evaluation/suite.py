@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from aclip.distributed import rank_and_world
 from aclip.evaluation.distributed import gather_in_order
 from aclip.evaluation.loaders import EvalLoaders
-from aclip.evaluation.tasks import EncodedImages, EvalTask, Tokenizer
+from aclip.evaluation.tasks import EncodedImages, EvalTask, Tokenizer, ZeroShotClassification
 from aclip.modules.model import ClipModel
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,24 @@ class Evaluation:
                     failures[key] = f"{type(error).__name__}: {error}"
                     continue
                 metrics[name] |= {f"{key}/{metric}": value for metric, value in results.items()}
+            metrics[name] |= self._suite_average(metrics[name])
         return metrics
+
+    def _suite_average(self, metrics: dict[str, float]) -> dict[str, float]:
+        """`zeroshot/average/reported`: the mean of the zero-shot sets' reported figures (the "Average"
+        column of the paper's 26-set table), when there are several and none failed."""
+        sets = [f"zeroshot/{task.name}/reported" for task in self.tasks if task.kind == "zeroshot"]
+        if len(sets) < 2 or not all(key in metrics for key in sets):
+            return {}
+        return {"zeroshot/average/reported": sum(metrics[key] for key in sets) / len(sets)}
+
+    def reported_metrics(self) -> dict[str, str]:
+        """Which figure each zero-shot set's `reported` is, by `zeroshot/<set>`."""
+        return {
+            f"{task.kind}/{task.name}": task.reported_metric
+            for task in self.tasks
+            if isinstance(task, ZeroShotClassification)
+        }
 
     @torch.no_grad()
     def run(self, models: Mapping[str, ClipModel], tokenize: Tokenizer) -> Metrics:

@@ -17,7 +17,7 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassConfusionMatrix
 
 from aclip.evaluation.distributed import gather_in_order, my_share
 from aclip.evaluation.linear_probe import fit_linear_probe
@@ -98,14 +98,25 @@ class EvalTask(ABC):
         """The task's metrics (percent) for `model`, from the embeddings of its `image_sets`."""
 
 
+# The figure a zero-shot set reports (`reported`), as SLIP's and A-CLIP's tables compute it.
+REPORTED_METRICS = ("top1", "mean_per_class_recall", "top1_top5_mean", "roc_auc")
+
+
 class ZeroShotClassification(EvalTask):
     """Classify images by their similarity to prompt-ensembled class names (CLIP's zero-shot transfer).
+
+    Reports top-1, top-5 and mean per-class recall, and `reported`: the set's figure in the paper's tables
+    (A-CLIP's `eval_zeroshot.py`, from SLIP): `reported_metric` is "top1" (most sets),
+    "mean_per_class_recall" (FGVC Aircraft, Oxford Pets, Caltech-101, Flowers-102), "top1_top5_mean"
+    (Kinetics-700: (top-1 + top-5) / 2) or "roc_auc" (Hateful Memes, two classes: the area under the ROC
+    curve of logit(class 1) - logit(class 0), also reported as `roc_auc`).
 
     Args:
         dataset: items `(PIL image, label)`.
         classnames: see `aclip.evaluation.prompts.load_classnames` (default: from the dataset).
         templates: see `aclip.evaluation.prompts.load_templates` (default: from the dataset).
         name: the set's name in the metric keys.
+        reported_metric: which figure `reported` is.
     """
 
     kind = "zeroshot"
@@ -116,11 +127,21 @@ class ZeroShotClassification(EvalTask):
         classnames: str | Sequence[str] | None = None,
         templates: str | Sequence[str] | None = None,
         name: str = "zeroshot",
+        reported_metric: str = "top1",
     ) -> None:
         super().__init__(name)
+        if reported_metric not in REPORTED_METRICS:
+            raise ValueError(
+                f"eval.{name}.reported_metric must be one of {REPORTED_METRICS}, got {reported_metric!r}"
+            )
         self.dataset = dataset
         self.classnames = load_classnames(classnames, dataset)
         self.templates = load_templates(templates, dataset)
+        if reported_metric == "roc_auc" and len(self.classnames) != 2:
+            raise ValueError(f"eval.{name}: roc_auc needs two classes, the set has {len(self.classnames)}")
+        if reported_metric == "top1_top5_mean" and len(self.classnames) < 5:
+            raise ValueError(f"eval.{name}: top1_top5_mean needs at least 5 classes")
+        self.reported_metric = reported_metric
 
     @property
     def image_sets(self) -> list[Dataset]:
@@ -134,8 +155,15 @@ class ZeroShotClassification(EvalTask):
         weights = zero_shot_weights(
             lambda texts: encode_texts(model, tokenize, texts), self.classnames, self.templates
         )
-        metrics = ClassificationMetrics(len(self.classnames), weights.device)
-        return metrics(encoded.features.to(weights.device) @ weights, encoded.labels.to(weights.device))
+        logits, labels = encoded.features.to(weights.device) @ weights, encoded.labels.to(weights.device)
+        results = ClassificationMetrics(len(self.classnames), weights.device)(logits, labels)
+        if self.reported_metric == "roc_auc":
+            auroc = BinaryAUROC(sync_on_compute=False).to(logits.device)
+            results["roc_auc"] = 100.0 * auroc(logits[:, 1] - logits[:, 0], labels).item()
+        elif self.reported_metric == "top1_top5_mean":
+            results["top1_top5_mean"] = (results["top1"] + results["top5"]) / 2
+        results["reported"] = results[self.reported_metric]
+        return results
 
 
 class Retrieval(EvalTask):
