@@ -363,8 +363,9 @@ def plot(summary: Summary, path: Path) -> Path | None:
     return path
 
 
-def write(summary: Summary) -> dict[str, Path]:
-    """Write summary.csv (every metric), summary_seeds.csv (if seeds vary), summary.md and summary.png."""
+def write(summary: Summary, chart: bool = True) -> dict[str, Path]:
+    """Write summary.csv (every metric), summary_seeds.csv (if seeds vary), summary.md and (`chart`)
+    summary.png."""
     directory = summary.sweep_dir
     paths = {"csv": directory / "summary.csv", "md": directory / "summary.md"}
     _write_csv(paths["csv"], *summary.rows())
@@ -372,22 +373,23 @@ def write(summary: Summary) -> dict[str, Path]:
         paths["seeds_csv"] = directory / "summary_seeds.csv"
         _write_csv(paths["seeds_csv"], *summary.seed_groups())
     _write_text(paths["md"], markdown(summary) + "\n")
-    png = plot(summary, directory / "summary.png")
+    png = plot(summary, directory / "summary.png") if chart else None
     if png is not None:
         paths["png"] = png
     return paths
 
 
 def summarize(sweep_dir: str | os.PathLike, finished: bool = True) -> tuple[Summary, dict[str, Path]]:
-    """Collect a sweep's jobs and write its summary files; returns both."""
+    """Collect a sweep's jobs and write its summary files (the chart once the sweep has finished);
+    returns both."""
     summary = collect(sweep_dir, finished)
-    return summary, write(summary)
+    return summary, write(summary, chart=finished)
 
 
 class SweepSummary(Callback):
-    """Hydra callback: rebuild the sweep's summary when a job ends (on the machine that ran it, so the
-    table fills as jobs finish) and when the sweep ends (then print it, and log it to W&B when the jobs
-    log there)."""
+    """Hydra callback: rebuild the sweep's tables when a job ends (on the machine that ran it, so they
+    fill as jobs finish) and everything, the chart too, when the sweep ends (then print the tables, and
+    log them to W&B when the jobs log there)."""
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if config.hydra.mode == RunMode.MULTIRUN:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from aclip.checkpointing import read_checkpoint
 from tests.conftest import TINY_SYNTHETIC_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,11 +158,13 @@ def _run(command: str, copy: Path) -> subprocess.CompletedProcess:
     )
 
 
-def with_overrides(command: str) -> str:
+def with_overrides(command: str, copy: Path) -> str:
     """`command` with the tiny overrides appended (to `train.py` and `evaluate.py` commands)."""
     if re.search(r"\btrain\.py\b", command) and "--help" not in command:
-        # A resumed run continues for one more epoch than the run it resumes.
-        extra = ["trainer.max_epochs=2"] if "ckpt_path=" in command else []
+        extra = []
+        if "ckpt_path=" in command:  # a resumed run trains one epoch more than the run it resumes
+            last = _newest("logs/train/runs/*/checkpoints/last.ckpt", copy)
+            extra = [f"trainer.max_epochs={read_checkpoint(last)['epoch'] + 2}"]
         return " ".join([command, *TRAIN_OVERRIDES, *EVAL_OVERRIDES[:2], *extra])
     if re.search(r"\bevaluate\.py\b", command):
         return " ".join([command, *EVAL_OVERRIDES])
@@ -228,7 +231,7 @@ class Outcome:
 def _run_in(copy: Path, commands: list[str]) -> dict[str, Outcome]:
     outcomes = {}
     for command in commands:
-        run = with_overrides(with_placeholders_filled(command, copy) if "<" in command else command)
+        run = with_overrides(with_placeholders_filled(command, copy) if "<" in command else command, copy)
         outcomes[command] = Outcome(run, _run(run, copy), copy)
     return outcomes
 
