@@ -240,7 +240,7 @@ def quiet_lightning() -> None:
 
 
 def fit(
-    module: AClip,
+    module: pl.LightningModule,
     cfg: DictConfig,
     data: DataLoader | pl.LightningDataModule,
     settings: RunSettings,
@@ -284,12 +284,16 @@ def fit(
 
 @dataclass
 class Variant:
-    """A benchmarked variant: its config, module and (CPU) batch, and the times measured so far."""
+    """A benchmarked variant: its config, module and (CPU) batch, and the times measured so far.
+
+    `ema` says whether the config's EMA callback trains with it (not for a module without an EMA model).
+    """
 
     name: str
     cfg: DictConfig
-    module: AClip
+    module: pl.LightningModule
     batch: Batch
+    ema: bool = True
     times: list[float] = field(default_factory=list)
     peak_memory: int = 0
     flops: int | None = None
@@ -314,7 +318,8 @@ def time_steps(variant: Variant, settings: RunSettings) -> None:
     count = variant.flops is None
     length = settings.warmup + settings.steps
     loader = repeated_loader(to_device(variant.batch, settings.device), length)
-    fit(variant.module, variant.cfg, loader, settings, [counter, timer] if count else [timer])
+    callbacks = [counter, timer] if count else [timer]
+    fit(variant.module, variant.cfg, loader, settings, callbacks, None if variant.ema else Callback())
     variant.times += timer.times
     variant.peak_memory = max(variant.peak_memory, timer.peak_memory or 0)
     if count:

@@ -12,6 +12,11 @@ the median step time, its ratio to `clip`, the step's FLOPs (torch's FLOP counte
     python -m benchmarks.step_cost --threads 1 --clock cpu   # a CPU shared with other jobs (~5 min, 2 cores)
     python -m benchmarks.step_cost --quick          # the tiny model, one step each, printed only
     python -m benchmarks.step_cost --device cuda --model vit_b16 --batch-size 256 --dtype bf16
+    python -m benchmarks.step_cost --against open_clip --variants clip random_1x50 aclip_eff --breakdown
+
+`--against open_clip` adds open_clip's own `CLIP` + `ClipLoss` step on towers of the same sizes
+(`benchmarks.open_clip_reference`) to the rotation, and a table pairing `clip` and `aclip_eff` with it and
+`random_1x50` with open_clip's `patch_dropout=0.5`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from benchmarks.harness import (
     run_interleaved,
     torch_threads,
 )
+from benchmarks.open_clip_reference import PAIRS, build_reference, reference_name, trainable_parameters
 
 BASELINE = "clip"
 CLOCK_TEXT = {"wall": "the wall clock (device synchronised)", "cpu": "this process's CPU time"}
@@ -105,6 +111,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, help="CPU threads of torch (default: torch's); 1 is steadier on a busy machine"
     )
+    parser.add_argument(
+        "--against",
+        choices=["open_clip"],
+        help="also time open_clip's CLIP + ClipLoss on the same towers and pair it with clip, random_1x50 "
+        "(patch_dropout 0.5) and aclip_eff",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, batch 8, one step per variant")
     add_override_argument(parser)
     add_output_arguments(parser)
@@ -137,11 +149,12 @@ def format_table(variants: Sequence[Variant], device: torch.device) -> str:
     ]
     for variant in variants:
         ms = [t * 1e3 for t in variant.times]
+        preset = f"`{VARIANTS[variant.name]}`" if variant.ema else "open_clip `CLIP` + `ClipLoss`"
         flops = f"{variant.flops / 1e9:.1f}" if variant.flops else "n/a"
         flop_ratio = f"{variant.flops / base.flops:.2f}" if variant.flops and base.flops else "n/a"
         memory = f"{variant.peak_memory / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on CPU"
         lines.append(
-            f"| `{variant.name}` | `{VARIANTS[variant.name]}` | {_views(variant)} "
+            f"| `{variant.name}` | {preset} | {_views(variant)} "
             f"| {variant.median * 1e3:.1f} ({min(ms):.1f}-{max(ms):.1f}) "
             f"| {variant.median / base.median:.2f} | {flops} | {flop_ratio} | {memory} |"
         )
@@ -150,6 +163,11 @@ def format_table(variants: Sequence[Variant], device: torch.device) -> str:
 
 def _views(variant: Variant) -> str:
     """`k x kept/total` patches of the online views, e.g. `2 x 98/196`."""
+    if not variant.ema:  # open_clip's reference: one view, patch_dropout keeps int(total * (1 - p))
+        vision = variant.module.model.visual
+        total = vision.grid_size[0] * vision.grid_size[1]
+        dropout = getattr(vision.patch_dropout, "prob", 0.0)
+        return f"1 x {max(1, int(total * (1 - dropout)))}/{total}"
     masking, vision, images = variant.module.masking, variant.module.model.vision, variant.batch["images"]
     side = images.shape[-1]
     if masking.resizes:
@@ -157,6 +175,27 @@ def _views(variant: Variant) -> str:
     grid = vision.grid(side)
     total = grid[0] * grid[1]
     return f"{images.shape[1]} x {masking.num_keep(grid)}/{total}"
+
+
+def format_pairs(variants: Sequence[Variant]) -> str:
+    """Markdown: each aclip variant against its open_clip reference, step time and trainable parameters."""
+    by_name = {variant.name: variant for variant in variants}
+    lines = [
+        "| aclip variant | open_clip reference | aclip ms / step | open_clip ms / step | ratio "
+        "| trainable parameters, aclip / open_clip |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for name, dropout in PAIRS.items():
+        if name not in by_name or reference_name(dropout) not in by_name:
+            continue
+        ours, theirs = by_name[name], by_name[reference_name(dropout)]
+        ours_params, their_params = trainable_parameters(ours.module), trainable_parameters(theirs.module)
+        lines.append(
+            f"| `{name}` | `{theirs.name}` (patch_dropout {dropout}) | {ours.median * 1e3:.1f} "
+            f"| {theirs.median * 1e3:.1f} | {ours.median / theirs.median:.2f} "
+            f"| {ours_params:,} / {their_params:,} ({ours_params / their_params - 1:+.3%}) |"
+        )
+    return "\n".join(lines)
 
 
 def _breakdown_summary(name: str, breakdown: Breakdown) -> str:
@@ -183,8 +222,20 @@ def report(
         "",
         format_table(variants, args.device),
     ]
+    if args.against:
+        lines += ["", "Against open_clip, same towers, same batch, interleaved:", "", format_pairs(variants)]
     lines += ["", *(_breakdown_summary(name, b) + "\n" for name, b in breakdowns.items())]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def references(variants: Sequence[Variant]) -> list[Variant]:
+    """open_clip's reference steps for the paired variants among `variants`, on `clip`'s one-view batch."""
+    base = next(v for v in variants if v.name == BASELINE)
+    dropouts = sorted({PAIRS[v.name] for v in variants if v.name in PAIRS})
+    return [
+        Variant(reference_name(p), base.cfg, build_reference(base.module, p), base.batch, ema=False)
+        for p in dropouts
+    ]
 
 
 def measure(args: argparse.Namespace) -> tuple[list[Variant], dict[str, Breakdown]]:
@@ -192,6 +243,8 @@ def measure(args: argparse.Namespace) -> tuple[list[Variant], dict[str, Breakdow
     quiet_lightning()
     settings = RunSettings(args.device, PRECISIONS[args.dtype], args.steps, args.warmup, args.clock)
     variants = [build_variant(name, args.model, args.batch_size, args.overrides) for name in args.variants]
+    if args.against:
+        variants += references(variants)
     run_interleaved(variants, args.rounds, settings)
     by_name = {variant.name: variant for variant in variants}
     breakdowns = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torch.nn.functional as F
 from aclip.modules.losses import SimCLRLoss, SimSiamLoss
 from aclip.modules.masking import AttentiveMasking, RandomMasking, map_scores_to_views
 from aclip.modules.vision import VisionTower
-from benchmarks import step_cost
+from benchmarks import loader, step_cost
 from benchmarks.harness import VARIANTS, compose_variant
 from benchmarks.throughput import forward_backward_flops, vision_flops
 
@@ -25,6 +28,61 @@ def test_step_cost_quick_reports_every_variant(tmp_path: Path) -> None:
     assert rows["clip"].split("|")[5].strip() == "1.00"  # ratio to clip
     assert "Phase breakdown of `aclip`" in text and "| EMA scoring |" in text
     assert output.read_text().strip() == text.strip()
+
+
+def test_step_cost_against_open_clip_pairs_steps_on_equal_towers() -> None:
+    text = step_cost.main(
+        [
+            "--quick",
+            "--threads",
+            "1",
+            "--variants",
+            "clip",
+            "random_1x50",
+            "--breakdown",
+            "--against",
+            "open_clip",
+        ]
+    )
+
+    rows = {
+        line.split("|")[1].strip(" `"): line.split("|")
+        for line in text.splitlines()
+        if line.startswith("| `")
+    }
+    # open_clip's steps were timed in the same rotation; its patch dropout keeps half the patches.
+    assert rows["open_clip"][3].strip() == "1 x 64/64" and rows["open_clip_pd50"][3].strip() == "1 x 32/64"
+    pairs = text.split("Against open_clip")[1]
+    assert "`clip` | `open_clip` (patch_dropout 0.0)" in pairs
+    assert "`random_1x50` | `open_clip_pd50` (patch_dropout 0.5)" in pairs
+    # The towers are the same sizes: the trainable parameter counts agree to within 0.01 %.
+    shares = [float(share) for share in re.findall(r"\(([-+]\d+\.\d+)%\)", pairs)]
+    assert len(shares) == 2 and all(abs(share) < 0.01 for share in shares)
+
+
+def test_loader_quick_times_every_source_and_method(tmp_path: Path) -> None:
+    text = loader.main(["--quick", "--no-record", "--profile", "csv:aclip", "--fixture", str(tmp_path)])
+
+    table = text.split("share of the time")[0]  # the rates, not the profile's rows
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| `")]
+    names = {(row[1].strip(" `"), row[2].strip(" `")) for row in rows}
+    assert names >= {(source, method) for source in loader.SOURCES for method in loader.METHODS}
+    assert all(float(row[4].split()[0]) > 0 for row in rows)
+    assert "share of the time" in text  # the profile of csv:aclip
+
+
+def test_gpu_script_runs_only_options_the_benchmarks_accept() -> None:
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh").read_text()
+    commands = re.findall(r'"\$python" -m (benchmarks\.\w+)((?:\\\n|[^\n])*)', script)
+    assert {name for name, _ in commands} == {
+        "benchmarks.step_cost",
+        "benchmarks.throughput",
+        "benchmarks.loader",
+    }
+    for name, arguments in commands:
+        argv = shlex.split(arguments.replace("\\\n", " ").replace('"$workers"', "2"))
+        argv = ["cpu" if arg == "cuda" else arg for arg in argv]  # parse here, run there
+        importlib.import_module(name).parse_args(argv)  # exits on an unknown or stale option
 
 
 def test_flop_count_scales_with_kept_tokens() -> None:

@@ -47,7 +47,7 @@ class ColourModel(nn.Module):
         self.logit_scale = nn.Parameter(torch.zeros(()))
 
     def encode_image(self, images: Tensor) -> Tensor:
-        return F.normalize(images.mean(dim=(2, 3)), dim=-1)
+        return F.normalize(images.float().mean(dim=(2, 3)), dim=-1)  # uint8 pixels, as models take them
 
     def encode_text(self, tokens: Tensor) -> Tensor:
         return F.normalize(tokens.float(), dim=-1)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image
+import torch
 
 from aclip.datamodules import synthetic
 from aclip.datamodules.synthetic import (
@@ -23,9 +23,14 @@ from aclip.datamodules.synthetic import (
 COLOUR_TOLERANCE = 40  # max per-channel distance for a pixel to count as a class colour
 
 
-def colour_fraction(image: Image.Image, colour: str) -> float:
+def hwc(image: torch.Tensor) -> np.ndarray:
+    """The datasets' uint8 pixels [3, H, W] as an [H, W, 3] array."""
+    return image.permute(1, 2, 0).numpy()
+
+
+def colour_fraction(image: torch.Tensor, colour: str) -> float:
     """Fraction of pixels within COLOUR_TOLERANCE of the class colour ``colour``."""
-    pixels = np.asarray(image, dtype=np.int16)
+    pixels = hwc(image).astype(np.int16)
     distance = np.abs(pixels - np.asarray(COLOURS[colour], dtype=np.int16)).max(axis=-1)
     return float((distance <= COLOUR_TOLERANCE).mean())
 
@@ -55,7 +60,7 @@ def _items(dataset, indices):
     for i in indices:
         item = dataset[i]
         image, extra = item if isinstance(item, tuple) else (item, None)
-        out.append((image.tobytes(), extra))
+        out.append((image.numpy().tobytes(), extra))
     return out
 
 
@@ -104,9 +109,8 @@ def test_image_size_and_mode(image_size: int) -> None:
     images = [image, SyntheticClassification(size=4, image_size=image_size)[1][0]]
     images.append(SyntheticRetrieval(size=4, image_size=image_size)[2])
     for image in images:
-        assert isinstance(image, Image.Image)
-        assert image.mode == "RGB"
-        assert image.size == (image_size, image_size)
+        assert isinstance(image, torch.Tensor) and image.dtype == torch.uint8
+        assert image.shape == (3, image_size, image_size)
 
 
 def test_captions_match_their_images() -> None:
@@ -215,9 +219,9 @@ def test_scene_objects_inside_image_and_larger_than_clutter() -> None:
 def test_clutter_is_drawn_and_desaturated() -> None:
     for i in range(10):
         scene = synthetic._sample_scene(np.random.default_rng(i), 64, n_objects=1)
-        with_clutter = np.asarray(synthetic._render(scene, 64, np.random.default_rng(0)), dtype=np.int16)
+        with_clutter = hwc(synthetic._render(scene, 64, np.random.default_rng(0))).astype(np.int16)
         bare_scene = dataclasses.replace(scene, clutter=())
-        bare = np.asarray(synthetic._render(bare_scene, 64, np.random.default_rng(0)), dtype=np.int16)
+        bare = hwc(synthetic._render(bare_scene, 64, np.random.default_rng(0))).astype(np.int16)
         changed = np.abs(with_clutter - bare).max(axis=-1) > 30
         assert changed.mean() > 0.01, i
         # Where clutter shows, it is grey-ish: far less saturated than any class colour.

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from aclip.callbacks.data_quality import BadDataError
+from aclip.datamodules.images import decode_pixels
 from aclip.datamodules.webdataset_source import WebDatasetSource
 from aclip.tasks import train
 
@@ -159,7 +160,8 @@ def test_png_webp_jpeg_and_json_captions_are_read(tmp_path):
     )
 
     def prepare(image: Image.Image, caption: str) -> dict[str, torch.Tensor]:
-        assert image.mode == "RGB" and image.size == (40, 40)
+        # Opened, not decoded: `prepare` decodes it, whatever the file's mode, to 8-bit RGB pixels.
+        assert decode_pixels(image).shape == (3, 40, 40)
         return sample_id(image, caption)
 
     source = WebDatasetSource(str(shard), num_samples=4, shard_shuffle=False, shuffle_buffer=0)

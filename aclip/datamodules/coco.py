@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from aclip.datamodules.images import load_rgb, random_caption
+from aclip.datamodules.images import open_image, random_caption
 
 
 class CocoCaptions(Dataset):
@@ -55,4 +55,4 @@ class CocoCaptions(Dataset):
         file, captions = self.samples[index]
         name = str(self.root / file)
         caption = random_caption(captions, name)
-        return load_rgb(name), caption
+        return open_image(name), caption

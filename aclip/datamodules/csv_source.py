@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from aclip.datamodules.images import clean_caption, load_rgb
+from aclip.datamodules.images import clean_caption, open_image
 
 
 class CsvCaptions(Dataset):
@@ -75,7 +75,7 @@ class CsvCaptions(Dataset):
         file, caption = self.samples[index]
         name = str(self.root / file)  # an absolute `file` replaces the root
         caption = clean_caption(caption, name)
-        return load_rgb(name), caption
+        return open_image(name), caption
 
 
 def _first_undecodable_line(path: Path, encoding: str) -> tuple[int, bytes]:

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from aclip.config import per_device_batch_size
-from aclip.datamodules.images import BadSample, skip_record, to_rgb
+from aclip.datamodules.images import BadSample, skip_record
 from aclip.datamodules.sampling import ResumableDataLoader
 from aclip.datamodules.transforms import MultiViewTransform
 from aclip.modules.text import build_tokenizer
@@ -42,7 +42,9 @@ class StreamingSource(Protocol):
 
 
 class ImageTextDataset(Dataset):
-    """Turns a map-style source of (PIL image, caption) pairs into training samples (`prepare`).
+    """Turns a map-style source of (image, caption) pairs into training samples (`prepare`). An item may
+    carry a third element, a dict of keyword arguments for `prepare` (e.g. the built-in data's
+    `object_mask`).
 
     A pair the source cannot provide (it raises :class:`BadSample`) is replaced by the next good one. The
     sample records (`skip_record`) whether its own index was bad, and only that: each index is read once
@@ -65,12 +67,13 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         skipped: list[BadSample] = []
         while len(skipped) < min(self.max_consecutive_bad, len(self)):
-            try:
-                image, caption = self.source[(index + len(skipped)) % len(self)]
+            try:  # a source opens an image, `prepare` decodes it: either may find it unusable
+                image, caption, *extras = self.source[(index + len(skipped)) % len(self)]
+                sample = self.prepare(image, caption, **(extras[0] if extras else {}))
             except BadSample as bad:
                 skipped.append(bad)
                 continue
-            return {**self.prepare(image, caption), **skip_record(skipped[:1])}
+            return {**sample, **skip_record(skipped[:1])}
         examples = "\n  ".join(str(bad) for bad in skipped[:5])
         raise RuntimeError(
             f"{len(skipped)} consecutive samples from index {index} could not be read, e.g.\n  {examples}\n"
@@ -133,6 +136,10 @@ class ClipDataModule(pl.LightningDataModule):
         )
 
     def setup(self, stage: str) -> None:
+        # The teacher's crop is rendered only for models that read it (attentive masking, BYOL).
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if stage == "fit" and module is not None and hasattr(module, "needs_teacher_crop"):
+            self.view_transform.teacher_crop = module.needs_teacher_crop
         # Every rank was seeded alike (identical model init), and Lightning re-seeds alike when it sets up
         # the process group. Views cropped in the main process (num_workers=0) must differ per rank, so
         # the global generators get a per-rank seed here; dataloader workers are seeded per rank anyway.
@@ -148,9 +155,13 @@ class ClipDataModule(pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         return per_device_batch_size(self.batch_size, world)
 
-    def prepare_pair(self, image: Image.Image, caption: str) -> dict[str, Tensor]:
-        """A training sample from a decoded pair: the views (`MultiViewTransform`) and the caption tokens."""
-        return {**self.view_transform(to_rgb(image)), "text": self.tokenizer(caption)[0]}
+    def prepare_pair(
+        self, image: Image.Image | Tensor, caption: str, object_mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """A training sample from an opened image (or its pixels) and its caption: the views
+        (`MultiViewTransform`, which decodes the image) and the caption tokens. A source may also give
+        the `object_mask` of its captioned objects (the built-in data does), cut with the views."""
+        return {**self.view_transform(image, object_mask), "text": self.tokenizer(caption)[0]}
 
     def train_dataloader(self) -> DataLoader:
         batch_size = self.per_device_batch_size()

@@ -22,14 +22,19 @@ Three datasets share one scene sampler and renderer:
 from __future__ import annotations
 
 import colorsys
+import functools
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
 from torch.utils.data import Dataset
+
+from aclip.datamodules import raster
 
 __all__ = [
     "CLASSNAMES",
@@ -81,7 +86,6 @@ _SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 _KIND_CAPTIONS, _KIND_CLASSIFICATION, _KIND_RETRIEVAL = 0, 1, 2
 _STREAM_SCENE, _STREAM_CAPTION, _STREAM_RENDER = 0, 1, 2
 
-_SUPERSAMPLE = 2  # draw at 2x and box-downsample: cheap antialiasing
 _OBJECT_SIDE = (0.30, 0.50)  # fraction of the image side
 # Per-shape size factors so the four shapes cover comparable areas (a triangle fills half its box).
 _SHAPE_SCALE: dict[str, float] = {"circle": 1.0, "square": 1.0, "triangle": 1.2, "cross": 1.15}
@@ -96,7 +100,7 @@ _CLUTTER_VALUE = (0.15, 0.85)
 _BACKGROUND_HUE = (0.05, 0.12)  # with low saturation: greys to browns
 _BACKGROUND_MAX_SATURATION = 0.3
 _BACKGROUND_VALUE = (0.22, 0.42)  # mid-dark, so both dark and bright clutter stand out
-_NOISE = 16  # per-pixel noise, uniform in [-_NOISE, _NOISE] at the supersampled resolution
+_NOISE = 8  # per-pixel noise, uniform in [-_NOISE, _NOISE]
 _TEXTURE_STD = 12.0  # low-frequency brightness variation
 _TEXTURE_GRID = 5
 
@@ -110,6 +114,8 @@ _UNIT_POLYGONS: dict[str, tuple[_Point, ...]] = {
         (_ARM, 0.5), (-_ARM, 0.5), (-_ARM, _ARM), (-0.5, _ARM), (-0.5, -_ARM), (-_ARM, -_ARM),
     ),
 }  # fmt: skip
+# The cross's two bars, convex, as indices of its polygon's vertices.
+_CROSS_BARS = ((0, 1, 6, 7), (10, 3, 4, 9))
 
 _Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 _RGB = tuple[int, int, int]
@@ -128,6 +134,18 @@ class _Object:
     def label(self) -> int:
         return CLASSNAMES.index(f"{self.colour} {self.shape}")
 
+    @property
+    def rgb(self) -> _RGB:
+        return COLOURS[self.colour]
+
+    @property
+    def phrases(self) -> dict[str, str]:
+        """The words a caption template names the object with."""
+        return {"colour": self.colour, "shape": self.shape}
+
+    def coverage(self, size: int) -> tuple[tuple[slice, slice], np.ndarray] | None:
+        return _object_coverage(self, size)
+
 
 @dataclass(frozen=True)
 class _Clutter:
@@ -137,6 +155,7 @@ class _Clutter:
     points: tuple[_Point, ...]
     colour: _RGB
     width: float = 0.0  # line width in output pixels
+    centre: _Point = (0.0, 0.0)  # a blob's centre
 
 
 @dataclass(frozen=True)
@@ -231,13 +250,19 @@ def _sample_clutter(rng: np.random.Generator, image_size: int) -> _Clutter:
         )
         for a, r in zip(angles, radii, strict=True)
     )
-    return _Clutter("polygon", vertices, colour)
+    return _Clutter("polygon", vertices, colour, centre=(cx, cy))
 
 
 def _sample_scene(
-    rng: np.random.Generator, image_size: int, n_objects: int, classes: Sequence[int] | None = None
+    rng: np.random.Generator,
+    image_size: int,
+    n_objects: int,
+    classes: Sequence[int] | None = None,
+    variant: str = "shapes",
 ) -> _Scene:
-    """Sample a scene with ``n_objects`` objects of distinct classes (``classes`` if given)."""
+    """Sample a scene with ``n_objects`` objects of distinct classes (``classes`` if given) of the
+    `variant` ("shapes": coloured shapes; "glyphs": letters and digits)."""
+    classnames, sample_object = VARIANTS[variant].classnames, VARIANTS[variant].sample_object
     u_hue, u_sat, u_val, u_clutter = rng.random(4).tolist()
     background = _hsv(
         _lerp(u_hue, _BACKGROUND_HUE), u_sat * _BACKGROUND_MAX_SATURATION, _lerp(u_val, _BACKGROUND_VALUE)
@@ -245,7 +270,7 @@ def _sample_scene(
     n_clutter = _N_CLUTTER[0] + int(u_clutter * (_N_CLUTTER[1] - _N_CLUTTER[0] + 1))
     clutter = tuple(_sample_clutter(rng, image_size) for _ in range(n_clutter))
     if classes is None:
-        classes = rng.choice(len(CLASSNAMES), size=n_objects, replace=False).tolist()
+        classes = rng.choice(len(classnames), size=n_objects, replace=False).tolist()
     if len(classes) != n_objects:
         raise ValueError(f"got {len(classes)} classes for {n_objects} objects")
     objects: list[_Object] = []
@@ -253,7 +278,7 @@ def _sample_scene(
         # Keep objects mostly separate: retry placement, falling back to the least overlapping one.
         best: tuple[float, _Object] | None = None
         for _ in range(_PLACEMENT_TRIES):
-            candidate = _sample_object(rng, image_size, int(label))
+            candidate = sample_object(rng, image_size, int(label))
             overlap = max((_overlap(candidate.box, other.box) for other in objects), default=0.0)
             if best is None or overlap < best[0]:
                 best = (overlap, candidate)
@@ -270,57 +295,232 @@ def _num_objects(rng: np.random.Generator, max_objects: int) -> int:
     return 2
 
 
-def _background(base: _RGB, size: int, rng: np.random.Generator) -> Image.Image:
+@functools.lru_cache(maxsize=4)
+def _noise_bank(size: int) -> np.ndarray:
+    """Per-pixel noise, uniform in [-_NOISE, _NOISE], on a [3, 2 * size, 2 * size] tile that every image
+    of that size cuts its noise from at an offset of its own (drawing fresh noise per image would be the
+    renderer's largest cost)."""
+    rng = np.random.default_rng([_NOISE, size])
+    return rng.integers(-_NOISE, _NOISE + 1, size=(3, 2 * size, 2 * size)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _bilinear_upsampling(size: int) -> np.ndarray:
+    """The [size, _TEXTURE_GRID] matrix of bilinear interpolation weights from the texture grid's cell
+    centres to the pixel centres (clamped at the borders, as `F.interpolate(align_corners=False)`)."""
+    position = np.clip((np.arange(size) + 0.5) * _TEXTURE_GRID / size - 0.5, 0, _TEXTURE_GRID - 1)
+    low = np.minimum(np.floor(position).astype(int), _TEXTURE_GRID - 2)
+    weights = np.zeros((size, _TEXTURE_GRID), dtype=np.float32)
+    weights[np.arange(size), low] = 1 - (position - low)
+    weights[np.arange(size), low + 1] = position - low
+    return weights
+
+
+def _background(base: _RGB, size: int, rng: np.random.Generator) -> np.ndarray:
+    """The background [3, size, size] float32: a base colour, a low-frequency brightness texture and
+    per-pixel noise."""
     coarse = rng.normal(0.0, _TEXTURE_STD, size=(_TEXTURE_GRID, _TEXTURE_GRID)).astype(np.float32)
-    texture = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BILINEAR))
-    # Integer noise is several times cheaper to draw than Gaussian; box downsampling smooths it anyway.
-    noise = rng.integers(-_NOISE, _NOISE + 1, size=(size, size, 3), dtype=np.int16)
-    pixels = np.asarray(base, dtype=np.int16) + np.rint(texture).astype(np.int16)[..., None] + noise
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    upsample = _bilinear_upsampling(size)
+    texture = upsample @ coarse @ upsample.T  # bilinear interpolation of the coarse grid
+    top, left = rng.integers(0, size, size=2)
+    canvas = _noise_bank(size)[:, top : top + size, left : left + size] + texture
+    canvas += np.asarray(base, dtype=np.float32)[:, None, None]
+    return canvas
 
 
-def _render(scene: _Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """Draw ``scene`` as an RGB image; ``rng`` only drives the background texture and noise."""
-    scale = _SUPERSAMPLE
-    canvas = _background(scene.background, image_size * scale, rng)
-    draw = ImageDraw.Draw(canvas)
+def _paint_clutter(canvas: np.ndarray, item: _Clutter) -> None:
+    size = canvas.shape[-1]
+    colour = np.asarray(item.colour, dtype=np.float32)
+    if item.kind == "line":
+        bounds = _bounds(item.points)
+        found = raster.region(bounds, size, margin=item.width)
+        if found is not None:
+            where, xs, ys = found
+            raster.paint(canvas, where, raster.polyline(xs, ys, item.points, item.width), colour)
+        return
+    found = raster.region(_bounds(item.points), size)
+    if found is None:
+        return
+    where, xs, ys = found
+    if item.kind == "ellipse":
+        (x0, y0), (x1, y1) = item.points
+        coverage = raster.ellipse(xs, ys, ((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0) / 2, (y1 - y0) / 2)
+    elif item.kind == "polygon" and len(item.points) == 4:
+        coverage = raster.convex_polygon(xs, ys, item.points)
+    else:  # a star-shaped blob around its centre
+        centre = item.centre
+        angles = [math.atan2(y - centre[1], x - centre[0]) / (2 * math.pi) % 1.0 for x, y in item.points]
+        radii = [math.hypot(x - centre[0], y - centre[1]) for x, y in item.points]
+        order = np.argsort(angles)
+        coverage = raster.star(xs, ys, centre, np.asarray(angles)[order], np.asarray(radii)[order])
+    raster.paint(canvas, where, coverage, colour)
+
+
+def _object_coverage(obj: _Object, size: int) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """The pixels a captioned shape covers, and how much."""
+    found = raster.region(obj.box, size)
+    if found is None:
+        return None
+    where, xs, ys = found
+    if obj.polygon is None:
+        x0, y0, x1, y1 = obj.box
+        coverage = raster.disc(xs, ys, ((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0) / 2)
+    elif obj.shape == "cross":  # the union of its two bars, each convex
+        bars = [[obj.polygon[i] for i in indices] for indices in _CROSS_BARS]
+        coverage = np.maximum(*(raster.convex_polygon(xs, ys, bar) for bar in bars))
+    else:
+        coverage = raster.convex_polygon(xs, ys, obj.polygon)
+    return where, coverage
+
+
+def _render_with_mask(scene: _Scene, image_size: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """Draw ``scene``: its pixels [3, size, size] uint8 and its objects' coverage [size, size] uint8
+    (255: fully the captioned objects'). ``rng`` only drives the background texture and noise."""
+    canvas = _background(scene.background, image_size, rng)
     for item in scene.clutter:
-        points = [(x * scale, y * scale) for x, y in item.points]
-        if item.kind == "ellipse":
-            draw.ellipse(points, fill=item.colour)
-        elif item.kind == "polygon":
-            draw.polygon(points, fill=item.colour)
-        else:
-            draw.line(points, fill=item.colour, width=max(1, round(item.width * scale)), joint="curve")
+        _paint_clutter(canvas, item)
+    objects = np.zeros((image_size, image_size), dtype=np.float32)
     for obj in scene.objects:  # after the clutter, so objects are on top
-        fill = COLOURS[obj.colour]
-        if obj.polygon is None:
-            draw.ellipse([coordinate * scale for coordinate in obj.box], fill=fill)
-        else:
-            draw.polygon([(x * scale, y * scale) for x, y in obj.polygon], fill=fill)
-    return canvas.resize((image_size, image_size), Image.Resampling.BOX)
+        covered = obj.coverage(image_size)
+        if covered is None:
+            continue
+        where, coverage = covered
+        raster.paint(canvas, where, coverage, np.asarray(obj.rgb, dtype=np.float32))
+        np.maximum(objects[where], coverage, out=objects[where])
+    # Stored channels last ([H, W, 3] in memory), as decoded images are: the views resize faster from it.
+    pixels = np.ascontiguousarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8).transpose(1, 2, 0))
+    return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(
+        np.rint(objects * 255).astype(np.uint8)
+    )
+
+
+def _render(scene: _Scene, image_size: int, rng: np.random.Generator) -> Tensor:
+    """Draw ``scene`` as uint8 RGB pixels [3, size, size]; ``rng`` only drives the background texture
+    and noise."""
+    return _render_with_mask(scene, image_size, rng)[0]
 
 
 def _article(phrase: str) -> str:
     return "an" if phrase[:1].lower() in "aeiou" else "a"
 
 
-def _caption(objects: Sequence[_Object], template: tuple[str, str]) -> str:
-    """Caption ``objects`` (in this order) with one of ``_CAPTION_TEMPLATES``."""
+def _caption(objects: Sequence[_Object | _Glyph], template: tuple[str, str]) -> str:
+    """Caption ``objects`` (in this order) with one of their variant's caption templates."""
     sentence, phrase = template
-    phrases = [phrase.format(colour=obj.colour, shape=obj.shape) for obj in objects]
+    phrases = [phrase.format(**obj.phrases) for obj in objects]
     joined = " and ".join(f"{_article(p)} {p}" for p in phrases)
     return sentence.format(objs=joined, be="is" if len(objects) == 1 else "are")
 
 
-def _sample_captions(scene: _Scene, rng: np.random.Generator, k: int) -> list[str]:
+def _sample_captions(scene: _Scene, rng: np.random.Generator, k: int, variant: str = "shapes") -> list[str]:
     """``k`` captions of ``scene`` with distinct templates, each listing the objects in random order."""
-    templates = rng.choice(len(_CAPTION_TEMPLATES), size=k, replace=False)
+    caption_templates = VARIANTS[variant].caption_templates
+    templates = rng.choice(len(caption_templates), size=k, replace=False)
     captions = []
     for template in templates.tolist():
         order = rng.permutation(len(scene.objects)).tolist()
-        captions.append(_caption([scene.objects[j] for j in order], _CAPTION_TEMPLATES[template]))
+        captions.append(_caption([scene.objects[j] for j in order], caption_templates[template]))
     return captions
+
+
+# -- The harder variant: letters and digits, small, among the same clutter --------------------------------
+
+GLYPHS: str = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"  # no I or O, which read as 1 and 0
+GLYPH_CLASSNAMES: tuple[str, ...] = tuple(
+    f"digit {glyph}" if glyph.isdigit() else f"letter {glyph}" for glyph in GLYPHS
+)
+GLYPH_PROMPT_TEMPLATES: tuple[str, ...] = PROMPT_TEMPLATES
+_GLYPH_CAPTION_TEMPLATES: tuple[tuple[str, str], ...] = (
+    ("a photo of {objs}.", "{name}"),
+    ("{objs} among clutter.", "{name}"),
+    ("there {be} {objs} in the picture.", "{name}"),
+    ("{objs} on a noisy background.", "small {name}"),
+    ("an image showing {objs}.", "{name}"),
+    ("a picture of {objs}.", "{name}"),
+    ("a cluttered scene with {objs}.", "{name}"),
+    ("{objs} written in colour.", "{name}"),
+)
+_GLYPH_HEIGHT = (0.26, 0.38)  # font size, as a fraction of the image side
+_GLYPH_ROTATION = 15.0  # degrees
+_GLYPH_SATURATION = (0.85, 1.0)  # saturated like the shapes, in any hue; captions never name it
+_GLYPH_VALUE = (0.8, 1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _font(pixels: int) -> ImageFont.FreeTypeFont:
+    """Pillow's bundled scalable font at `pixels` (no font file needed)."""
+    return ImageFont.load_default(size=pixels)
+
+
+@functools.lru_cache(maxsize=2048)
+def _upright_glyph(glyph: str, pixels: int) -> Image.Image:
+    """`glyph` drawn at font size `pixels` (255 on 0), with room to rotate it."""
+    font = _font(pixels)
+    left, top, right, bottom = font.getbbox(glyph)
+    pad = pixels // 2
+    canvas = Image.new("L", (right - left + 2 * pad, bottom - top + 2 * pad))
+    ImageDraw.Draw(canvas).text((pad - left, pad - top), glyph, fill=255, font=font)
+    return canvas
+
+
+@functools.lru_cache(maxsize=256)
+def _glyph_mask(glyph: str, pixels: int, angle: int) -> np.ndarray:
+    """The coverage [h, w] float32 of `glyph` at font size `pixels`, rotated by `angle` degrees, cropped."""
+    rotated = _upright_glyph(glyph, pixels).rotate(angle, resample=Image.Resampling.BICUBIC)
+    mask = np.asarray(rotated, dtype=np.float32) / 255
+    rows, cols = np.nonzero(mask > 0)
+    return np.ascontiguousarray(mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1])
+
+
+@dataclass(frozen=True)
+class _Glyph:
+    """A captioned letter or digit, in pixels of the output image; it lies fully inside the image."""
+
+    glyph: str
+    rgb: _RGB
+    box: _Box  # the top-left corner of its mask, and the corner plus the mask's size
+    pixels: int  # font size
+    angle: int  # degrees
+
+    @property
+    def label(self) -> int:
+        return GLYPHS.index(self.glyph)
+
+    @property
+    def phrases(self) -> dict[str, str]:
+        return {"name": GLYPH_CLASSNAMES[self.label]}
+
+    def coverage(self, size: int) -> tuple[tuple[slice, slice], np.ndarray] | None:
+        mask = _glyph_mask(self.glyph, self.pixels, self.angle)
+        top, left = int(self.box[1]), int(self.box[0])
+        bottom, right = min(size, top + mask.shape[0]), min(size, left + mask.shape[1])
+        return (slice(top, bottom), slice(left, right)), mask[: bottom - top, : right - left]
+
+
+def _sample_glyph(rng: np.random.Generator, image_size: int, label: int) -> _Glyph:
+    u_size, u_angle, u_hue, u_sat, u_val, u_x, u_y = rng.random(7).tolist()
+    pixels = max(6, round(_lerp(u_size, _GLYPH_HEIGHT) * image_size))
+    angle = round(_lerp(u_angle, (-_GLYPH_ROTATION, _GLYPH_ROTATION)))
+    height, width = _glyph_mask(GLYPHS[label], pixels, angle).shape
+    left, top = round(u_x * max(image_size - width, 0)), round(u_y * max(image_size - height, 0))
+    colour = _hsv(u_hue, _lerp(u_sat, _GLYPH_SATURATION), _lerp(u_val, _GLYPH_VALUE))
+    return _Glyph(GLYPHS[label], colour, (left, top, left + width, top + height), pixels, angle)
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """What a variant's scenes hold: its classes, prompts and captions, and how it draws an object."""
+
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+    caption_templates: tuple[tuple[str, str], ...]
+    sample_object: Callable[[np.random.Generator, int, int], _Object | _Glyph]
+
+
+VARIANTS: dict[str, _Variant] = {
+    "shapes": _Variant(CLASSNAMES, PROMPT_TEMPLATES, _CAPTION_TEMPLATES, _sample_object),
+    "glyphs": _Variant(GLYPH_CLASSNAMES, GLYPH_PROMPT_TEMPLATES, _GLYPH_CAPTION_TEMPLATES, _sample_glyph),
+}
 
 
 def _check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> int:
@@ -332,18 +532,25 @@ def _check_int(name: str, value: int, minimum: int, maximum: int | None = None) 
     return int(value)
 
 
+def _check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {variant!r}")
+    return variant
+
+
 class _SyntheticBase(Dataset):
     """Argument checks and per-sample random streams shared by the three datasets."""
 
     _kind: int
 
-    def __init__(self, size: int, image_size: int, seed: int, split: str) -> None:
+    def __init__(self, size: int, image_size: int, seed: int, split: str, variant: str = "shapes") -> None:
         self.size = _check_int("size", size, 1)
         self.image_size = _check_int("image_size", image_size, 16)
         self.seed = _check_int("seed", seed, 0)
         if not isinstance(split, str) or split not in _SPLITS:
             raise ValueError(f"split must be one of {sorted(_SPLITS)}, got {split!r}")
         self.split = split
+        self.variant = _check_variant(variant)
 
     def __len__(self) -> int:
         return self.size
@@ -357,14 +564,25 @@ class _SyntheticBase(Dataset):
         return index
 
     def _rng(self, index: int, stream: int) -> np.random.Generator:
-        return np.random.default_rng([self.seed, _SPLITS[self.split], self._kind, index, stream])
+        # The shapes keep the streams they always had; other variants get streams of their own.
+        variant = list(VARIANTS).index(self.variant)
+        entropy = [self.seed, _SPLITS[self.split], self._kind, index, stream] + ([variant] if variant else [])
+        return np.random.default_rng(entropy)
 
-    def _image(self, scene: _Scene, index: int) -> Image.Image:
-        return _render(scene, self.image_size, self._rng(index, _STREAM_RENDER))
+    def _scene(
+        self, index: int, n_objects: int | None = None, classes: Sequence[int] | None = None
+    ) -> _Scene:
+        rng = self._rng(index, _STREAM_SCENE)
+        n_objects = n_objects if n_objects is not None else _num_objects(rng, self.max_objects)
+        return _sample_scene(rng, self.image_size, n_objects, classes, self.variant)
+
+    def _render(self, scene: _Scene, index: int) -> tuple[Tensor, Tensor]:
+        return _render_with_mask(scene, self.image_size, self._rng(index, _STREAM_RENDER))
 
 
 class SyntheticCaptions(_SyntheticBase):
-    """Training pairs: (PIL image, caption)."""
+    """Training pairs: (uint8 pixels [3, S, S], caption), with `object_masks` also a third item
+    `{"object_mask": [S, S] uint8}`: how much of each pixel the captioned objects cover (255: all)."""
 
     _kind = _KIND_CAPTIONS
 
@@ -375,37 +593,49 @@ class SyntheticCaptions(_SyntheticBase):
         seed: int = 0,
         split: str = "train",
         max_objects: int = 2,
+        variant: str = "shapes",
+        object_masks: bool = False,
     ) -> None:
-        super().__init__(size, image_size, seed, split)
+        super().__init__(size, image_size, seed, split, variant)
         self.max_objects = _check_int("max_objects", max_objects, 1, 2)
+        self.object_masks = bool(object_masks)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, str]:
+    def __getitem__(self, index: int) -> tuple[Tensor, str] | tuple[Tensor, str, dict[str, Tensor]]:
         index = self._index(index)
-        rng = self._rng(index, _STREAM_SCENE)
-        scene = _sample_scene(rng, self.image_size, _num_objects(rng, self.max_objects))
-        (caption,) = _sample_captions(scene, self._rng(index, _STREAM_CAPTION), 1)
-        return self._image(scene, index), caption
+        scene = self._scene(index)
+        (caption,) = _sample_captions(scene, self._rng(index, _STREAM_CAPTION), 1, self.variant)
+        pixels, objects = self._render(scene, index)
+        return (pixels, caption, {"object_mask": objects}) if self.object_masks else (pixels, caption)
 
 
 class SyntheticClassification(_SyntheticBase):
-    """Held-out zero-shot classification: one object per image, label = CLASSNAMES index (balanced)."""
+    """Held-out zero-shot classification: one object per image, label = its class index (balanced).
+
+    `classnames` and `templates` are the variant's (shapes: `CLASSNAMES`, glyphs: `GLYPH_CLASSNAMES`).
+    """
 
     _kind = _KIND_CLASSIFICATION
-    classnames: tuple[str, ...] = CLASSNAMES
-    templates: tuple[str, ...] = PROMPT_TEMPLATES
 
-    def __init__(self, size: int = 960, image_size: int = 64, seed: int = 0, split: str = "test") -> None:
-        super().__init__(size, image_size, seed, split)
+    def __init__(
+        self,
+        size: int = 960,
+        image_size: int = 64,
+        seed: int = 0,
+        split: str = "test",
+        variant: str = "shapes",
+    ) -> None:
+        super().__init__(size, image_size, seed, split, variant)
+        self.classnames: tuple[str, ...] = VARIANTS[self.variant].classnames
+        self.templates: tuple[str, ...] = VARIANTS[self.variant].templates
 
     def label(self, index: int) -> int:
         """The label of sample ``index`` without rendering it."""
-        return self._index(index) % len(CLASSNAMES)
+        return self._index(index) % len(self.classnames)
 
-    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
         index = self._index(index)
         label = self.label(index)
-        scene = _sample_scene(self._rng(index, _STREAM_SCENE), self.image_size, 1, classes=(label,))
-        return self._image(scene, index), label
+        return self._render(self._scene(index, 1, classes=(label,)), index)[0], label
 
 
 class SyntheticRetrieval(_SyntheticBase):
@@ -421,22 +651,20 @@ class SyntheticRetrieval(_SyntheticBase):
         split: str = "test",
         captions_per_image: int = 2,
         max_objects: int = 2,
+        variant: str = "shapes",
     ) -> None:
-        super().__init__(size, image_size, seed, split)
+        super().__init__(size, image_size, seed, split, variant)
         self.captions_per_image = _check_int(
-            "captions_per_image", captions_per_image, 1, len(_CAPTION_TEMPLATES)
+            "captions_per_image", captions_per_image, 1, len(VARIANTS[self.variant].caption_templates)
         )
         self.max_objects = _check_int("max_objects", max_objects, 1, 2)
         # Scenes are cheap to sample and tiny; keeping them makes captions and images agree by construction.
-        self._scenes: list[_Scene] = []
-        for index in range(self.size):
-            rng = self._rng(index, _STREAM_SCENE)
-            self._scenes.append(_sample_scene(rng, self.image_size, _num_objects(rng, self.max_objects)))
+        self._scenes: list[_Scene] = [self._scene(index) for index in range(self.size)]
         self.captions: list[list[str]] = [
-            _sample_captions(scene, self._rng(index, _STREAM_CAPTION), self.captions_per_image)
+            _sample_captions(scene, self._rng(index, _STREAM_CAPTION), self.captions_per_image, self.variant)
             for index, scene in enumerate(self._scenes)
         ]
 
-    def __getitem__(self, index: int) -> Image.Image:
+    def __getitem__(self, index: int) -> Tensor:
         index = self._index(index)
-        return self._image(self._scenes[index], index)
+        return self._render(self._scenes[index], index)[0]

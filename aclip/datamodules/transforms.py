@@ -1,4 +1,9 @@
-"""Image transforms for training views and evaluation."""
+"""Image transforms for training views and evaluation, on uint8 pixel tensors.
+
+Images are decoded once (at a reduced size where every crop allows, `decode_pixels`), cropped and resized
+as uint8 tensors (torchvision's antialiased kernels, several times faster than Pillow's), augmented as
+uint8, and handed to the model as uint8: the vision tower converts and normalises them on its device.
+"""
 
 from __future__ import annotations
 
@@ -9,27 +14,39 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
-from torchvision import transforms as T
-from torchvision.transforms import functional as F
+from torchvision.transforms import InterpolationMode, RandomResizedCrop
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
 
-INTERPOLATIONS = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}
+from aclip.datamodules.images import decode_pixels
+
+INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}
+# The largest factor a JPEG is decoded smaller by: Pillow's (libjpeg's) DCT scaling goes to 1/8.
+_MAX_REDUCTION = 8
+
+Crop = tuple[int, int, int, int]  # (top, left, height, width) in pixels
 
 
-def _interpolation(name: str) -> T.InterpolationMode:
+def _interpolation(name: str) -> InterpolationMode:
     if name not in INTERPOLATIONS:
         raise ValueError(f"interpolation must be one of {sorted(INTERPOLATIONS)}, got {name!r}")
     return INTERPOLATIONS[name]
 
 
-def eval_transform(image_size: int, interpolation: str = "bicubic") -> T.Compose:
-    """Resize the short side, centre-crop, to a float tensor in [0, 1] (the model normalises it)."""
-    return T.Compose(
-        [
-            T.Resize(image_size, interpolation=_interpolation(interpolation)),
-            T.CenterCrop(image_size),
-            T.ToTensor(),
-        ]
-    )
+def as_pixels(image: Image.Image | Tensor) -> Tensor:
+    """uint8 RGB pixels [3, H, W] of a decoded or opened PIL image, or of such a tensor (passed through)."""
+    return image if isinstance(image, Tensor) else decode_pixels(image)
+
+
+class EvalTransform:
+    """Resize the short side (antialiased), centre-crop: uint8 pixels [3, S, S] (the model normalises)."""
+
+    def __init__(self, image_size: int, interpolation: str = "bicubic") -> None:
+        self.image_size, self.interpolation = int(image_size), _interpolation(interpolation)
+
+    def __call__(self, image: Image.Image | Tensor) -> Tensor:
+        pixels = F.resize(as_pixels(image), [self.image_size], self.interpolation, antialias=True)
+        return F.center_crop(pixels, [self.image_size])
 
 
 def _pair(value: Sequence[float], name: str) -> tuple[float, float]:
@@ -49,7 +66,7 @@ def _probability(name: str, value: float) -> float:
 class PhotometricAugment:
     """The photometric augmentation of an online view (SimCLR / MoCo v3 style, as in A-CLIP's code):
     colour jitter, greyscale, Gaussian blur and solarisation, each applied with its probability, in
-    that order, after the view's crop. All probabilities 0 (the default) apply nothing.
+    that order, after the view's crop, on uint8 pixels. All probabilities 0 (the default) apply nothing.
 
     Args:
         color_jitter: brightness, contrast, saturation and hue strengths of `ColorJitter`.
@@ -90,33 +107,34 @@ class PhotometricAugment:
             steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=sigma)], p=self.blur_p))
         if self.solarize_p:
             steps.append(T.RandomSolarize(threshold=128, p=self.solarize_p))
-        self.steps = T.Compose(steps)
+        self.steps = T.Compose(steps) if steps else None
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.steps.transforms)
-
-    def __call__(self, image: Image.Image) -> Image.Image:
-        return self.steps(image)
+    def __call__(self, pixels: Tensor) -> Tensor:
+        """An augmented copy of the uint8 pixels [3, H, W] (the same tensor when nothing applies)."""
+        return self.steps(pixels) if self.steps is not None else pixels
 
 
 class MultiViewTransform:
     """k random resized crops of one image, plus the clean enclosing crop the EMA encoder scores.
 
-    Returns a dict with
-      - ``images``: ``[k, 3, S, S]`` floats in [0, 1], each view an independent RandomResizedCrop of the
-        original image (antialiased, bicubic or bilinear), then its photometric augmentation (`augment`);
-      - ``ema_image``: ``[3, E, E]`` floats in [0, 1], the minimal rectangle enclosing all k crops, cut from
-        the original image and resized to ``ema_image_size`` (default ``image_size``; A-CLIP-eff uses
-        half), with no photometric augmentation (the teacher sees the clean image);
+    Takes a PIL image (opened, not yet decoded, is best: see below) or uint8 pixels [3, H, W], and
+    returns a dict with
+      - ``images``: ``[k, 3, S, S]`` uint8, each view an independent RandomResizedCrop of the original
+        image (antialiased, bicubic or bilinear), then its photometric augmentation (`augment`);
+      - ``ema_image``: ``[3, E, E]`` uint8, the minimal rectangle enclosing all k crops, cut from the
+        original image and resized to ``ema_image_size`` (default ``image_size``; A-CLIP-eff uses half),
+        with no photometric augmentation (the teacher sees the clean image). Left out when
+        ``teacher_crop`` is false (methods whose masking and losses do not read the teacher);
       - ``boxes``: ``[k, 4]`` float32, view v's ``(x0, y0, x1, y1)`` inside the enclosing crop, normalised
         to [0, 1] by its width (x, horizontal) and height (y, vertical).
 
+    The crops are drawn from the image's size before it is decoded: a JPEG whose every crop is at least
+    twice its output size is decoded at a half (a quarter, an eighth) of its size, in the DCT domain.
     Because the enclosing crop covers every view, one EMA forward pass yields a score map from which
     each view's patch scores are read by interpolation over its box; the crops are integer pixel
-    rectangles, so the boxes are exact (with k = 1 the box is (0, 0, 1, 1)). The vision tower normalises
-    the pixels on its device. Randomness comes from torch's global RNG, as in torchvision (seeded per
-    worker by Lightning).
+    rectangles of the original image, so the boxes are exact (with k = 1 the box is (0, 0, 1, 1)). The
+    vision tower converts and normalises the pixels on its device. Randomness comes from torch's global
+    RNG, as in torchvision (seeded per worker by Lightning).
     """
 
     def __init__(
@@ -128,6 +146,7 @@ class MultiViewTransform:
         ema_image_size: int | None = None,
         augment: PhotometricAugment | Mapping[str, Any] | None = None,
         interpolation: str = "bicubic",
+        teacher_crop: bool = True,
     ) -> None:
         if int(image_size) < 1:
             raise ValueError(f"image_size must be >= 1, got {image_size}")
@@ -153,37 +172,80 @@ class MultiViewTransform:
             augment = PhotometricAugment(**(augment or {}))
         self.augment = augment
         self.interpolation = _interpolation(interpolation)
+        self.teacher_crop = bool(teacher_crop)
 
-    def _crop(
-        self, image: Image.Image, top: int, left: int, height: int, width: int, size: int
-    ) -> Image.Image:
+    def _crops(self, height: int, width: int) -> list[Crop]:
+        """The views' crops, drawn as RandomResizedCrop draws them, on an image of that size."""
+        dummy = torch.empty(0, height, width)  # get_params reads the size only
+        return [
+            tuple(RandomResizedCrop.get_params(dummy, list(self.crop_scale), list(self.crop_ratio)))
+            for _ in range(self.num_views)
+        ]
+
+    def _reduction(self, crops: Sequence[Crop], enclosing: Crop) -> int:
+        """The largest power of 2 (at most 8) by which every crop stays at least its output size."""
+        sized = [(crop, self.image_size) for crop in crops]
+        if self.teacher_crop:
+            sized.append((enclosing, self.ema_image_size))
+        slack = min(min(crop[2], crop[3]) / size for crop, size in sized)
+        reduction = 1
+        while reduction * 2 <= min(slack, _MAX_REDUCTION):
+            reduction *= 2
+        return reduction
+
+    def _resized(self, pixels: Tensor, crop: Crop, scale: tuple[float, float], size: int) -> Tensor:
+        """`crop` (in the original image's pixels) cut from `pixels` (decoded at `scale` = (y, x) of that
+        size) and resized to size x size."""
+        top, left, height, width = crop
+        sy, sx = scale
+        y0, x0 = round(top * sy), round(left * sx)
+        y1, x1 = max(y0 + 1, round((top + height) * sy)), max(x0 + 1, round((left + width) * sx))
         return F.resized_crop(
-            image, top, left, height, width, [size, size], self.interpolation, antialias=True
+            pixels, y0, x0, y1 - y0, x1 - x0, [size, size], self.interpolation, antialias=True
         )
 
-    def __call__(self, image: Image.Image) -> dict[str, Tensor]:
-        crops = [
-            T.RandomResizedCrop.get_params(image, list(self.crop_scale), list(self.crop_ratio))
-            for _ in range(self.num_views)
-        ]  # (top, left, height, width) in the original image's pixels
+    def __call__(self, image: Image.Image | Tensor, object_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """The views (see the class) of `image`; with an `object_mask` [H, W] (uint8 coverage of the
+        captioned objects, as the built-in data provides), also each view's and the teacher crop's share
+        of it: `object_masks` [k, S, S] and `ema_object_mask` [E, E], uint8."""
+        if isinstance(image, Tensor):
+            height, width = image.shape[-2:]
+        else:
+            width, height = image.size
+        crops = self._crops(height, width)
         top = min(c[0] for c in crops)
         left = min(c[1] for c in crops)
         bottom = max(c[0] + c[2] for c in crops)
         right = max(c[1] + c[3] for c in crops)
-        height, width = bottom - top, right - left
+        enclosing = (top, left, bottom - top, right - left)
+        if isinstance(image, Tensor):
+            pixels = image
+        else:
+            pixels = decode_pixels(image, reduce=self._reduction(crops, enclosing))
+        scale = (pixels.shape[-2] / height, pixels.shape[-1] / width)
 
-        views = [F.to_tensor(self.augment(self._crop(image, *crop, self.image_size))) for crop in crops]
-        ema_image = F.to_tensor(self._crop(image, top, left, height, width, self.ema_image_size))
-        boxes = torch.tensor(
+        views = [self.augment(self._resized(pixels, crop, scale, self.image_size)) for crop in crops]
+        sample = {"images": torch.stack(views)}
+        if self.teacher_crop:
+            sample["ema_image"] = self._resized(pixels, enclosing, scale, self.ema_image_size)
+        if object_mask is not None:
+            mask = object_mask[None]  # cut exactly where the pixels are (the image's own size)
+            unit = (mask.shape[-2] / height, mask.shape[-1] / width)
+            sample["object_masks"] = torch.cat(
+                [self._resized(mask, crop, unit, self.image_size) for crop in crops]
+            )
+            if self.teacher_crop:
+                sample["ema_object_mask"] = self._resized(mask, enclosing, unit, self.ema_image_size)[0]
+        sample["boxes"] = torch.tensor(
             [
                 [
-                    (c_left - left) / width,
-                    (c_top - top) / height,
-                    (c_left + c_w - left) / width,
-                    (c_top + c_h - top) / height,
+                    (c_left - left) / enclosing[3],
+                    (c_top - top) / enclosing[2],
+                    (c_left + c_w - left) / enclosing[3],
+                    (c_top + c_h - top) / enclosing[2],
                 ]
                 for c_top, c_left, c_h, c_w in crops
             ],
             dtype=torch.float32,
         )
-        return {"images": torch.stack(views), "ema_image": ema_image, "boxes": boxes}
+        return sample

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
-from aclip.datamodules.images import BadSample, clean_caption, load_rgb, skip_record
+from aclip.datamodules.images import BadSample, clean_caption, open_image, skip_record
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +178,13 @@ class WebDatasetSource:
             try:
                 if _LOST in sample:
                     raise sample[_LOST]
-                image, caption = self._pair(sample)
+                prepared = prepare(*self._pair(sample))  # `prepare` decodes the image
             except BadSample as bad:
                 skipped.append(bad)
                 continue
             if held is not None:
                 yield _recorded(*held)
-            held, skipped = (prepare(image, caption), skipped), []
+            held, skipped = (prepared, skipped), []
         if held is not None:
             yield _recorded(held[0], held[1] + skipped)
 
@@ -193,7 +193,7 @@ class WebDatasetSource:
         image_key = _first_member(sample, self.image_keys, "image", name)
         caption_key = _first_member(sample, self.caption_keys, "caption", name)
         caption = self._caption(sample[caption_key], caption_key, f"{name}.{caption_key}")
-        return load_rgb(io.BytesIO(sample[image_key]), name=f"{name}.{image_key}"), caption
+        return open_image(io.BytesIO(sample[image_key]), name=f"{name}.{image_key}"), caption
 
     def _caption(self, data: bytes, key: str, name: str) -> str:
         try:

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from aclip.datamodules.images import BadSample, load_rgb, random_caption
+from aclip.datamodules.images import BadSample, open_image, random_caption
 
 
 def shard_member(index: int) -> tuple[str, str]:
@@ -78,7 +78,7 @@ class Yfcc15mCaptions(Dataset):
             raise BadSample(name, "not in its zip shard") from None
         except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as error:
             raise BadSample(name, f"cannot read zip shard ({type(error).__name__}: {error})") from None
-        return load_rgb(io.BytesIO(data), name), caption
+        return open_image(io.BytesIO(data), name), caption
 
     def _shard(self, shard: str) -> zipfile.ZipFile:
         """The open zip file `shard`, from a per-process cache of the most recently used ones."""

@@ -9,15 +9,16 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from aclip.datamodules.images import to_rgb
-from aclip.datamodules.transforms import eval_transform
+from aclip.datamodules.transforms import EvalTransform
 from aclip.evaluation.distributed import RankShareSampler
 
 
 class TransformedImages(Dataset):
     """Applies an image transform to the images of an evaluation set, passing labels through."""
 
-    def __init__(self, source: Dataset, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+    def __init__(
+        self, source: Dataset, transform: Callable[[Image.Image | torch.Tensor], torch.Tensor]
+    ) -> None:
         self.source, self.transform = source, transform
 
     def __len__(self) -> int:
@@ -27,8 +28,8 @@ class TransformedImages(Dataset):
         item = self.source[index]
         if isinstance(item, tuple):
             image, *rest = item
-            return (self.transform(to_rgb(image)), *rest)
-        return self.transform(to_rgb(item))
+            return (self.transform(image), *rest)
+        return self.transform(item)
 
 
 class EvalLoaders:
@@ -50,7 +51,7 @@ class EvalLoaders:
                 "need eval_loader.image_size >= 1, eval_loader.batch_size >= 1 and "
                 f"eval_loader.num_workers >= 0; got {image_size}, {batch_size}, {num_workers}"
             )
-        self.transform = eval_transform(image_size, interpolation)
+        self.transform = EvalTransform(image_size, interpolation)
         self.batch_size, self.num_workers = batch_size, num_workers
 
     def __call__(self, dataset: Dataset) -> DataLoader:

@@ -6,7 +6,6 @@ import copy
 import math
 import time
 from collections.abc import Mapping
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.modules.losses import ClipLoss
 from aclip.modules.masking import TokenMasking, build_policy, kept_score_mass, map_scores_to_views
 from aclip.modules.model import ClipModel
-from aclip.modules.schedule import warmup_cosine_lr
+from aclip.modules.schedule import configure_adamw_cosine
 from aclip.modules.self_supervision import SelfSupervision
 from aclip.modules.text import TextTower, build_tokenizer
 from aclip.modules.vision import VisionTower
@@ -213,15 +212,20 @@ class AClip(pl.LightningModule):
             self._record_masking(batch, views, keep, score_map, grid)
         return loss
 
+    @property
+    def needs_teacher_crop(self) -> bool:
+        """Whether training reads the batch's `ema_image` (the crop enclosing the views)."""
+        return self.masking.needs_scores or self.self_supervision.uses_ema
+
     @torch.no_grad()
     def ema_pass(self, ema_image: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
         """The EMA model's features of the EMA view, as the auxiliary heads read them (its CLS token
         [B, width] or its embedding [B, D], `self_supervision.source`), and its patch-score map
         [B, gh, gw]. Each is None when neither the masking policy nor the auxiliary losses need it.
         """
-        needs_scores, needs_features = self.masking.needs_scores, self.self_supervision.uses_ema
-        if not (needs_scores or needs_features):
+        if not self.needs_teacher_crop:
             return None, None
+        needs_scores = self.masking.needs_scores
         if ema_image is None:
             raise ValueError("this masking policy or BYOL needs the batch's `ema_image` (the enclosing crop)")
         vision = self.ema_model.vision
@@ -344,45 +348,8 @@ class AClip(pl.LightningModule):
         self.model.clamp_logit_scale()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        decay, no_decay = [], []
-        for param in self.parameters():  # the EMA copies have requires_grad False
-            if param.requires_grad:
-                # ndim < 2 covers biases, norm weights and the 0-d logit scale.
-                (no_decay if param.ndim < 2 else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": hp.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=hp.lr,
-            betas=hp.betas,
-            # One fused kernel per parameter group: 675 -> 100 ms per step for 110 M parameters on CPU
-            # (BENCHMARKS.md); torch's default (foreach) is the slowest part of the step after the towers.
-            fused=True,
-            eps=hp.eps,
-        )
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        warmup_steps = round(hp.warmup_epochs * self._steps_per_epoch())
-        schedule = partial(
-            warmup_cosine_lr,
-            total_steps=total_steps,
-            warmup_steps=min(warmup_steps, total_steps),
-            base_lr=hp.lr,
-            start_lr=hp.warmup_start_lr,
-            final_lr=hp.min_lr,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hp.lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _steps_per_epoch(self) -> int:
-        batches = self.trainer.num_training_batches
-        if not math.isfinite(batches):
-            raise ValueError(
-                "warmup_epochs needs a training set of known length; give the dataloader a length "
-                "(e.g. a fixed epoch length for streaming data)"
-            )
-        return max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        # The EMA copies have requires_grad False, so the optimizer holds the online model alone.
+        return configure_adamw_cosine(self.parameters(), self.hparams, self.trainer)
 
     def eval_models(self) -> dict[str, nn.Module]:
         """The models the final evaluation reports, by name, the reported one (`eval_model`) first."""

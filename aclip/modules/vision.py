@@ -96,7 +96,7 @@ class VisionTower(nn.Module):
     def normalize_pixels(self, images: Tensor) -> Tensor:
         """Pixels (uint8 in [0, 255], or float in [0, 1]) to the normalised input of the patch embedding."""
         if images.dtype == torch.uint8:
-            images = images.float().div_(255)
+            images = images.to(self.trunk.patch_embed.proj.weight.dtype).div_(255)
         return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
     def embed(self, images: Tensor, keep: Tensor | None = None) -> Tensor:

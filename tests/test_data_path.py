@@ -1,0 +1,154 @@
+"""The data path: images decoded once (at a reduced size where the crops allow), cropped and resized as
+uint8 tensors, equal to Pillow's float pipeline within resampling tolerance."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from aclip.datamodules import images as images_module
+from aclip.datamodules.datamodule import ImageTextDataset
+from aclip.datamodules.images import BAD_COUNT, BadSample, open_image
+from aclip.datamodules.transforms import EvalTransform, MultiViewTransform
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: smooth gradients with detail at every scale."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    coarse = np.asarray(
+        Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((width, height))
+    )
+    pixels = coarse * 0.7 + np.stack([x / width, y / height, (x + y) / (width + height)], -1) * 60
+    pixels += rng.normal(0, 8, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def jpeg(image: Image.Image, quality: int = 92) -> io.BytesIO:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=quality)
+    buffer.seek(0)
+    return buffer
+
+
+def pillow_reference(image: Image.Image, crop, size: int) -> torch.Tensor:
+    """The float pipeline it replaces: Pillow's antialiased bicubic resized crop, as 0-255 floats."""
+    top, left, height, width = crop
+    resized = TF.resized_crop(
+        image, top, left, height, width, [size, size], InterpolationMode.BICUBIC, antialias=True
+    )
+    return TF.pil_to_tensor(resized).float()
+
+
+def crops_of(transform: MultiViewTransform, seed: int, height: int, width: int):
+    torch.manual_seed(seed)
+    return transform._crops(height, width)
+
+
+@pytest.mark.parametrize("num_views", [1, 2])
+def test_views_and_teacher_crop_equal_pillows_within_resampling_tolerance(num_views):
+    image = photo(200, 150)
+    transform = MultiViewTransform(64, num_views=num_views, ema_image_size=48)
+    for seed in range(4):
+        crops = crops_of(transform, seed, 150, 200)
+        torch.manual_seed(seed)
+        out = transform(image)
+        for view, crop in zip(out["images"], crops, strict=True):
+            difference = (view.float() - pillow_reference(image, crop, 64)).abs()
+            assert difference.mean() < 0.1 and difference.max() <= 2, (difference.mean(), difference.max())
+        top, left = min(c[0] for c in crops), min(c[1] for c in crops)
+        bottom, right = max(c[0] + c[2] for c in crops), max(c[1] + c[3] for c in crops)
+        teacher = pillow_reference(image, (top, left, bottom - top, right - left), 48)
+        assert (out["ema_image"].float() - teacher).abs().mean() < 0.1
+
+
+def test_a_large_jpeg_decodes_at_a_reduced_size_and_looks_the_same(monkeypatch):
+    """A 1600 x 1200 photo whose 64 px views come from crops of 800 px and more: decoded 8 times smaller in
+    the DCT domain (an eighth of the pixels' work), the views barely change."""
+    image = photo(1600, 1200)
+    data = jpeg(image).getvalue()
+    reductions = []
+    decode = images_module.decode_pixels
+
+    def spy(image, reduce=1):
+        reductions.append(reduce)
+        return decode(image, reduce)
+
+    monkeypatch.setattr("aclip.datamodules.transforms.decode_pixels", spy)
+    transform = MultiViewTransform(64, num_views=2, crop_scale=(0.5, 1.0))
+    full = MultiViewTransform(64, num_views=2, crop_scale=(0.5, 1.0))
+    for seed in range(3):
+        torch.manual_seed(seed)
+        reduced = transform(open_image(io.BytesIO(data), "big.jpg"))
+        torch.manual_seed(seed)
+        reference = full(images_module.decode_pixels(open_image(io.BytesIO(data), "big.jpg")))
+        assert torch.equal(reduced["boxes"], reference["boxes"])
+        difference = (reduced["images"].float() - reference["images"].float()).abs().mean()
+        assert difference < 3.0, difference  # of 255: DCT-domain scaling against an antialiased resize
+    assert reductions and all(reduce == 8 for reduce in reductions)
+
+
+def test_small_images_and_other_formats_are_decoded_whole():
+    transform = MultiViewTransform(64, num_views=2)
+    crops = crops_of(transform, 0, 120, 160)
+    enclosing = (0, 0, 120, 160)
+    assert transform._reduction(crops, enclosing) == 1
+    png = io.BytesIO()
+    photo(400, 300).save(png, "PNG")
+    png.seek(0)
+    torch.manual_seed(0)
+    out = MultiViewTransform(32, num_views=1)(open_image(png, "a.png"))
+    assert out["images"].dtype == torch.uint8 and out["images"].shape == (1, 3, 32, 32)
+
+
+def test_the_teacher_crop_is_left_out_when_nothing_reads_it(train_config):
+    cfg = train_config("method=clip", "debug=fast_dev_run", "evaluate=false")
+    module, datamodule = instantiate(cfg.model), instantiate(cfg.data)
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert not module.needs_teacher_crop
+    trainer.fit(module, datamodule=datamodule)
+    assert not datamodule.view_transform.teacher_crop
+    batch = next(iter(datamodule.train_dataloader()))
+    assert "ema_image" not in batch and batch["images"].dtype == torch.uint8
+    aclip = instantiate(train_config("method=aclip").model)
+    assert aclip.needs_teacher_crop
+
+
+def test_a_jpeg_truncated_after_its_header_is_a_bad_sample_found_at_decoding(tmp_path):
+    """Opening reads the header only: a truncated file passes it, and decoding (in the transform) finds
+    it. The training dataset skips it like any bad sample and counts it at its index."""
+    good, broken = tmp_path / "good.jpg", tmp_path / "broken.jpg"
+    good.write_bytes(jpeg(photo(80, 60)).getvalue())
+    broken.write_bytes(good.read_bytes()[: good.stat().st_size * 2 // 3])
+    image = open_image(str(broken))
+    with pytest.raises(BadSample, match="cannot decode image"):
+        MultiViewTransform(32)(image)
+
+    class Pair(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 2
+
+        def __getitem__(self, index: int):
+            return open_image(str(broken if index == 0 else good)), f"caption {index}"
+
+    def prepare(image, caption):
+        return {**MultiViewTransform(32)(image), "caption": caption}
+
+    dataset = ImageTextDataset(Pair(), prepare)
+    first = dataset[0]
+    assert first["caption"] == "caption 1" and first[BAD_COUNT] == 1
+
+
+def test_evaluation_images_are_uint8_pixels_resized_as_pillow_resizes():
+    image = photo(90, 60)
+    pixels = EvalTransform(32)(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32)
+    reference = TF.pil_to_tensor(TF.center_crop(TF.resize(image, 32, InterpolationMode.BICUBIC), 32)).float()
+    assert (pixels.float() - reference).abs().mean() < 0.6
