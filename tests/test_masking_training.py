@@ -40,8 +40,14 @@ def test_every_strategy_trains_and_logs_kept_tokens(train_config, tmp_path, stra
     assert float(row["train/ema_momentum"]) == pytest.approx(cfg.callbacks.ema.base_momentum)
     if masking.needs_scores:
         assert 0.0 < float(row["train/kept_score_mass"]) <= 1.0
+        # The teacher's score mass on the built-in data's objects, beside the share of area they cover.
+        assert 0.0 < float(row["train/object_score_mass"]) < 1.0
+        assert 0.0 < float(row["train/object_area"]) < 1.0
     else:
-        assert not row.get("train/kept_score_mass")
+        assert not row.get("train/kept_score_mass") and not row.get("train/object_score_mass")
+    recall = float(row["train/object_recall"])  # every policy: how much of the object its views keep
+    keeps_all = strategy == "none" or masking.resizes  # resizing keeps every patch of a smaller image
+    assert recall == pytest.approx(1.0) if keeps_all else 0.0 < recall < 1.0
 
 
 def first_step_inputs(cfg) -> dict:

@@ -40,16 +40,31 @@ def heat_overlay(images: Tensor, score_map: Tensor) -> Tensor:
     return 0.5 * images + 0.5 * colour
 
 
+def outline_objects(images: Tensor, masks: Tensor | None) -> Tensor:
+    """Images [N, 3, H, W] in [0, 1] with the outline of their object masks ([N, h, w], uint8 coverage,
+    resized to the images) drawn in yellow, one pixel wide; unchanged without masks."""
+    if masks is None:
+        return images
+    inside = F.interpolate(masks[:, None].float(), size=images.shape[-2:], mode="bilinear") >= 127.5
+    inside = inside.float()
+    edge = F.max_pool2d(inside, 3, stride=1, padding=1) - inside  # the pixels just outside the object
+    yellow = torch.tensor([1.0, 1.0, 0.0]).view(1, 3, 1, 1)
+    return images * (1 - edge) + yellow * edge
+
+
 def render_masking(record: dict[str, Any], tile: int = 128) -> Tensor:
     """One row per sample: the EMA crop with its heat map and view boxes (when scored), then each view
-    with its dropped patches greyed out. Returns an image [3, H, W] in [0, 1]."""
+    with its dropped patches greyed out; the objects outlined in yellow where the data knows them.
+    Returns an image [3, H, W] in [0, 1]."""
     num_views, grid = record["num_views"], record["grid"]
     views = grey_out_dropped(as_unit_float(record["views"]), record["keep"], grid)
     views = F.interpolate(views, size=(tile, tile), mode="nearest")
+    views = outline_objects(views, record.get("object_masks"))
     rows = views.unflatten(0, (-1, num_views))
     if "score_map" in record:
         ema = heat_overlay(as_unit_float(record["ema_image"]), record["score_map"])
         ema = F.interpolate(ema, size=(tile, tile), mode="bilinear", align_corners=False)
+        ema = outline_objects(ema, record.get("ema_object_mask"))
         ema = torch.stack(
             [
                 draw_bounding_boxes((image * 255).to(torch.uint8), boxes * tile, colors="white") / 255.0

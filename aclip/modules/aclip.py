@@ -22,6 +22,7 @@ from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.modules.losses import ClipLoss
 from aclip.modules.masking import TokenMasking, build_policy, kept_score_mass, map_scores_to_views
 from aclip.modules.model import ClipModel
+from aclip.modules.object_metrics import object_diagnostics
 from aclip.modules.schedule import configure_adamw_cosine
 from aclip.modules.self_supervision import SelfSupervision
 from aclip.modules.text import TextTower, build_tokenizer
@@ -208,6 +209,8 @@ class AClip(pl.LightningModule):
         loss = clip_loss + sum(auxiliary.values())
 
         self._log_step(loss, clip_loss, auxiliary, keep, scores, batch_size)
+        if "object_masks" in batch:  # the built-in data knows where its objects are
+            self._log_object_diagnostics(batch, keep, grid, score_map, batch_size)
         if self.record_masking:
             self._record_masking(batch, views, keep, score_map, grid)
         return loss
@@ -259,6 +262,20 @@ class AClip(pl.LightningModule):
         self.log_dict(progress, prog_bar=True, batch_size=batch_size)
         self.log_dict(logs, batch_size=batch_size)
 
+    def _log_object_diagnostics(
+        self,
+        batch: Mapping[str, Tensor],
+        keep: Tensor,
+        grid: tuple[int, int],
+        score_map: Tensor | None,
+        batch_size: int,
+    ) -> None:
+        with torch.no_grad():
+            metrics = object_diagnostics(
+                batch["object_masks"], keep, grid, score_map, batch.get("ema_object_mask")
+            )
+        self.log_dict({f"train/{name}": value for name, value in metrics.items()}, batch_size=batch_size)
+
     # -- Learning curves: the `eval` group's sets as Lightning validation (see ClipDataModule.val_dataloader)
 
     def _evaluation(self) -> Evaluation:
@@ -292,9 +309,17 @@ class AClip(pl.LightningModule):
         """Keep what this step showed the encoders for the first `record_masking` samples (CPU copies)."""
         samples, num_views = self.record_masking, batch["images"].shape[1]
         record = {"views": views[: samples * num_views], "keep": keep[: samples * num_views]}
+        if "object_masks" in batch:
+            record["object_masks"] = batch["object_masks"][:samples].flatten(0, 1)
         if score_map is not None:
             record |= {"ema_image": batch["ema_image"], "score_map": score_map, "boxes": batch["boxes"]}
-            record |= {name: record[name][:samples] for name in ("ema_image", "score_map", "boxes")}
+            if "ema_object_mask" in batch:
+                record["ema_object_mask"] = batch["ema_object_mask"]
+            record |= {
+                name: record[name][:samples]
+                for name in ("ema_image", "score_map", "boxes", "ema_object_mask")
+                if name in record
+            }
         self.masking_record = {name: value.detach().cpu() for name, value in record.items()}
         self.masking_record |= {"grid": grid, "num_views": num_views}
         self.record_masking = 0
