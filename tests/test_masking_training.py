@@ -6,8 +6,10 @@ import csv
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from aclip.modules.masking import RandomMasking
 from aclip.tasks import train
 from tests.conftest import CONF_DIR
 
@@ -72,6 +74,25 @@ def test_attentive_low_keeps_the_cells_the_ema_attends_to_most(train_config):
     seen = first_step_inputs(train_config("masking=attentive_low", "callbacks.model_checkpoint=null"))
     expected = seen["scores"].topk(8, dim=1).indices.sort(dim=1).values  # half of the 4 x 4 grid
     torch.testing.assert_close(seen["keep"], expected)
+
+
+def test_during_the_teacher_warm_up_attentive_masking_keeps_random_cells_of_its_budget(train_config):
+    cfg = train_config(
+        "masking=attentive_low", "model.teacher_warmup_steps=1", "callbacks.model_checkpoint=null"
+    )
+    seen = first_step_inputs(cfg)
+    top = seen["scores"].topk(8, dim=1).indices.sort(dim=1).values
+    assert seen["keep"].shape == top.shape and not torch.equal(seen["keep"], top)
+
+    module = instantiate(cfg.model)
+    assert isinstance(module.masking_policy, RandomMasking) and module.masking_policy.keep_ratio == 0.5
+    type(module).global_step = property(lambda self: 1)
+    try:
+        assert module.masking_policy is module.masking  # the teacher decides from step 1 on
+    finally:
+        del type(module).global_step
+    with pytest.raises(InstantiationException, match="teacher_warmup_steps must be an integer >= 0"):
+        instantiate(train_config("model.teacher_warmup_steps=-1").model)
 
 
 def test_resize_runs_the_tower_at_the_smaller_grid(train_config):

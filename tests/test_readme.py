@@ -3,7 +3,8 @@
 Each command runs in a fresh copy of the repository (its tracked and untracked-but-not-ignored files),
 with that copy as the working directory, through the same `.venv` (the copy's `.venv` links to the
 interpreter running the tests). The only change made to a command is appending tiny-size overrides (a
-tiny model, a few samples and steps) to `train.py` and `evaluate.py` commands, and filling the `<...>`
+tiny model, a few samples and steps) to `train.py` and `evaluate.py` commands and the benchmarks' own
+`--quick` (the tiny model, a step or a few samples) to `-m benchmarks.*` commands, and filling the `<...>`
 placeholders of the docs with real paths of the copy (a run directory, a checkpoint, a sweep). Never a
 `paths.*` or `hydra.*` override, nor an environment variable. A command that needs what this machine
 lacks (a GPU, a cluster, a dataset) is listed in SKIPPED with the reason.
@@ -66,6 +67,7 @@ SKIPPED: dict[str, str] = {
     ".venv/bin/python train.py -m launcher=slurm hydra.launcher.partition=<partition> "
     "hydra.launcher.timeout_min=2880 experiment=paper trainer.num_nodes=4 "
     "method=attentive_2x50,random_2x50": _NEEDS_SLURM,
+    "bash benchmarks/gpu.sh": _NEEDS_GPU + " (tests/test_benchmarks.py checks every option it passes)",
 }
 
 # A tiny model on a few samples of the built-in data: every training job takes a few steps.
@@ -168,6 +170,8 @@ def with_overrides(command: str, copy: Path) -> str:
         return " ".join([command, *TRAIN_OVERRIDES, *EVAL_OVERRIDES[:2], *extra])
     if re.search(r"\bevaluate\.py\b", command):
         return " ".join([command, *EVAL_OVERRIDES])
+    if re.search(r"-m benchmarks\.\w+", command):
+        return f"{command} --quick"
     return command
 
 

@@ -20,7 +20,13 @@ from aclip.callbacks.ema import EMAUpdate
 from aclip.evaluation.report import flatten_metrics
 from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.modules.losses import ClipLoss
-from aclip.modules.masking import TokenMasking, build_policy, kept_score_mass, map_scores_to_views
+from aclip.modules.masking import (
+    RandomMasking,
+    TokenMasking,
+    build_policy,
+    kept_score_mass,
+    map_scores_to_views,
+)
 from aclip.modules.model import ClipModel
 from aclip.modules.object_metrics import object_diagnostics
 from aclip.modules.schedule import configure_adamw_cosine
@@ -82,6 +88,7 @@ class AClip(pl.LightningModule):
         self_supervision: Mapping[str, Any] | None = None,
         grad_checkpointing: bool = False,
         compile: bool = False,
+        teacher_warmup_steps: int = 0,
     ) -> None:
         super().__init__()
         vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
@@ -114,6 +121,16 @@ class AClip(pl.LightningModule):
         # Reject a policy that cannot work on this tower now, not at the first training step.
         if self.masking.needs_scores:
             self.model.vision.resolve_layers(self.masking.layers)
+        if (
+            isinstance(teacher_warmup_steps, bool)
+            or not isinstance(teacher_warmup_steps, int)
+            or teacher_warmup_steps < 0
+        ):
+            raise ValueError(f"teacher_warmup_steps must be an integer >= 0, got {teacher_warmup_steps!r}")
+        # While the teacher is still forming, a policy it scores may keep random cells of the same budget.
+        self._warmup_masking = None
+        if teacher_warmup_steps and self.masking.needs_scores:
+            self._warmup_masking = RandomMasking(keep_ratio=self.masking.keep_ratio, unit=self.masking.unit)
         self.kept_tokens = self.masking.num_keep(
             self.model.vision.grid(*self._resize_for_masking_size(self.model.vision.image_size))
         )
@@ -188,7 +205,7 @@ class AClip(pl.LightningModule):
         # 2. Each view reads its patch scores from the shared map, over its box in the enclosing crop.
         scores = map_scores_to_views(score_map, batch["boxes"], grid) if score_map is not None else None
         # 3. The masking policy decides which patch tokens the online encoder keeps in each view.
-        keep = self.masking.select(
+        keep = self.masking_policy.select(
             scores, grid, batch_size * num_views, device=self.device, generator=self.mask_generator(batch_idx)
         )
         # 4. The online encoders: every view of the batch through the vision tower in one call.
@@ -214,6 +231,14 @@ class AClip(pl.LightningModule):
         if self.record_masking:
             self._record_masking(batch, views, keep, score_map, grid)
         return loss
+
+    @property
+    def masking_policy(self) -> TokenMasking:
+        """The policy of this step: `masking`, or random cells of its budget for the first
+        `teacher_warmup_steps` optimizer steps when `masking` reads the teacher's scores."""
+        if self._warmup_masking is not None and self.global_step < self.hparams.teacher_warmup_steps:
+            return self._warmup_masking
+        return self.masking
 
     @property
     def needs_teacher_crop(self) -> bool:
