@@ -37,6 +37,8 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 SEED_KEY = "seed"
+# Training curves drawn per sweep (aclip.sweep_curves), where the jobs logged them.
+DEFAULT_CURVES = ("train/clip_loss", "train/object_recall", "train/object_score_mass")
 # Metric kinds shown in the Markdown table (all metrics go to the CSV): zero-shot top-1, retrieval R@1,
 # linear-probe top-1 and the suite averages.
 _HEADLINE_SUFFIXES = ("/top1", "/i2t_R@1", "/t2i_R@1", "/reported", "/average")
@@ -363,9 +365,9 @@ def plot(summary: Summary, path: Path) -> Path | None:
     return path
 
 
-def write(summary: Summary, chart: bool = True) -> dict[str, Path]:
+def write(summary: Summary, chart: bool = True, curves: Sequence[str] = ()) -> dict[str, Path]:
     """Write summary.csv (every metric), summary_seeds.csv (if seeds vary), summary.md and (`chart`)
-    summary.png."""
+    summary.png and the `curves_<metric>.png` of the `curves` metrics the jobs logged."""
     directory = summary.sweep_dir
     paths = {"csv": directory / "summary.csv", "md": directory / "summary.md"}
     _write_csv(paths["csv"], *summary.rows())
@@ -376,14 +378,20 @@ def write(summary: Summary, chart: bool = True) -> dict[str, Path]:
     png = plot(summary, directory / "summary.png") if chart else None
     if png is not None:
         paths["png"] = png
+    if chart and curves:
+        from aclip.sweep_curves import plot_curves  # it imports this module
+
+        paths |= {path.stem: path for path in plot_curves(summary, curves)}
     return paths
 
 
-def summarize(sweep_dir: str | os.PathLike, finished: bool = True) -> tuple[Summary, dict[str, Path]]:
-    """Collect a sweep's jobs and write its summary files (the chart once the sweep has finished);
+def summarize(
+    sweep_dir: str | os.PathLike, finished: bool = True, curves: Sequence[str] = DEFAULT_CURVES
+) -> tuple[Summary, dict[str, Path]]:
+    """Collect a sweep's jobs and write its summary files (the charts once the sweep has finished);
     returns both."""
     summary = collect(sweep_dir, finished)
-    return summary, write(summary, chart=finished)
+    return summary, write(summary, chart=finished, curves=curves)
 
 
 class SweepSummary(Callback):
@@ -415,8 +423,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "sweep_dir", type=Path, help="the multirun directory, e.g. logs/train/multiruns/<timestamp>"
     )
+    parser.add_argument(
+        "--curves",
+        nargs="*",
+        default=list(DEFAULT_CURVES),
+        metavar="METRIC",
+        help="logged training metrics drawn over steps per seed group, curves_<metric>.png "
+        f"(default: {' '.join(DEFAULT_CURVES)}; none: no curves)",
+    )
     args = parser.parse_args(argv)
-    summary, paths = summarize(args.sweep_dir)
+    summary, paths = summarize(args.sweep_dir, curves=args.curves)
     print(markdown(summary))
     for job in summary.missing:
         print(f"job {job.number} has no result ({job.status})", file=sys.stderr)

@@ -106,3 +106,33 @@ def test_sweeps_without_an_enumeration_list_the_gaps(tmp_path):
     make_job(tmp_path, 2, ["model.lr=0.002"], 4.0)
     assert expected_jobs(tmp_path) is None
     assert [job.status for job in collect(tmp_path).jobs] == ["ok", "missing", "ok"]
+
+
+def write_curve(sweep: Path, number: int, recall: list[float]) -> None:
+    """The job's CSV log as Lightning's CSV logger writes it: rows of other metrics in between."""
+    path = sweep / str(number) / "csv" / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["epoch", "step", "train/object_recall", "val/zeroshot/synthetic/top1"])
+        for index, value in enumerate(recall):
+            writer.writerow([0, 10 * index + 9, value, ""])
+            writer.writerow([0, 10 * index + 9, "", 5.0])
+
+
+def test_curves_are_read_per_seed_group_and_drawn(tmp_path):
+    from aclip.sweep_curves import grouped_curves, read_curve
+
+    curves = {("random", 0): [0.5, 0.5, 0.5], ("random", 1): [0.5, 0.49, 0.51],
+              ("attentive_low", 0): [0.4, 0.6, 0.8], ("attentive_low", 1): [0.05, 0.3, 0.7]}  # fmt: skip
+    for number, ((masking, seed), recall) in enumerate(curves.items()):
+        make_job(tmp_path, number, [f"masking={masking}", f"seed={seed}"], 10.0)
+        write_curve(tmp_path, number, recall)
+    steps, values = read_curve(tmp_path / "3", "train/object_recall")
+    assert steps.tolist() == [9, 19, 29] and values.tolist() == [0.05, 0.3, 0.7]  # blank rows skipped
+
+    summary, paths = summarize(tmp_path, curves=["train/object_recall", "train/not_logged"])
+    groups = grouped_curves(summary, "train/object_recall")
+    assert sorted(groups) == ["attentive_low", "random"] and len(groups["attentive_low"]) == 2
+    assert paths["curves_train_object_recall"].stat().st_size > 0
+    assert not (tmp_path / "curves_train_not_logged.png").exists()  # no job logged it: no empty chart

@@ -43,7 +43,7 @@ class StreamingSource(Protocol):
 
 class ImageTextDataset(Dataset):
     """Turns a map-style source of (image, caption) pairs into training samples (`prepare`). An item may
-    carry a third element, a dict of keyword arguments for `prepare` (e.g. the built-in data's
+    carry a third element, a dict of extras that `prepare` receives (e.g. the built-in data's
     `object_mask`).
 
     A pair the source cannot provide (it raises :class:`BadSample`) is replaced by the next good one. The
@@ -68,8 +68,7 @@ class ImageTextDataset(Dataset):
         skipped: list[BadSample] = []
         while len(skipped) < min(self.max_consecutive_bad, len(self)):
             try:  # a source opens an image, `prepare` decodes it: either may find it unusable
-                image, caption, *extras = self.source[(index + len(skipped)) % len(self)]
-                sample = self.prepare(image, caption, **(extras[0] if extras else {}))
+                sample = self.prepare(*self.source[(index + len(skipped)) % len(self)])
             except BadSample as bad:
                 skipped.append(bad)
                 continue
@@ -156,11 +155,12 @@ class ClipDataModule(pl.LightningDataModule):
         return per_device_batch_size(self.batch_size, world)
 
     def prepare_pair(
-        self, image: Image.Image | Tensor, caption: str, object_mask: Tensor | None = None
+        self, image: Image.Image | Tensor, caption: str, extras: Mapping[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
-        """A training sample from an opened image (or its pixels) and its caption: the views
-        (`MultiViewTransform`, which decodes the image) and the caption tokens. A source may also give
-        the `object_mask` of its captioned objects (the built-in data does), cut with the views."""
+        """A training sample from a source's item: an opened image (or its pixels), its caption and
+        optional `extras`. The views (`MultiViewTransform`, which decodes the image) and the caption
+        tokens; an `object_mask` among the extras (the built-in data's) is cut with the views."""
+        object_mask = (extras or {}).get("object_mask")
         return {**self.view_transform(image, object_mask), "text": self.tokenizer(caption)[0]}
 
     def train_dataloader(self) -> DataLoader:
