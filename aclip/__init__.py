@@ -3,3 +3,12 @@
 __version__ = "0.1.0"
 
 from aclip import config as _config  # noqa: F401  (registers the config resolvers)
+
+
+def __getattr__(name: str):
+    """`aclip.load` (see `aclip.api`), imported on first use so that `import aclip` stays light."""
+    if name == "load":
+        from aclip.api import load
+
+        return load
+    raise AttributeError(f"module 'aclip' has no attribute {name!r}")

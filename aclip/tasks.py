@@ -249,6 +249,13 @@ def load_checkpoint(path: str | Path) -> AClip:
     return module
 
 
+def run_interpolation(path: str | Path) -> str:
+    """The resize filter the run of a checkpoint (file or run directory) evaluated with (bicubic for a
+    checkpoint without its run's config)."""
+    run_config = read_checkpoint(resolve_ckpt_path(path, Path.cwd())).get(RUN_CONFIG_KEY) or {}
+    return (run_config.get("eval_loader") or {}).get("interpolation", "bicubic")
+
+
 def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
     quiet_known_noise()
@@ -258,8 +265,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     # The evaluation images must fit the checkpoint's vision tower, resized as its run resized them.
     cfg.eval_loader.image_size = module.hparams.vision["image_size"]
     if cfg.eval_loader.get("interpolation") is None:
-        run_config = read_checkpoint(resolve_ckpt_path(cfg.ckpt_path, Path.cwd())).get(RUN_CONFIG_KEY) or {}
-        cfg.eval_loader.interpolation = (run_config.get("eval_loader") or {}).get("interpolation", "bicubic")
+        cfg.eval_loader.interpolation = run_interpolation(cfg.ckpt_path)
     evaluation = build_evaluation(cfg)
     evaluation.check()
     module.to("cuda" if torch.cuda.is_available() else "cpu")

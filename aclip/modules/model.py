@@ -26,7 +26,7 @@ class ClipModel(nn.Module):
     @property
     def embed_dim(self) -> int:
         """Width of the shared embedding space."""
-        return self.text.text_projection.shape[-1]
+        return self.vision.proj.out_features
 
     def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
         """L2-normalised image embeddings; `keep` selects the patch tokens the tower sees."""

@@ -1,0 +1,48 @@
+"""`aclip.load`: a trained model, its image preprocessing and its tokenizer, in one call.
+
+import aclip
+model, preprocess, tokenizer = aclip.load("logs/train/runs/<timestamp>")   # or a .ckpt, or an export
+image_features = model.encode_image(preprocess(image)[None])               # L2-normalised
+text_features = model.encode_text(tokenizer(["a red circle"]))             # L2-normalised
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from aclip.export import CONFIG_FILE
+
+
+def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callable, Callable[..., Tensor]]:
+    """`(model, preprocess, tokenizer)` of a checkpoint, a run directory or an exported folder.
+
+    A checkpoint or run directory gives this project's `ClipModel` (the `model="ema"` teacher, the
+    paper's, or the `"online"` one), whose `encode_image` and `encode_text` return L2-normalised
+    embeddings; `preprocess` turns a PIL image (or uint8 [3, H, W] pixels) into the model's uint8 input
+    [3, S, S] (the model normalises pixels itself), resized as the run evaluated. An `aclip.export`
+    folder gives open_clip's model and transforms (`encode_image(..., normalize=True)` for normalised
+    embeddings). `tokenizer(texts)` returns token ids [len(texts), context_length]. The model is in eval
+    mode, on the CPU.
+    """
+    if model not in ("ema", "online"):
+        raise ValueError(f'model must be "ema" or "online", got {model!r}')
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        import open_clip
+
+        name = f"local-dir:{path}"
+        clip, _, preprocess = open_clip.create_model_and_transforms(name)
+        return clip.eval(), preprocess, open_clip.get_tokenizer(name)
+
+    from aclip.datamodules.transforms import EvalTransform
+    from aclip.modules.text import build_tokenizer
+    from aclip.tasks import load_checkpoint, run_interpolation
+
+    module = load_checkpoint(path)
+    clip = (module.ema_model if model == "ema" else module.model).eval()
+    preprocess = EvalTransform(clip.vision.image_size, run_interpolation(path))
+    return clip, preprocess, build_tokenizer(clip.text.context_length)

@@ -1,0 +1,95 @@
+"""Weights out: a trained checkpoint exported to open_clip computes the same embeddings, and `aclip.load`
+serves a checkpoint and an export alike."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+import aclip
+from aclip import export
+from aclip.tasks import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for two steps, with its checkpoint (the patch-embedding bias is not zero)."""
+    from tests.conftest import TINY_SYNTHETIC_OVERRIDES, compose_config
+
+    root = tmp_path_factory.mktemp("export")
+    cfg = compose_config(
+        "train", [*TINY_SYNTHETIC_OVERRIDES, "trainer.max_steps=2", "evaluate=false"], root / "run"
+    )
+    train(cfg)
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+def images_and_texts(size: int):
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8, generator=generator)
+    return pixels, ["a red circle", "a blue square among clutter", "two green stars"]
+
+
+def test_the_export_loads_in_open_clip_and_computes_the_same_embeddings(trained, tmp_path):
+    assert export.main([str(trained), str(tmp_path / "out")]) == 0
+    ours, _, tokenizer = aclip.load(trained)
+    theirs, _, their_preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'out'}")
+    theirs.eval()
+    pixels, texts = images_and_texts(ours.vision.image_size)
+    mean, std = their_preprocess.transforms[-1].mean, their_preprocess.transforms[-1].std
+    normalised = (pixels.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    tokens = tokenizer(texts)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            theirs.encode_image(normalised, normalize=True), ours.encode_image(pixels), atol=1e-5, rtol=1e-4
+        )
+        torch.testing.assert_close(
+            theirs.encode_text(tokens, normalize=True), ours.encode_text(tokens), atol=1e-5, rtol=1e-4
+        )
+    assert theirs.logit_scale.item() == pytest.approx(ours.logit_scale.item())
+    config = json.loads((tmp_path / "out" / export.CONFIG_FILE).read_text())
+    assert config["preprocess_cfg"]["size"] == ours.vision.image_size  # the model's size, not 224
+
+
+def test_load_serves_the_export_and_the_online_model(trained, tmp_path):
+    export.main([str(trained), str(tmp_path / "out"), "--model", "online"])
+    clip, preprocess, tokenizer = aclip.load(tmp_path / "out")
+    online, own_preprocess, _ = aclip.load(trained, model="online")
+    image = Image.new("RGB", (80, 60), (200, 30, 30))
+    assert own_preprocess(image).shape == (3, online.vision.image_size, online.vision.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            clip.encode_text(tokenizer(["a red circle"]), normalize=True),
+            online.encode_text(tokenizer(["a red circle"])),
+            atol=1e-5,
+            rtol=1e-4,
+        )
+        features = clip.encode_image(preprocess(image)[None], normalize=True)
+    assert features.shape == (1, online.embed_dim)
+    with pytest.raises(ValueError, match='model must be "ema" or "online"'):
+        aclip.load(trained, model="teacher")
+
+
+def test_a_quick_gelu_text_tower_is_refused_with_the_reason(train_config):
+    module = instantiate(train_config("model.text.activation=quick_gelu").model)
+    with pytest.raises(ValueError, match="QuickGELU and its image tower GELU"):
+        export.open_clip_config(module.model)
+
+
+def test_the_readme_lines_run_as_written(trained, tmp_path, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Using a trained model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    Image.new("RGB", (120, 90), (30, 120, 200)).save(tmp_path / "photo.jpg")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(code.replace("logs/train/runs/<timestamp>", str(trained.parents[1])), scope)
+    assert scope["image_features"].shape == (1, scope["model"].embed_dim)
+    assert scope["text_features"].shape == (2, scope["model"].embed_dim)
+    torch.testing.assert_close(scope["text_features"].norm(dim=-1), torch.ones(2))
