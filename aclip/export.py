@@ -80,40 +80,55 @@ def open_clip_config(model: ClipModel, interpolation: str = "bicubic") -> dict[s
     }
 
 
+# A timm ViT block's parts and their open_clip names (timm's `attn.qkv` is open_clip's packed in_proj).
+_BLOCK_PARTS = (
+    ("norm1.weight", "ln_1.weight"),
+    ("norm1.bias", "ln_1.bias"),
+    ("attn.qkv.weight", "attn.in_proj_weight"),
+    ("attn.qkv.bias", "attn.in_proj_bias"),
+    ("attn.proj.weight", "attn.out_proj.weight"),
+    ("attn.proj.bias", "attn.out_proj.bias"),
+    ("norm2.weight", "ln_2.weight"),
+    ("norm2.bias", "ln_2.bias"),
+    ("mlp.fc1.weight", "mlp.c_fc.weight"),
+    ("mlp.fc1.bias", "mlp.c_fc.bias"),
+    ("mlp.fc2.weight", "mlp.c_proj.weight"),
+    ("mlp.fc2.bias", "mlp.c_proj.bias"),
+)
+
+
+def open_clip_names(model: ClipModel) -> dict[str, str]:
+    """`ClipModel` weight name -> open_clip `CLIP` name, for every weight the export writes (the patch
+    embedding's bias is folded into the positions instead, see `open_clip_state_dict`)."""
+    names = {
+        "vision.trunk.patch_embed.proj.weight": "visual.conv1.weight",
+        "vision.trunk.cls_token": "visual.class_embedding",
+        "vision.trunk.pos_embed": "visual.positional_embedding",
+        "vision.trunk.norm.weight": "visual.ln_post.weight",
+        "vision.trunk.norm.bias": "visual.ln_post.bias",
+        "vision.proj.weight": "visual.proj",
+        "logit_scale": "logit_scale",
+    }
+    for index in range(len(model.vision.trunk.blocks)):
+        for ours, theirs in _BLOCK_PARTS:
+            names[f"vision.trunk.blocks.{index}.{ours}"] = f"visual.transformer.resblocks.{index}.{theirs}"
+    for name in model.text.transformer.state_dict():
+        if name != "attn_mask":  # a buffer open_clip rebuilds
+            names[f"text.transformer.{name}"] = name
+    return names
+
+
 def open_clip_state_dict(model: ClipModel) -> dict[str, Tensor]:
     """`model`'s weights under open_clip `CLIP`'s names (contiguous CPU tensors, for safetensors)."""
+    ours = dict(model.state_dict())
     trunk = model.vision.trunk
-    out: dict[str, Tensor] = {}
     # Tokens = conv(x) + bias + position: the bias joins the patch positions (the CLS token has none).
-    positions = trunk.pos_embed[0].detach().clone()
-    positions[trunk.num_prefix_tokens :] += trunk.patch_embed.proj.bias.detach()
-    out["visual.conv1.weight"] = trunk.patch_embed.proj.weight
-    out["visual.class_embedding"] = trunk.cls_token[0, 0]
-    out["visual.positional_embedding"] = positions
-    for index, block in enumerate(trunk.blocks):
-        prefix = f"visual.transformer.resblocks.{index}."
-        for ours, theirs in (
-            (block.norm1, "ln_1"),
-            (block.attn.qkv, "attn.in_proj"),
-            (block.attn.proj, "attn.out_proj"),
-            (block.norm2, "ln_2"),
-            (block.mlp.fc1, "mlp.c_fc"),
-            (block.mlp.fc2, "mlp.c_proj"),
-        ):
-            if theirs == "attn.in_proj":  # nn.MultiheadAttention's packed [q; k; v], as timm's qkv
-                out[prefix + "attn.in_proj_weight"] = ours.weight
-                out[prefix + "attn.in_proj_bias"] = ours.bias
-            else:
-                out[prefix + theirs + ".weight"] = ours.weight
-                out[prefix + theirs + ".bias"] = ours.bias
-    out["visual.ln_post.weight"] = trunk.norm.weight
-    out["visual.ln_post.bias"] = trunk.norm.bias
-    out["visual.proj"] = model.vision.proj.weight.T  # x @ proj in open_clip, a Linear here
-    for name, value in model.text.transformer.state_dict().items():
-        if name != "attn_mask":  # a buffer open_clip rebuilds
-            out[name] = value
-    out["logit_scale"] = model.logit_scale
-    return {name: value.detach().cpu().contiguous() for name, value in out.items()}
+    positions = ours["vision.trunk.pos_embed"][0].clone()
+    positions[trunk.num_prefix_tokens :] += ours["vision.trunk.patch_embed.proj.bias"]
+    ours["vision.trunk.pos_embed"] = positions
+    ours["vision.trunk.cls_token"] = ours["vision.trunk.cls_token"][0, 0]
+    ours["vision.proj.weight"] = ours["vision.proj.weight"].T  # x @ proj in open_clip, a Linear here
+    return {theirs: ours[name].detach().cpu().contiguous() for name, theirs in open_clip_names(model).items()}
 
 
 def export(model: ClipModel, directory: str | Path, interpolation: str = "bicubic") -> Path:

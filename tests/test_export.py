@@ -9,6 +9,7 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -93,3 +94,28 @@ def test_the_readme_lines_run_as_written(trained, tmp_path, monkeypatch):
     assert scope["image_features"].shape == (1, scope["model"].embed_dim)
     assert scope["text_features"].shape == (2, scope["model"].embed_dim)
     torch.testing.assert_close(scope["text_features"].norm(dim=-1), torch.ones(2))
+
+
+def test_init_from_an_export_or_a_checkpoint_starts_from_its_weights(trained, tmp_path, train_config):
+    export.main([str(trained), str(tmp_path / "out")])
+    reference, _, tokenizer = aclip.load(trained)  # the EMA model the export holds
+    tokens = tokenizer(["a red circle"])
+    pixels, _ = images_and_texts(reference.vision.image_size)
+    for source in (tmp_path / "out", trained):
+        module = instantiate(train_config(f"model.init_from={source}").model)
+        with torch.no_grad():
+            for model in (module.model, module.ema_model):  # the teacher starts as the initialised student
+                torch.testing.assert_close(
+                    model.encode_image(pixels), reference.encode_image(pixels), atol=1e-5, rtol=1e-4
+                )
+                torch.testing.assert_close(model.encode_text(tokens), reference.encode_text(tokens))
+        assert "init_from" not in module.hparams  # a checkpoint of the new run holds its own weights
+    cfg = train_config(f"model.init_from={tmp_path / 'out'}", "debug=fast_dev_run", "evaluate=false")
+    train(cfg)  # and it trains
+
+
+def test_init_from_weights_of_other_sizes_lists_what_does_not_fit(trained, train_config):
+    with pytest.raises(
+        InstantiationException, match=r"does not fit this model \(.*other shapes: .*pos_embed"
+    ):
+        instantiate(train_config(f"model.init_from={trained}", "model.vision.image_size=48").model)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from aclip.callbacks.ema import EMAUpdate
 from aclip.evaluation.report import flatten_metrics
 from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
+from aclip.initialize import load_initial_weights
 from aclip.modules.losses import ClipLoss
 from aclip.modules.masking import (
     RandomMasking,
@@ -89,6 +90,7 @@ class AClip(pl.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool = False,
         teacher_warmup_steps: int = 0,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
@@ -96,7 +98,8 @@ class AClip(pl.LightningModule):
         # The towers' and heads' arguments are plain values (a checkpoint's hyper-parameters are data).
         for key, value in (("vision", vision), ("text", text), ("self_supervision", self_supervision)):
             check_plain(value or {}, key)
-        self.save_hyperparameters()
+        # `init_from` only starts a run: a checkpoint of it holds the weights, not where they came from.
+        self.save_hyperparameters(ignore=["init_from"])
         if lr <= 0 or not 0 <= warmup_start_lr <= lr or not 0 <= min_lr <= lr:
             raise ValueError(
                 f"need 0 < lr and 0 <= warmup_start_lr, min_lr <= lr; got lr={lr}, "
@@ -113,6 +116,8 @@ class AClip(pl.LightningModule):
         )
         if eval_model not in ("ema", "online"):
             raise ValueError(f'eval_model must be "ema" or "online", got {eval_model!r}')
+        if init_from is not None:
+            load_initial_weights(self.model, init_from)  # before the EMA copy: the teacher starts equal
         self.ema_model = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.model.vision.set_grad_checkpointing(grad_checkpointing)
         self.model.text.set_grad_checkpointing(grad_checkpointing)
