@@ -57,25 +57,29 @@ PRECISIONS: dict[str, str] = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "
 Batch = dict[str, Any]
 
 
+def compose_training(overrides: Sequence[str]) -> DictConfig:
+    """`conf/train.yaml` composed with `overrides`, as `train.py` would run it, validated."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+    validate_config(cfg)
+    return cfg
+
+
 def compose_variant(variant: str, model: str, batch_size: int, overrides: Sequence[str] = ()) -> DictConfig:
     """The training config of `variant` (a key of `VARIANTS`) for `model` (a conf/model name)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"model={model}",
-                f"method={VARIANTS[variant]}",
-                f"data.batch_size={batch_size}",
-                "data.num_workers=0",
-                *overrides,
-            ],
-        )
-    GlobalHydra.instance().clear()
-    validate_config(cfg)
-    return cfg
+    return compose_training(
+        [
+            f"model={model}",
+            f"method={VARIANTS[variant]}",
+            f"data.batch_size={batch_size}",
+            "data.num_workers=0",
+            *overrides,
+        ]
+    )
 
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:

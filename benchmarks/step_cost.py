@@ -193,7 +193,7 @@ def format_pairs(variants: Sequence[Variant]) -> str:
         lines.append(
             f"| `{name}` | `{theirs.name}` (patch_dropout {dropout}) | {ours.median * 1e3:.1f} "
             f"| {theirs.median * 1e3:.1f} | {ours.median / theirs.median:.2f} "
-            f"| {ours_params:,} / {their_params:,} ({ours_params / their_params - 1:+.3%}) |"
+            f"| {ours_params:,} / {their_params:,} ({ours_params / their_params - 1:+.4%}) |"
         )
     return "\n".join(lines)
 

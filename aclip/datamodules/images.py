@@ -126,7 +126,10 @@ def decode_pixels(image: Image.Image, reduce: int = 1) -> Tensor:
             width, height = image.size
             image.draft("RGB", (width // reduce, height // reduce))  # Pillow decodes at least this size
         image.load()
-        return torch.from_numpy(np.asarray(to_rgb(image))).permute(2, 0, 1)
+        pixels = np.asarray(to_rgb(image))  # read-only: Pillow's buffer, which nothing writes to
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def load_rgb(file: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
