@@ -77,7 +77,12 @@ def load_initial_weights(model: ClipModel, path: str | os.PathLike) -> None:
     path = Path(path)
     is_export = (path / CONFIG_FILE).is_file()
     weights = export_weights(path, model) if is_export else checkpoint_weights(path)
-    expected = model.state_dict()
+    _check_fits(path, "model.init_from", weights, model.state_dict())
+    model.load_state_dict(weights)
+
+
+def _check_fits(path: Path, key: str, weights: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    """Raise `InitializationError` listing the missing, unexpected and differently shaped weights."""
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     shapes = sorted(
@@ -92,9 +97,44 @@ def load_initial_weights(model: ClipModel, path: str | os.PathLike) -> None:
             f"other shapes: {'; '.join(shapes[:10])}" if shapes else "",
         ]
         raise InitializationError(
-            f"model.init_from={path} does not fit this model ("
+            f"{key}={path} does not fit this model ("
             + "; ".join(p for p in problems if p)
             + "): give the towers the sizes of the run that wrote it (model=..., model.vision.*, "
             "model.text.*)"
         )
-    model.load_state_dict(weights)
+
+
+def load_tower_weights(trunk: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a timm ViT state dict (`.safetensors`, or a `.pth`/`.bin` read as data) into a vision trunk,
+    strictly, resizing the position embeddings to the trunk's grid (timm's `resample_abs_pos_embed`).
+
+    Keys may carry timm's or open_clip's `trunk.`/`module.` prefixes; a classifier head (`head.*`) is
+    dropped, since the tower has none.
+
+    Raises:
+        InitializationError: a weight is missing, unexpected or of another shape; all are listed.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path))
+    else:
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
+    if not isinstance(weights, dict):
+        raise InitializationError(f"{path} does not hold a state dict")
+    for prefix in ("module.", "trunk."):
+        if all(name.startswith(prefix) for name in weights):
+            weights = {name[len(prefix) :]: value for name, value in weights.items()}
+    weights = {name: value for name, value in weights.items() if not name.startswith("head.")}
+    expected = trunk.state_dict()
+    if "pos_embed" in weights and weights["pos_embed"].shape != expected["pos_embed"].shape:
+        grid = trunk.patch_embed.grid_size
+        weights["pos_embed"] = resample_abs_pos_embed(
+            weights["pos_embed"], list(grid), num_prefix_tokens=trunk.num_prefix_tokens
+        )
+    _check_fits(path, "model.vision.init_from", weights, expected)
+    trunk.load_state_dict(weights)

@@ -119,3 +119,31 @@ def test_init_from_weights_of_other_sizes_lists_what_does_not_fit(trained, train
         InstantiationException, match=r"does not fit this model \(.*other shapes: .*pos_embed"
     ):
         instantiate(train_config(f"model.init_from={trained}", "model.vision.image_size=48").model)
+
+
+def test_a_timm_vision_state_dict_of_another_grid_loads_with_resized_positions(tmp_path, train_config):
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    source = instantiate(train_config().model).model.vision.trunk  # 32 px: a 4 x 4 grid
+    weights = {f"trunk.{name}": value.clone() for name, value in source.state_dict().items()}
+    weights["trunk.head.weight"] = torch.zeros(10, source.embed_dim)  # a classifier the tower has no use for
+    save_file(weights, str(tmp_path / "vit.safetensors"))
+
+    module = instantiate(
+        train_config(
+            "model.vision.image_size=48", f"model.vision.init_from={tmp_path / 'vit.safetensors'}"
+        ).model
+    )
+    trunk = module.model.vision.trunk  # 48 px: a 6 x 6 grid
+    torch.testing.assert_close(trunk.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(
+        trunk.pos_embed, resample_abs_pos_embed(source.pos_embed, [6, 6], num_prefix_tokens=1)
+    )
+    torch.testing.assert_close(module.ema_model.vision.trunk.pos_embed, trunk.pos_embed)  # the teacher too
+    assert "init_from" not in module.hparams.vision
+
+    del weights["trunk.blocks.0.attn.qkv.weight"]
+    save_file(weights, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(InstantiationException, match=r"missing: blocks\.0\.attn\.qkv\.weight"):
+        instantiate(train_config(f"model.vision.init_from={tmp_path / 'partial.safetensors'}").model)

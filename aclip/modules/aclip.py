@@ -95,6 +95,9 @@ class AClip(pl.LightningModule):
         super().__init__()
         vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
         self_supervision = _plain(self_supervision)
+        # Where the image tower's initial weights come from is not part of the model's description.
+        vision = dict(vision)
+        vision_init_from = vision.pop("init_from", None)
         # The towers' and heads' arguments are plain values (a checkpoint's hyper-parameters are data).
         for key, value in (("vision", vision), ("text", text), ("self_supervision", self_supervision)):
             check_plain(value or {}, key)
@@ -110,7 +113,7 @@ class AClip(pl.LightningModule):
                 f"warmup_epochs and weight_decay must be >= 0, got {warmup_epochs}, {weight_decay}"
             )
         self.model = ClipModel(
-            VisionTower(**vision, output_dim=embed_dim),
+            VisionTower(**vision, output_dim=embed_dim, init_from=vision_init_from),
             TextTower(**text, output_dim=embed_dim),
             init_logit_scale=init_logit_scale,
         )

@@ -37,7 +37,8 @@ class VisionTower(nn.Module):
     `normalize` statistics ("openai": CLIP's; "imagenet": ImageNet's, as A-CLIP's code), so that the data
     pipeline moves compact pixels and the normalisation runs on the model's device. `freeze_patch_embed`
     keeps the patch embedding's projection at its initialisation and out of the optimizer (MoCo v3's
-    stabiliser, which A-CLIP's code applies).
+    stabiliser, which A-CLIP's code applies). `init_from` loads the trunk from a timm ViT state dict,
+    its position embeddings resized to this grid (`aclip.initialize.load_tower_weights`).
     """
 
     def __init__(
@@ -52,6 +53,7 @@ class VisionTower(nn.Module):
         drop_path_rate: float = 0.0,
         normalize: str = "openai",
         freeze_patch_embed: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if image_size % patch_size:
@@ -84,6 +86,10 @@ class VisionTower(nn.Module):
         for module in self.trunk.modules():
             if isinstance(module, Attention):
                 module.fused_attn = True  # F.scaled_dot_product_attention, whatever TIMM_FUSED_ATTN says
+        if init_from is not None:
+            from aclip.initialize import load_tower_weights  # it imports the model, which imports this
+
+            load_tower_weights(self.trunk, init_from)
         self.trunk.patch_embed.proj.requires_grad_(not freeze_patch_embed)
         self.proj = nn.Linear(width, output_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=width**-0.5)
