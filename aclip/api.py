@@ -40,9 +40,9 @@ def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callab
 
     from aclip.datamodules.transforms import EvalTransform
     from aclip.modules.text import build_tokenizer
-    from aclip.tasks import load_checkpoint, run_interpolation
+    from aclip.tasks import load_trained
 
-    module = load_checkpoint(path)
+    module, interpolation = load_trained(path)
     clip = (module.ema_model if model == "ema" else module.model).eval()
-    preprocess = EvalTransform(clip.vision.image_size, run_interpolation(path))
+    preprocess = EvalTransform(clip.vision.image_size, interpolation)
     return clip, preprocess, build_tokenizer(clip.text.context_length)

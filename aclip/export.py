@@ -144,7 +144,7 @@ def export(model: ClipModel, directory: str | Path, interpolation: str = "bicubi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from aclip.tasks import load_checkpoint, run_interpolation
+    from aclip.tasks import load_trained
 
     parser = argparse.ArgumentParser(
         prog="python -m aclip.export", description="Export a checkpoint's model as an open_clip folder."
@@ -155,10 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--model", choices=["ema", "online"], default="ema", help="which model (default: ema)"
     )
     args = parser.parse_args(argv)
-    module = load_checkpoint(args.checkpoint)
+    module, interpolation = load_trained(args.checkpoint)
     model = module.ema_model if args.model == "ema" else module.model
     try:
-        directory = export(model, args.out_dir, interpolation=run_interpolation(args.checkpoint))
+        directory = export(model, args.out_dir, interpolation=interpolation)
     except ValueError as error:
         parser.error(str(error))
     print(f"wrote {directory / CONFIG_FILE} and {directory / WEIGHTS_FILE}")

@@ -228,6 +228,12 @@ def train(cfg: DictConfig) -> Metrics:
 def load_checkpoint(path: str | Path) -> AClip:
     """The trained module of a checkpoint file or run directory (its newest last/interrupted checkpoint),
     rebuilt from its description (`AClip.check_hparams`), never unpickling objects."""
+    return load_trained(path)[0]
+
+
+def load_trained(path: str | Path) -> tuple[AClip, str]:
+    """`load_checkpoint`'s module and the resize filter its run evaluated with (bicubic for a checkpoint
+    without its run's config), from one read of the checkpoint."""
     path = resolve_ckpt_path(path, Path.cwd())
     checkpoint = read_checkpoint(path)
     hparams, state = checkpoint.get("hyper_parameters"), checkpoint.get("state_dict")
@@ -246,26 +252,20 @@ def load_checkpoint(path: str | Path) -> AClip:
             f"{path} is not a checkpoint of aclip's model (or was written by an incompatible "
             f"version): {error}"
         ) from None
-    return module
-
-
-def run_interpolation(path: str | Path) -> str:
-    """The resize filter the run of a checkpoint (file or run directory) evaluated with (bicubic for a
-    checkpoint without its run's config)."""
-    run_config = read_checkpoint(resolve_ckpt_path(path, Path.cwd())).get(RUN_CONFIG_KEY) or {}
-    return (run_config.get("eval_loader") or {}).get("interpolation", "bicubic")
+    run_config = checkpoint.get(RUN_CONFIG_KEY) or {}
+    return module, (run_config.get("eval_loader") or {}).get("interpolation", "bicubic")
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
     quiet_known_noise()
-    module = load_checkpoint(cfg.ckpt_path)
+    module, interpolation = load_trained(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
     # The evaluation images must fit the checkpoint's vision tower, resized as its run resized them.
     cfg.eval_loader.image_size = module.hparams.vision["image_size"]
     if cfg.eval_loader.get("interpolation") is None:
-        cfg.eval_loader.interpolation = run_interpolation(cfg.ckpt_path)
+        cfg.eval_loader.interpolation = interpolation
     evaluation = build_evaluation(cfg)
     evaluation.check()
     module.to("cuda" if torch.cuda.is_available() else "cpu")

@@ -345,14 +345,10 @@ class AClip(pl.LightningModule):
         if "object_masks" in batch:
             record["object_masks"] = batch["object_masks"][:samples].flatten(0, 1)
         if score_map is not None:
-            record |= {"ema_image": batch["ema_image"], "score_map": score_map, "boxes": batch["boxes"]}
+            teacher = {"ema_image": batch["ema_image"], "score_map": score_map, "boxes": batch["boxes"]}
             if "ema_object_mask" in batch:
-                record["ema_object_mask"] = batch["ema_object_mask"]
-            record |= {
-                name: record[name][:samples]
-                for name in ("ema_image", "score_map", "boxes", "ema_object_mask")
-                if name in record
-            }
+                teacher["ema_object_mask"] = batch["ema_object_mask"]
+            record |= {name: value[:samples] for name, value in teacher.items()}
         self.masking_record = {name: value.detach().cpu() for name, value in record.items()}
         self.masking_record |= {"grid": grid, "num_views": num_views}
         self.record_masking = 0

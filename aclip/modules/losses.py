@@ -77,7 +77,17 @@ def _report_global_mean(loss: Tensor) -> Tensor:
     return loss + (global_loss / world - loss.detach())
 
 
-class SimCLRLoss(nn.Module):
+class _TemperatureLoss(nn.Module):
+    """A contrastive loss over similarities divided by `temperature` (> 0)."""
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+
+class SimCLRLoss(_TemperatureLoss):
     """Multi-view NT-Xent (SimCLR) between the k views of each image, over the global batch.
 
     `forward(views)` takes `views` [B, k, D] (k >= 2): projected features of k differently augmented views
@@ -100,12 +110,6 @@ class SimCLRLoss(nn.Module):
     Similarities are computed in float32 even under autocast (inputs of lower precision are upcast; float64
     stays float64).
     """
-
-    def __init__(self, temperature: float = 0.1) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
 
     def forward(self, views: Tensor) -> Tensor:
         _check_views("views", views, min_views=2)
@@ -132,7 +136,7 @@ class SimCLRLoss(nn.Module):
         return _report_global_mean(loss)
 
 
-class SimCLRReferenceLoss(nn.Module):
+class SimCLRReferenceLoss(_TemperatureLoss):
     """The SimCLR term of A-CLIP's published code, reproduced to bracket its numbers (not the default).
 
     Its `ACLIPLoss` passes the first view's projections as both augmentations of SLIP's `SIMCLRLoss`, so
@@ -146,12 +150,6 @@ class SimCLRReferenceLoss(nn.Module):
     only spreads the first views apart; the second view is never used. Gathered and reported like
     `SimCLRLoss`.
     """
-
-    def __init__(self, temperature: float = 0.1) -> None:
-        super().__init__()
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self.temperature = temperature
 
     def forward(self, views: Tensor) -> Tensor:
         _check_views("views", views, min_views=1)
