@@ -1,17 +1,16 @@
-"""Evaluate a checkpoint: `python evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt`."""
+"""Evaluate a checkpoint: `python evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt`.
+
+`aclip-eval` is the same app for an installed package (aclip/cli.py)."""
 
 import hydra
 from omegaconf import DictConfig
 
-import aclip  # noqa: F401  (registers the config resolvers before Hydra resolves any path)
+from aclip.cli import run_evaluation
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    # Imported here, so that `--help` and shell completion need not load torch and Lightning.
-    from aclip.tasks import evaluate_checkpoint
-
-    evaluate_checkpoint(cfg)
+    run_evaluation(cfg)
 
 
 if __name__ == "__main__":

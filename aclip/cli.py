@@ -1,0 +1,44 @@
+"""The entry points: `train.py` and `evaluate.py` in the repository, `aclip-train` and `aclip-eval` after
+`pip install` (the same Hydra apps, run from any directory, with the configs shipped in the package)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+import aclip  # noqa: F401  (registers the config resolvers before Hydra resolves any path)
+
+
+def config_dir() -> str:
+    """The Hydra configs: `aclip/conf` inside an installed package, else the source checkout's `conf/`."""
+    package = Path(__file__).resolve().parent
+    packaged = package / "conf"
+    return str(packaged if packaged.is_dir() else package.parent / "conf")
+
+
+def run_training(cfg: DictConfig) -> float | None:
+    """Train and evaluate as `cfg` says; the value of `optimized_metric`, which sweepers that optimise
+    (hparams_search=optuna_lr) maximise."""
+    # Imported here, so that `--help` and shell completion need not load torch and Lightning.
+    from aclip.tasks import optimized_value, train
+
+    return optimized_value(train(cfg), cfg.get("optimized_metric"))
+
+
+def run_evaluation(cfg: DictConfig) -> None:
+    """Evaluate the checkpoint `cfg.ckpt_path` on the sets of the `eval` group."""
+    from aclip.tasks import evaluate_checkpoint
+
+    evaluate_checkpoint(cfg)
+
+
+def train() -> None:
+    """`aclip-train [overrides]`: `python train.py [overrides]` from any directory."""
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(run_training)()
+
+
+def evaluate() -> None:
+    """`aclip-eval ckpt_path=<checkpoint> [overrides]`: `python evaluate.py ...` from any directory."""
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")(run_evaluation)()
