@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 # `${floordiv:${data.image_size},2}`: sizes derived from others, e.g. A-CLIP-eff's half-resolution teacher.
 if not OmegaConf.has_resolver("floordiv"):
@@ -17,6 +18,15 @@ if not OmegaConf.has_resolver("floordiv"):
 # runtime config exists, which is when a multirun's sweeper resolves `hydra.sweep.dir`.
 if not OmegaConf.has_resolver("aclip.launch_dir"):
     OmegaConf.register_new_resolver("aclip.launch_dir", os.getcwd)
+
+# `${aclip.required:model.init_from,the first stage's run directory}`: a value a preset cannot know and
+# the command line must give (OmegaConf's `???` cannot stand in: merged over a default, it is ignored).
+if not OmegaConf.has_resolver("aclip.required"):
+
+    def _required(key: str, what: str) -> Any:
+        raise ConfigError(f"{key} is required here: give {key}=<{what}> on the command line")
+
+    OmegaConf.register_new_resolver("aclip.required", _required)
 
 
 class ConfigError(ValueError):
@@ -60,6 +70,15 @@ def per_device_batch_size(batch_size: int, world: int) -> int:
 
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
+    try:
+        resolved_job_config(cfg)  # a value the command line must give (`aclip.required`) is named now
+    except InterpolationResolutionError as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__  # OmegaConf wraps the resolver's error twice
+        if cause is None:
+            raise
+        raise cause from None
     data, trainer = cfg.data, cfg.trainer
     world = world_size(trainer)
     batch_size = data.get("batch_size")

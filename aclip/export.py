@@ -6,7 +6,7 @@ loads, so that clip_benchmark and every open_clip user can evaluate or fine-tune
 
 The folder holds `open_clip_config.json` (the model config, and the preprocessing: this model's image
 size, pixel mean and std, and resize filter) and `open_clip_model.safetensors`. The image tower is
-rewritten as open_clip's own `VisionTransformer` (no pre-norm, token pooling, timm's LayerNorm epsilon),
+rewritten as open_clip's own `VisionTransformer` (its pre-norm and pooling, timm's LayerNorm epsilon),
 the patch embedding's bias folded into the patch positions' embeddings, so the exported model computes
 the same embeddings (tested to float tolerance). The text tower is open_clip's already.
 """
@@ -56,8 +56,8 @@ def open_clip_config(model: ClipModel, interpolation: str = "bicubic") -> dict[s
                 "layers": len(blocks),
                 "head_width": vision.width // blocks[0].attn.num_heads,
                 "mlp_ratio": blocks[0].mlp.fc1.out_features / vision.width,
-                "no_ln_pre": True,
-                "pool_type": "tok",
+                "no_ln_pre": not vision.pre_norm,
+                "pool_type": "tok" if vision.pool == "token" else "avg",
                 "final_ln_after_pool": False,
                 "norm_kwargs": {"eps": vision.trunk.norm.eps},
             },
@@ -109,6 +109,9 @@ def open_clip_names(model: ClipModel) -> dict[str, str]:
         "vision.proj.weight": "visual.proj",
         "logit_scale": "logit_scale",
     }
+    if model.vision.pre_norm:
+        names["vision.trunk.norm_pre.weight"] = "visual.ln_pre.weight"
+        names["vision.trunk.norm_pre.bias"] = "visual.ln_pre.bias"
     for index in range(len(model.vision.trunk.blocks)):
         for ours, theirs in _BLOCK_PARTS:
             names[f"vision.trunk.blocks.{index}.{ours}"] = f"visual.transformer.resblocks.{index}.{theirs}"
@@ -123,8 +126,10 @@ def open_clip_state_dict(model: ClipModel) -> dict[str, Tensor]:
     ours = dict(model.state_dict())
     trunk = model.vision.trunk
     # Tokens = conv(x) + bias + position: the bias joins the patch positions (the CLS token has none).
+    # (A tower with a pre-norm has no bias, as CLIP's.)
     positions = ours["vision.trunk.pos_embed"][0].clone()
-    positions[trunk.num_prefix_tokens :] += ours["vision.trunk.patch_embed.proj.bias"]
+    if "vision.trunk.patch_embed.proj.bias" in ours:
+        positions[trunk.num_prefix_tokens :] += ours["vision.trunk.patch_embed.proj.bias"]
     ours["vision.trunk.pos_embed"] = positions
     ours["vision.trunk.cls_token"] = ours["vision.trunk.cls_token"][0, 0]
     ours["vision.proj.weight"] = ours["vision.proj.weight"].T  # x @ proj in open_clip, a Linear here

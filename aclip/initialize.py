@@ -10,6 +10,7 @@ anything else is an error that lists the keys, so that a silently half-initialis
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from torch import Tensor
 from aclip.checkpointing import read_checkpoint, resolve_ckpt_path
 from aclip.export import CONFIG_FILE, WEIGHTS_FILE, open_clip_names
 from aclip.modules.model import ClipModel
+
+log = logging.getLogger(__name__)
 
 
 class InitializationError(ValueError):
@@ -54,8 +57,8 @@ def export_weights(directory: Path, like: ClipModel) -> dict[str, Tensor]:
     if unknown:
         raise InitializationError(
             f"{directory / WEIGHTS_FILE} holds weights this model has no place for: "
-            f"{', '.join(unknown[:10])} (an open_clip model with a pre-norm or another pooling does not "
-            "fit aclip's towers)"
+            f"{', '.join(unknown[:10])} (visual.ln_pre: give model.vision.pre_norm=true; "
+            "an open_clip model with attentional pooling or other parts does not fit aclip's towers)"
         )
     weights = {names[name]: value for name, value in theirs.items()}
     if "vision.proj.weight" in weights:
@@ -64,12 +67,15 @@ def export_weights(directory: Path, like: ClipModel) -> dict[str, Tensor]:
         weights["vision.trunk.cls_token"] = weights["vision.trunk.cls_token"].view(1, 1, -1)
     if "vision.trunk.pos_embed" in weights:
         weights["vision.trunk.pos_embed"] = weights["vision.trunk.pos_embed"][None]
-    weights["vision.trunk.patch_embed.proj.bias"] = torch.zeros_like(like.vision.trunk.patch_embed.proj.bias)
+    bias = like.vision.trunk.patch_embed.proj.bias
+    if bias is not None:
+        weights["vision.trunk.patch_embed.proj.bias"] = torch.zeros_like(bias)
     return weights
 
 
 def load_initial_weights(model: ClipModel, path: str | os.PathLike) -> None:
-    """Load `model` from `path` (see the module), strictly.
+    """Load `model` from `path` (see the module), strictly, the position embeddings of both towers resized
+    to this model's image grid and context length (CLIPA's fine-tuning stage starts this way).
 
     Raises:
         InitializationError: a weight is missing, unexpected or of another shape; all are listed.
@@ -77,8 +83,105 @@ def load_initial_weights(model: ClipModel, path: str | os.PathLike) -> None:
     path = Path(path)
     is_export = (path / CONFIG_FILE).is_file()
     weights = export_weights(path, model) if is_export else checkpoint_weights(path)
+    fit_image_positions(weights, "vision.trunk.pos_embed", model.vision.trunk)
+    fit_text_positions(weights, "text.transformer.positional_embedding", model.text.transformer)
     _check_fits(path, "model.init_from", weights, model.state_dict())
     model.load_state_dict(weights)
+
+
+def load_vision_weights(trunk: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load a timm ViT state dict into a vision trunk (`model.vision.init_from`), strictly, its position
+    embeddings resized to the trunk's grid.
+
+    Keys may carry timm's or open_clip's `trunk.`/`module.` prefixes; a classifier head (`head.*`) is
+    dropped, since the tower has none.
+
+    Raises:
+        InitializationError: a weight is missing, unexpected or of another shape; all are listed.
+    """
+    weights = read_state_dict(path, prefixes=("module.", "trunk."))
+    weights = {name: value for name, value in weights.items() if not name.startswith("head.")}
+    fit_image_positions(weights, "pos_embed", trunk)
+    _check_fits(Path(path), "model.vision.init_from", weights, trunk.state_dict())
+    trunk.load_state_dict(weights)
+
+
+def load_text_weights(transformer: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load an open_clip text tower into this text transformer (`model.text.init_from`), strictly, its
+    position embeddings resized to the context length.
+
+    The file may hold a whole open_clip `CLIP` state dict (its image tower and temperature are left
+    out), a `CustomTextCLIP` one (`text.` prefix) or a text transformer's alone.
+
+    Raises:
+        InitializationError: a weight is missing, unexpected or of another shape; all are listed.
+    """
+    weights = read_state_dict(path, prefixes=("module.",))
+    weights = {
+        name: value
+        for name, value in weights.items()
+        if not name.startswith("visual.") and name not in ("logit_scale", "logit_bias")
+    }
+    weights = _strip_common_prefix(weights, "text.")
+    fit_text_positions(weights, "positional_embedding", transformer)
+    _check_fits(Path(path), "model.text.init_from", weights, transformer.state_dict())
+    transformer.load_state_dict(weights)
+
+
+def read_state_dict(path: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> dict[str, Tensor]:
+    """The tensors of a `.safetensors` file, or of a `.pth`/`.bin`/`.pt` file read as data
+    (`weights_only`; a checkpoint's `state_dict` entry), each of `prefixes` removed where every key has it.
+
+    Raises:
+        InitializationError: the file holds no state dict.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path))
+    else:
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
+    if not isinstance(weights, dict) or not all(isinstance(value, Tensor) for value in weights.values()):
+        raise InitializationError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    for prefix in prefixes:
+        weights = _strip_common_prefix(weights, prefix)
+    return weights
+
+
+def fit_image_positions(weights: dict[str, Tensor], name: str, trunk: torch.nn.Module) -> None:
+    """Resample `weights[name]`, a ViT's position embeddings of another square grid, to `trunk`'s grid
+    (timm's `resample_abs_pos_embed`: bicubic, the prefix tokens kept)."""
+    from timm.layers import resample_abs_pos_embed
+
+    old, new = weights.get(name), trunk.pos_embed
+    if old is None or old.dim() != 3 or old.shape == new.shape or old.shape[-1] != new.shape[-1]:
+        return  # absent, or of another width: `_check_fits` reports it
+    weights[name] = resample_abs_pos_embed(
+        old, list(trunk.patch_embed.grid_size), num_prefix_tokens=trunk.num_prefix_tokens
+    )
+    log.info("%s: image position embeddings resized from %d to %d tokens", name, old.shape[1], new.shape[1])
+
+
+def fit_text_positions(weights: dict[str, Tensor], name: str, transformer: torch.nn.Module) -> None:
+    """Interpolate `weights[name]`, text position embeddings of another context length, to
+    `transformer`'s (open_clip's `resize_text_pos_embed`: linear)."""
+    from open_clip.model import resize_text_pos_embed
+
+    old, new = weights.get(name), transformer.positional_embedding
+    if old is None or old.dim() != 2 or old.shape == new.shape or old.shape[-1] != new.shape[-1]:
+        return
+    resized = {"positional_embedding": old}
+    resize_text_pos_embed(resized, transformer)
+    weights[name] = resized["positional_embedding"]
+    log.info("%s: text position embeddings resized from %d to %d tokens", name, old.shape[0], new.shape[0])
+
+
+def _strip_common_prefix(weights: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    if weights and all(name.startswith(prefix) for name in weights):
+        return {name[len(prefix) :]: value for name, value in weights.items()}
+    return weights
 
 
 def _check_fits(path: Path, key: str, weights: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
@@ -102,39 +205,3 @@ def _check_fits(path: Path, key: str, weights: dict[str, Tensor], expected: dict
             + "): give the towers the sizes of the run that wrote it (model=..., model.vision.*, "
             "model.text.*)"
         )
-
-
-def load_tower_weights(trunk: torch.nn.Module, path: str | os.PathLike) -> None:
-    """Load a timm ViT state dict (`.safetensors`, or a `.pth`/`.bin` read as data) into a vision trunk,
-    strictly, resizing the position embeddings to the trunk's grid (timm's `resample_abs_pos_embed`).
-
-    Keys may carry timm's or open_clip's `trunk.`/`module.` prefixes; a classifier head (`head.*`) is
-    dropped, since the tower has none.
-
-    Raises:
-        InitializationError: a weight is missing, unexpected or of another shape; all are listed.
-    """
-    from timm.layers import resample_abs_pos_embed
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        weights = load_file(str(path))
-    else:
-        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
-    if not isinstance(weights, dict):
-        raise InitializationError(f"{path} does not hold a state dict")
-    for prefix in ("module.", "trunk."):
-        if all(name.startswith(prefix) for name in weights):
-            weights = {name[len(prefix) :]: value for name, value in weights.items()}
-    weights = {name: value for name, value in weights.items() if not name.startswith("head.")}
-    expected = trunk.state_dict()
-    if "pos_embed" in weights and weights["pos_embed"].shape != expected["pos_embed"].shape:
-        grid = trunk.patch_embed.grid_size
-        weights["pos_embed"] = resample_abs_pos_embed(
-            weights["pos_embed"], list(grid), num_prefix_tokens=trunk.num_prefix_tokens
-        )
-    _check_fits(path, "model.vision.init_from", weights, expected)
-    trunk.load_state_dict(weights)

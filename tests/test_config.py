@@ -35,9 +35,34 @@ def test_every_group_has_options():
         assert group_options(group), f"conf/{group} has no options"
 
 
+# Values a preset leaves to the command line (`${aclip.required:...}`), as a user would give them.
+REQUIRED_VALUES = {
+    "data.train.urls": "'/data/laion400m/{00000..00009}.tar'",
+    "data.train.num_samples": "100000",
+    "model.init_from": "/runs/stage1",
+}
+
+
+def required_keys(cfg) -> list[str]:
+    """The keys of `cfg` whose value is an `aclip.required` interpolation."""
+    found = []
+
+    def walk(node, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            elif isinstance(value, str) and value.startswith("${aclip.required:"):
+                found.append(f"{prefix}{key}")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return found
+
+
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_resolves(train_config, group, option):
     cfg = train_config(f"{group}={option}")
+    given = [f"{key}={REQUIRED_VALUES[key]}" for key in required_keys(cfg)]
+    cfg = train_config(f"{group}={option}", *given) if given else cfg
     assert OmegaConf.select(cfg, f"hydra.runtime.choices.{group}") == option
     resolved_job_config(cfg)
     validate_config(cfg)

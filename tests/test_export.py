@@ -114,11 +114,87 @@ def test_init_from_an_export_or_a_checkpoint_starts_from_its_weights(trained, tm
     train(cfg)  # and it trains
 
 
-def test_init_from_weights_of_other_sizes_lists_what_does_not_fit(trained, train_config):
+def test_init_from_weights_of_other_widths_lists_what_does_not_fit(trained, train_config):
     with pytest.raises(
-        InstantiationException, match=r"does not fit this model \(.*other shapes: .*pos_embed"
+        InstantiationException, match=r"does not fit this model \(.*other shapes: vision\.proj\.weight"
     ):
-        instantiate(train_config(f"model.init_from={trained}", "model.vision.image_size=48").model)
+        instantiate(train_config(f"model.init_from={trained}", "model.vision.width=32").model)
+
+
+def test_init_from_a_run_of_another_grid_and_context_resizes_both_towers_positions(trained, train_config):
+    """CLIPA's fine-tuning stage: the weights of a 32 px, 16-token run start a 48 px, 24-token model."""
+    from open_clip.model import resize_text_pos_embed
+    from timm.layers import resample_abs_pos_embed
+
+    source, _, _ = aclip.load(trained)
+    module = instantiate(
+        train_config(
+            f"model.init_from={trained}", "model.vision.image_size=48", "model.text.context_length=24"
+        ).model
+    )
+    vision, text = module.model.vision, module.model.text.transformer
+    torch.testing.assert_close(
+        vision.trunk.pos_embed,
+        resample_abs_pos_embed(source.vision.trunk.pos_embed, [6, 6], num_prefix_tokens=1),
+    )
+    expected = {"positional_embedding": source.text.transformer.positional_embedding}
+    resize_text_pos_embed(expected, text)
+    assert text.positional_embedding.shape[0] == 24
+    torch.testing.assert_close(text.positional_embedding, expected["positional_embedding"])
+    for name, value in source.state_dict().items():
+        if "pos" not in name:
+            torch.testing.assert_close(module.model.state_dict()[name], value, msg=name)
+    torch.testing.assert_close(
+        module.ema_model.text.transformer.positional_embedding, text.positional_embedding
+    )
+
+
+def _open_clip_model(context_length: int) -> open_clip.CLIP:
+    """An open_clip CLIP whose text tower has the tiny test model's sizes."""
+    torch.manual_seed(context_length)
+    return open_clip.CLIP(
+        embed_dim=32,
+        vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 1},
+        text_cfg={"context_length": context_length, "width": 64, "heads": 2, "layers": 2},
+    )
+
+
+def test_an_open_clip_text_tower_loads_and_computes_the_same_embeddings(tmp_path, train_config):
+    theirs = _open_clip_model(context_length=16).eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, tmp_path / "oc.pt")
+    module = instantiate(train_config(f"model.text.init_from={tmp_path / 'oc.pt'}").model)
+    tokens = module.tokenizer(["a red circle", "two green stars among clutter"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            module.model.encode_text(tokens), theirs.encode_text(tokens, normalize=True)
+        )
+        torch.testing.assert_close(
+            module.ema_model.encode_text(tokens), theirs.encode_text(tokens, normalize=True)
+        )
+    assert "init_from" not in module.hparams.text
+
+    shorter = _open_clip_model(context_length=8)  # CLIPA's T8: interpolated to the tower's 16 positions
+    save_file_of(shorter.state_dict(), tmp_path / "oc8.safetensors")
+    module = instantiate(train_config(f"model.text.init_from={tmp_path / 'oc8.safetensors'}").model)
+    text = module.model.text.transformer
+    torch.testing.assert_close(
+        text.transformer.resblocks[1].mlp.c_fc.weight, shorter.transformer.resblocks[1].mlp.c_fc.weight
+    )
+    torch.testing.assert_close(
+        text.positional_embedding[0], shorter.positional_embedding[0], atol=0.05, rtol=0
+    )
+    assert text.positional_embedding.shape[0] == 16
+
+    with pytest.raises(
+        InstantiationException, match=r"model\.text\.init_from=.*other shapes: text_projection"
+    ):
+        instantiate(train_config(f"model.text.init_from={tmp_path / 'oc.pt'}", "model.embed_dim=48").model)
+
+
+def save_file_of(weights: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({name: value.contiguous() for name, value in weights.items()}, str(path))
 
 
 def test_a_timm_vision_state_dict_of_another_grid_loads_with_resized_positions(tmp_path, train_config):

@@ -249,17 +249,29 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
 
     Each command without a placeholder runs in a fresh copy of its own; the commands with placeholders
     run one after another in one copy, after the README's plain `train.py` (and the sweep a placeholder
-    for a sweep directory follows in the docs), whose run (or sweep) they then name.
+    for a sweep directory follows in the docs), whose run (or sweep) they then name; a second training
+    stage (`model.init_from=<run>` right after a `train.py` command) runs after its first, at the end.
     """
     runnable = [command for _, command in COMMANDS if command not in SKIPPED]
-    chain = [".venv/bin/python train.py"]
+    chain, stages = [".venv/bin/python train.py"], []
     for index, command in enumerate(runnable):
         if "<" not in command:
+            continue
+        before = runnable[index - 1]
+        if (
+            "init_from=logs/train/runs/<" in command
+            and re.search(r"\btrain\.py\b", before)
+            and "<" not in before
+        ):
+            # A second stage starts from the run the docs train just before it: that pair runs last, so
+            # that no other command names the second stage's run.
+            stages += [before, command]
             continue
         if "logs/train/multiruns/<" in command:  # names the sweep the docs ran just before it
             sweep = next(c for c in reversed(runnable[:index]) if re.search(r"\btrain\.py -m\b", c))
             chain += [sweep] if sweep not in chain else []
         chain.append(command)
+    chain += stages
     alone = [command for command in runnable if command not in chain]
     jobs = [chain, *([command] for command in alone)]
     with ThreadPoolExecutor(max_workers=2) as pool:

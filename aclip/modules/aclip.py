@@ -81,6 +81,7 @@ class AClip(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-8,
         warmup_epochs: float = 1.0,
+        warmup_steps: int | None = None,
         warmup_start_lr: float = 1e-6,
         min_lr: float = 1e-5,
         init_logit_scale: float = math.log(1 / 0.07),
@@ -95,9 +96,9 @@ class AClip(pl.LightningModule):
         super().__init__()
         vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
         self_supervision = _plain(self_supervision)
-        # Where the image tower's initial weights come from is not part of the model's description.
-        vision = dict(vision)
-        vision_init_from = vision.pop("init_from", None)
+        # Where the towers' initial weights come from is not part of the model's description.
+        vision, text = dict(vision), dict(text)
+        vision_init_from, text_init_from = vision.pop("init_from", None), text.pop("init_from", None)
         # The towers' and heads' arguments are plain values (a checkpoint's hyper-parameters are data).
         for key, value in (("vision", vision), ("text", text), ("self_supervision", self_supervision)):
             check_plain(value or {}, key)
@@ -108,13 +109,17 @@ class AClip(pl.LightningModule):
                 f"need 0 < lr and 0 <= warmup_start_lr, min_lr <= lr; got lr={lr}, "
                 f"warmup_start_lr={warmup_start_lr}, min_lr={min_lr}"
             )
+        if warmup_steps is not None and (
+            isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
+        ):
+            raise ValueError(f"warmup_steps must be null or an integer >= 0, got {warmup_steps!r}")
         if warmup_epochs < 0 or weight_decay < 0:
             raise ValueError(
                 f"warmup_epochs and weight_decay must be >= 0, got {warmup_epochs}, {weight_decay}"
             )
         self.model = ClipModel(
             VisionTower(**vision, output_dim=embed_dim, init_from=vision_init_from),
-            TextTower(**text, output_dim=embed_dim),
+            TextTower(**text, output_dim=embed_dim, init_from=text_init_from),
             init_logit_scale=init_logit_scale,
         )
         if eval_model not in ("ema", "online"):

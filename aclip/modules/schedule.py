@@ -34,8 +34,9 @@ def configure_adamw_cosine(
 
     AdamW (`lr`, `weight_decay`, `betas`, `eps` of `hparams`) decays matrices only: biases, norm weights
     and the 0-d logit scale (ndim < 2) are not decayed. The learning rate follows `warmup_cosine_lr` per
-    optimizer step, warming up over `warmup_epochs` of `trainer`'s epochs from `warmup_start_lr`, then
-    decaying to `min_lr` at the trainer's last step.
+    optimizer step, warming up from `warmup_start_lr` over `warmup_steps` optimizer steps (when given and
+    not None) or `warmup_epochs` of `trainer`'s epochs, then decaying to `min_lr` at the trainer's last
+    step.
     """
     decay, no_decay = [], []
     for param in parameters:
@@ -54,7 +55,9 @@ def configure_adamw_cosine(
         eps=hparams["eps"],
     )
     total_steps = int(trainer.estimated_stepping_batches)
-    warmup_steps = round(hparams["warmup_epochs"] * _steps_per_epoch(trainer))
+    warmup_steps = hparams.get("warmup_steps")
+    if warmup_steps is None:
+        warmup_steps = round(hparams["warmup_epochs"] * _steps_per_epoch(trainer))
     schedule = partial(
         warmup_cosine_lr,
         total_steps=total_steps,

@@ -70,6 +70,8 @@ class TextTower(nn.Module):
     """Causal text transformer pooled at the end-of-text token, projected to the joint space.
 
     `activation` is the MLP's: "gelu", or "quick_gelu" (x * sigmoid(1.702 x), as CLIP and A-CLIP's code).
+    `init_from` loads the transformer from an open_clip state dict, its position embeddings resized to
+    this context length (`aclip.initialize.load_text_weights`).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class TextTower(nn.Module):
         mlp_ratio: float = 4.0,
         output_dim: int = 512,
         activation: str = "gelu",
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if width % heads:
@@ -102,6 +105,10 @@ class TextTower(nn.Module):
             pool_type="argmax",
             act_layer=ACTIVATIONS[activation],
         )
+        if init_from is not None:
+            from aclip.initialize import load_text_weights  # it imports the model, which imports this
+
+            load_text_weights(self.transformer, init_from)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in the backward pass instead of storing them."""

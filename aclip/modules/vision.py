@@ -18,6 +18,11 @@ from torch.utils.checkpoint import checkpoint
 Layers = str | Sequence[int]
 
 
+# How the tower pools its tokens: the CLS token, or the average of the (kept) patch tokens (CLIPA's GAP).
+POOLS = ("token", "avg")
+# Position embeddings: learned, or the fixed 2-D sin-cos table of MAE (CLIPA's pre-training), not trained.
+POSITION_EMBEDDINGS = ("learned", "sincos")
+
 # Per-channel pixel statistics the tower normalises its input with, by name.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "openai": (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
@@ -37,8 +42,12 @@ class VisionTower(nn.Module):
     `normalize` statistics ("openai": CLIP's; "imagenet": ImageNet's, as A-CLIP's code), so that the data
     pipeline moves compact pixels and the normalisation runs on the model's device. `freeze_patch_embed`
     keeps the patch embedding's projection at its initialisation and out of the optimizer (MoCo v3's
-    stabiliser, which A-CLIP's code applies). `init_from` loads the trunk from a timm ViT state dict,
-    its position embeddings resized to this grid (`aclip.initialize.load_tower_weights`).
+    stabiliser, which A-CLIP's code applies). `pre_norm` adds a LayerNorm before the first block (CLIP's
+    and open_clip's `ln_pre`), `pool` chooses the pooled feature ("token": the CLS token; "avg": the mean
+    of the patch tokens the tower saw, after the final norm, as open_clip's "avg"), and `pos_embed` the
+    position embeddings ("learned", or "sincos": MAE's fixed 2-D sin-cos table, as CLIPA pre-trains).
+    `init_from` loads the trunk from a timm ViT state dict, its position embeddings resized to this grid
+    (`aclip.initialize.load_vision_weights`).
     """
 
     def __init__(
@@ -53,6 +62,9 @@ class VisionTower(nn.Module):
         drop_path_rate: float = 0.0,
         normalize: str = "openai",
         freeze_patch_embed: bool = False,
+        pre_norm: bool = False,
+        pool: str = "token",
+        pos_embed: str = "learned",
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -62,10 +74,18 @@ class VisionTower(nn.Module):
             raise ValueError(f"vision width {width} must be divisible by heads {heads}")
         if normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {sorted(NORMALIZATIONS)}, got {normalize!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+        if pos_embed not in POSITION_EMBEDDINGS:
+            raise ValueError(f"pos_embed must be one of {list(POSITION_EMBEDDINGS)}, got {pos_embed!r}")
+        if pos_embed == "sincos" and width % 4:
+            raise ValueError(f"pos_embed=sincos needs a vision width divisible by 4, got {width}")
         self.image_size = image_size
         self.patch_size = patch_size
         self.width = width
         self.normalize = normalize
+        self.pre_norm = pre_norm
+        self.pool = pool
         mean, std = NORMALIZATIONS[normalize]
         # Not saved: they follow from `normalize`, which the checkpoint's description holds.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -80,16 +100,24 @@ class VisionTower(nn.Module):
             num_classes=0,
             global_pool="token",
             class_token=True,
+            pre_norm=pre_norm,
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
         )
         for module in self.trunk.modules():
             if isinstance(module, Attention):
                 module.fused_attn = True  # F.scaled_dot_product_attention, whatever TIMM_FUSED_ATTN says
+        if pos_embed == "sincos":
+            with torch.no_grad():
+                self.trunk.pos_embed.zero_()  # the CLS token's position stays zero, as MAE's table
+                self.trunk.pos_embed[0, self.trunk.num_prefix_tokens :] = sincos_position_table(
+                    self.grid(image_size), width
+                )
+            self.trunk.pos_embed.requires_grad_(False)
         if init_from is not None:
-            from aclip.initialize import load_tower_weights  # it imports the model, which imports this
+            from aclip.initialize import load_vision_weights  # it imports the model, which imports this
 
-            load_tower_weights(self.trunk, init_from)
+            load_vision_weights(self.trunk, init_from)
         self.trunk.patch_embed.proj.requires_grad_(not freeze_patch_embed)
         self.proj = nn.Linear(width, output_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=width**-0.5)
@@ -125,8 +153,9 @@ class VisionTower(nn.Module):
         return (features, self.proj(features)) if return_cls_token else self.proj(features)
 
     def cls_features(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
-        """The CLS token after the final norm, before the projection [B, width] (what A-CLIP's
-        self-supervised heads read); `forward` is its projection."""
+        """The pooled features (the CLS token, or the patch average with `pool="avg"`) after the final
+        norm, before the projection [B, width] (what A-CLIP's self-supervised heads read); `forward` is
+        their projection."""
         tokens = self.embed(images, keep)
         checkpointing = self.trunk.grad_checkpointing and torch.is_grad_enabled()
         for block in self.trunk.blocks:
@@ -168,7 +197,17 @@ class VisionTower(nn.Module):
         return resolve_layers(layers, len(self.trunk.blocks))
 
     def _pool(self, tokens: Tensor) -> Tensor:
-        return self.trunk.forward_head(self.trunk.norm(tokens), pre_logits=True)
+        tokens = self.trunk.norm(tokens)
+        return tokens[:, 0] if self.pool == "token" else tokens[:, self.trunk.num_prefix_tokens :].mean(dim=1)
+
+
+def sincos_position_table(grid: tuple[int, int], width: int) -> Tensor:
+    """MAE's fixed 2-D sin-cos position embeddings [rows * columns, width] (row-major patches): the first
+    half of the channels encodes the column, the second the row, each as sines then cosines."""
+    from timm.layers import build_sincos2d_pos_embed
+
+    # timm's table is row then column; MAE's, column then row.
+    return build_sincos2d_pos_embed(list(grid), width, interleave_sin_cos=True).roll(width // 2, dims=1)
 
 
 def resolve_layers(layers: Layers, depth: int) -> list[int]:
