@@ -3,6 +3,7 @@ train and evaluate from a directory outside the repository."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import sysconfig
@@ -11,6 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from aclip.tasks import train as train_in_process
+from tests.conftest import SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config
+from tests.helpers import fresh_copy
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -18,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory) -> Path:
     """The package built as a wheel, as `pip install .` builds it."""
     directory = tmp_path_factory.mktemp("wheel")
+    clone = fresh_copy(tmp_path_factory.mktemp("clone"), venv=False)  # setuptools builds in the tree
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", directory]
-    subprocess.run([*build, REPO], check=True, capture_output=True)
+    subprocess.run([*build, clone], check=True, capture_output=True)
     return next(directory.glob("aclip-*.whl"))
 
 
@@ -75,7 +81,17 @@ def test_console_scripts_train_and_evaluate_outside_the_repository(installed, tm
     )
     assert where.stdout.startswith(str(installed))
 
-    evaluate = subprocess.run(
-        [installed / "bin" / "aclip-eval", "--help"], cwd=work, capture_output=True, text=True
+    # A checkpoint of the repository's code, evaluated by the installed package.
+    trained = compose_config(
+        "train", [*TINY_SYNTHETIC_OVERRIDES, "trainer.max_steps=1", "evaluate=false"], tmp_path / "trained"
     )
-    assert evaluate.returncode == 0 and "ckpt_path" in evaluate.stdout, evaluate.stderr[-2000:]
+    train_in_process(trained)
+    evaluate = subprocess.run(
+        [installed / "bin" / "aclip-eval", f"ckpt_path={tmp_path / 'trained'}", *SYNTHETIC_EVAL_OVERRIDES],
+        cwd=work,
+        capture_output=True,
+        text=True,
+    )
+    assert evaluate.returncode == 0, evaluate.stderr[-4000:]
+    (evaluation,) = (work / "logs" / "eval" / "runs").iterdir()
+    assert "zeroshot/synthetic/top1" in json.loads((evaluation / "metrics.json").read_text())["ema"]

@@ -15,9 +15,7 @@ from __future__ import annotations
 import csv
 import os
 import re
-import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import pytest
 
 from aclip.checkpointing import read_checkpoint
 from tests.conftest import TINY_SYNTHETIC_OVERRIDES
+from tests.helpers import fresh_copy
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -34,6 +33,12 @@ _NEEDS_GPU = "needs CUDA GPUs, which the test machine lacks"
 _NEEDS_SLURM = "needs a SLURM cluster"
 _NEEDS_PAPER_DATA = "trains the paper preset: YFCC-15M on 8 GPUs x 8 nodes"
 _NEEDS_EVAL_DATA = "needs the downstream evaluation sets on disk (ImageNet, Flickr30K, COCO, ...)"
+_NEEDS_LAION = "trains CLIPA's preset: LAION-400M on 8 GPUs"
+_NOT_A_DEPENDENCY = "needs clip_benchmark, which is not a dependency (README: measured by hand)"
+_INSTALLS = (
+    "tests/test_install.py runs it: the wheel in a fresh virtual environment, the scripts from a "
+    "directory outside the repository"
+)
 SKIPPED: dict[str, str] = {
     "make train": "the default training itself runs below as `.venv/bin/python train.py` (make adds only "
     "the .venv set-up, which this suite already ran in)",
@@ -68,6 +73,19 @@ SKIPPED: dict[str, str] = {
     "hydra.launcher.timeout_min=2880 experiment=paper trainer.num_nodes=4 "
     "method=attentive_2x50,random_2x50": _NEEDS_SLURM,
     "bash benchmarks/gpu.sh": _NEEDS_GPU + " (tests/test_benchmarks.py checks every option it passes)",
+    ".venv/bin/python train.py experiment=clipa_b16_i50_t16 "
+    "\"data.train.urls='/data/laion400m/{00000..41407}.tar'\" data.train.num_samples=400000000": _NEEDS_LAION,
+    ".venv/bin/python train.py experiment=clipa_b16_i50_t16_finetune "
+    "\"data.train.urls='/data/laion400m/{00000..41407}.tar'\" model.init_from=logs/train/runs/<timestamp>": (
+        _NEEDS_LAION
+    ),
+    "pip install clip_benchmark": _NOT_A_DEPENDENCY,
+    "clip_benchmark eval --model local-dir:exported --pretrained none --dataset cifar10 --dataset_root <dir> "
+    "--output cifar10.json": _NOT_A_DEPENDENCY + " and CIFAR-10",
+    ".venv/bin/python -m analysis.clip_benchmark_check logs/train/runs/<timestamp>": _NOT_A_DEPENDENCY,
+    "pip install .": _INSTALLS,
+    "aclip-train debug=fast_dev_run": _INSTALLS,
+    "aclip-eval ckpt_path=logs/train/runs/<timestamp>": _INSTALLS,
 }
 
 # A tiny model on a few samples of the built-in data: every training job takes a few steps.
@@ -132,23 +150,6 @@ def test_skips_name_documented_commands():
     """Every skip entry is a command the docs still show (no stale entries)."""
     documented = {command for _, command in COMMANDS}
     assert set(SKIPPED) <= documented, sorted(set(SKIPPED) - documented)
-
-
-def fresh_copy(directory: Path) -> Path:
-    """The repository's files (tracked and untracked, not ignored) in `directory`, with `.venv`."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO,
-        capture_output=True,
-        check=True,
-    ).stdout.decode()
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if source.is_file():
-            (directory / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, directory / name)
-    (directory / ".venv").symlink_to(sys.prefix)  # the virtual environment running this suite
-    return directory
 
 
 def _newest(pattern: str, folder: Path) -> Path | None:
