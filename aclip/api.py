@@ -39,8 +39,8 @@ def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callab
         return clip.eval(), preprocess, open_clip.get_tokenizer(name)
 
     from aclip.datamodules.transforms import EvalTransform
-    from aclip.modules.text import build_tokenizer
     from aclip.tasks import load_trained
+    from aclip.tokenizer import build_tokenizer
 
     module, interpolation = load_trained(path)
     clip = (module.ema_model if model == "ema" else module.model).eval()

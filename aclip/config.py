@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -70,15 +71,7 @@ def per_device_batch_size(batch_size: int, world: int) -> int:
 
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
-    try:
-        resolved_job_config(cfg)  # a value the command line must give (`aclip.required`) is named now
-    except InterpolationResolutionError as error:
-        cause: BaseException | None = error
-        while cause is not None and not isinstance(cause, ConfigError):
-            cause = cause.__cause__ or cause.__context__  # OmegaConf wraps the resolver's error twice
-        if cause is None:
-            raise
-        raise cause from None
+    _check_required(cfg)
     data, trainer = cfg.data, cfg.trainer
     world = world_size(trainer)
     batch_size = data.get("batch_size")
@@ -91,23 +84,26 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
     if "model" not in cfg:
         return
-    vision = cfg.model.vision
-    if vision.image_size % vision.patch_size:
-        raise ConfigError(
-            f"model.vision.image_size={vision.image_size} must be a multiple of "
-            f"model.vision.patch_size={vision.patch_size}"
-        )
-    for key in ("lr", "weight_decay", "warmup_epochs"):
-        if cfg.model[key] < 0 or (key == "lr" and cfg.model[key] == 0):
-            raise ConfigError(f"model.{key} must be {'> 0' if key == 'lr' else '>= 0'}, got {cfg.model[key]}")
-    ssl = cfg.model.get("self_supervision") or {}
+    from aclip.modules.schedule import check_recipe
+    from aclip.modules.self_supervision import views_needed
+    from aclip.modules.vision import check_patch_grid
+
+    model = cfg.model
+    try:
+        check_patch_grid(model.vision.image_size, model.vision.patch_size, prefix="model.vision.")
+        recipe = ("lr", "weight_decay", "warmup_epochs", "warmup_start_lr", "min_lr", "warmup_steps")
+        check_recipe(**{key: model.get(key) for key in recipe if key in model})
+    except ValueError as error:
+        raise ConfigError(str(error) if str(error).startswith("model.") else f"model.{error}") from None
+    ssl = model.get("self_supervision") or {}
     num_views = cfg.data.get("num_views", 1)
-    if ssl.get("view_loss") and ssl.get("view_weight", 0) > 0 and num_views < 2:
+    if num_views < views_needed(ssl.get("view_loss"), ssl.get("view_weight", 1.0)):
         raise ConfigError(
             f"model.self_supervision.view_loss={ssl.view_loss} compares different views of an image but "
             f"data.num_views={num_views}; set data.num_views>=2 or model.self_supervision.view_weight=0"
         )
-    _check_masking(cfg)
+    policy = _check_masking(cfg)
+    _check_ema_callback(cfg, policy)
     _check_batch_norm_sync(cfg, world)
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     if not trainer.get("fast_dev_run") and (max_epochs in (None, -1, 0)) and max_steps in (None, -1):
@@ -116,28 +112,47 @@ def validate_config(cfg: DictConfig) -> None:
         )
 
 
-def _check_masking(cfg: DictConfig) -> None:
+def _check_required(cfg: DictConfig) -> None:
+    """Name a value a preset leaves to the command line (`${aclip.required:...}`) before anything starts."""
+
+    def required(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict):
+            return [key for name, value in node.items() for key in required(value, f"{prefix}{name}.")]
+        is_required = isinstance(node, str) and node.startswith("${aclip.required:")
+        return [prefix[:-1]] if is_required else []
+
+    for key in required(OmegaConf.to_container(cfg, resolve=False), ""):
+        try:
+            OmegaConf.select(cfg, key)
+        except InterpolationResolutionError as error:
+            cause: BaseException | None = error
+            while cause is not None and not isinstance(cause, ConfigError):
+                cause = cause.__cause__ or cause.__context__  # OmegaConf wraps the resolver's error twice
+            raise cause or error from None
+
+
+def _check_masking(cfg: DictConfig) -> Any:
     """Build the masking policy (importing its class, as the config names it) and check that it works on
-    the tower's patch grid and blocks, before any tower is built."""
+    the tower's patch grid and blocks, before any tower is built; the policy (None without masking)."""
     from hydra.utils import instantiate
 
     from aclip.modules.vision import resolve_layers
 
     if not cfg.get("masking"):
-        return
+        return None
     try:
         policy = instantiate(cfg.masking)
     except Exception as error:  # Hydra wraps the constructor's error; its message names the parameter
         cause = error.__cause__ or error
         raise ConfigError(f"masking.{cause}") from None
     vision = cfg.model.vision
-    side = policy.image_size(vision.image_size, vision.patch_size) if policy.resizes else vision.image_size
+    side = policy.view_size(vision.image_size, vision.patch_size)
     grid = (side // vision.patch_size, side // vision.patch_size)
     try:
         policy.num_keep(grid)
     except ValueError as error:
         raise ConfigError(
-            f"masking.unit={getattr(policy, 'unit', None)} does not fit model.vision.image_size="
+            f"masking.unit={policy.unit} does not fit model.vision.image_size="
             f"{vision.image_size} at patch_size={vision.patch_size}: {error}"
         ) from None
     if policy.needs_scores:
@@ -145,6 +160,24 @@ def _check_masking(cfg: DictConfig) -> None:
             resolve_layers(policy.layers, vision.depth)
         except ValueError as error:
             raise ConfigError(f"masking.layers: {error} (model.vision.depth={vision.depth})") from None
+    return policy
+
+
+def _check_ema_callback(cfg: DictConfig, policy: Any) -> None:
+    """The EMA teacher moves only with an `EMAUpdate` callback: required when the masking reads its scores
+    or BYOL its features, otherwise a warning."""
+    from hydra.utils import get_class
+
+    from aclip.callbacks.ema import EMAUpdate
+
+    callbacks = [node for node in (cfg.get("callbacks") or {}).values() if node and "_target_" in node]
+    if any(issubclass(get_class(node._target_), EMAUpdate) for node in callbacks):
+        return
+    message = "no EMAUpdate callback (callbacks.ema): the EMA model will not move during training"
+    byol = (cfg.model.get("self_supervision") or {}).get("byol_weight", 0) > 0
+    if (policy is not None and policy.needs_scores) or byol:
+        raise ConfigError(f"{message}, but the masking or BYOL needs the EMA model; add callbacks.ema")
+    warnings.warn(message, stacklevel=2)
 
 
 def _check_batch_norm_sync(cfg: DictConfig, world: int) -> None:

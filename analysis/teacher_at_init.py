@@ -27,8 +27,9 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor
 
-from aclip.modules.masking import RandomMasking, map_scores_to_views
+from aclip.modules.masking import RandomMasking
 from aclip.modules.object_metrics import object_recall, patch_coverage
+from aclip.modules.score_geometry import map_scores_to_views
 from benchmarks.harness import compose_training
 
 

@@ -65,7 +65,7 @@ def phase_ranges(module: AClip, ema_callback: Callback) -> Iterator[None]:
         (module, "ema_pass", EMA_SCORING),
         (module, "mask_generator", MASKING),
         (module.masking, "select", MASKING),
-        (module, "_resize_for_masking", VIEW_RESIZE),
+        (module.masking, "prepare_views", VIEW_RESIZE),
         (module.model.vision, "forward", ONLINE_VISION),
         (module.model, "encode_text", TEXT),
         (module.clip_loss, "forward", CLIP_LOSS),

@@ -169,10 +169,7 @@ def _views(variant: Variant) -> str:
         dropout = getattr(vision.patch_dropout, "prob", 0.0)
         return f"1 x {max(1, int(total * (1 - dropout)))}/{total}"
     masking, vision, images = variant.module.masking, variant.module.model.vision, variant.batch["images"]
-    side = images.shape[-1]
-    if masking.resizes:
-        side = masking.image_size(side, vision.patch_size)
-    grid = vision.grid(side)
+    grid = vision.grid(masking.view_size(images.shape[-1], vision.patch_size))
     total = grid[0] * grid[1]
     return f"{images.shape[1]} x {masking.num_keep(grid)}/{total}"
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from aclip.modules.losses import SimCLRLoss, SimSiamLoss
-from aclip.modules.masking import AttentiveMasking, RandomMasking, map_scores_to_views
+from aclip.modules.masking import AttentiveLow, RandomMasking
+from aclip.modules.score_geometry import map_scores_to_views
 from aclip.modules.vision import VisionTower
 from benchmarks import loader, step_cost
 from benchmarks.harness import VARIANTS, compose_variant
@@ -112,7 +113,7 @@ def test_masking_and_auxiliary_losses_do_not_synchronise() -> None:
     torch.cuda.set_sync_debug_mode("error")
     try:
         scores = map_scores_to_views(score_map, boxes, (14, 14))
-        AttentiveMasking(keep_ratio=0.5).select(scores, (14, 14), batch=8)
+        AttentiveLow(keep_ratio=0.5).select(scores, (14, 14), batch=8)
         SimCLRLoss()(views)
         SimSiamLoss()(views, views)
     finally:

@@ -135,6 +135,8 @@ def test_world_size(devices, num_nodes, expected):
         (["masking=attentive_low", "masking.unit=3"], r"masking\.unit=3 does not fit"),
         (["masking=attentive_low", "masking.layers=[5]"], r"masking\.layers: .* out of range"),
         (["masking=attentive_low", "masking.layers=[99]"], r"masking\.layers: .* out of range"),
+        (["masking=attentive_low", "callbacks=none"], "needs the EMA model; add callbacks.ema"),
+        (["model.min_lr=1"], r"model\.min_lr must be in \[0, lr="),
     ],
 )
 def test_bad_values_rejected_at_start_up(train_config, monkeypatch, overrides, message):

@@ -120,7 +120,6 @@ class RankRecorder(pl.Callback):
     ) -> None:
         keys = [key for key in ("index", "text", "boxes") if key in batch]
         self.record["batches"].append({key: batch[key].detach().cpu().clone() for key in keys})
-        pl_module.record_masking = batch["text"].shape[0]  # AClip keeps this step's `keep` indices
 
     def on_before_optimizer_step(self, trainer, pl_module: pl.LightningModule, optimizer) -> None:
         # After backward, i.e. after DDP's all-reduce: the gradients the optimizer will use.
@@ -134,7 +133,7 @@ class RankRecorder(pl.Callback):
         self.record["metrics"].append(
             {k: v.detach().clone() for k, v in trainer.callback_metrics.items() if k.endswith("loss")}
         )
-        self.record["keep"].append(pl_module.masking_record["keep"])
+        self.record["keep"].append(outputs["keep"].detach().cpu())  # the step's kept indices
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.record |= {

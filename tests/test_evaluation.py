@@ -27,8 +27,9 @@ from aclip.evaluation import (
 from aclip.evaluation.distributed import gather_in_order, my_share
 from aclip.evaluation.linear_probe import fit_linear_probe, fit_logistic_regression
 from aclip.modules.model import ClipModel
-from aclip.modules.text import TextTower, build_tokenizer
+from aclip.modules.text import TextTower
 from aclip.modules.vision import VisionTower
+from aclip.tokenizer import build_tokenizer
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 

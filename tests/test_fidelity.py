@@ -43,8 +43,8 @@ def test_paper_presets_pin_the_published_recipe(tmp_path, experiment):
     cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
     masking, ssl, data = cfg.masking, cfg.model.self_supervision, cfg.data
     # Masking: attentive, 2 views of 50 %, decided on 2 x 2-patch (32 px) cells, all layers' CLS attention.
-    assert masking._target_.endswith("AttentiveMasking")
-    assert (masking.strategy, masking.keep_ratio, masking.unit, masking.layers) == ("low", 0.5, 2, "all")
+    assert masking._target_.endswith("AttentiveLow")
+    assert (masking.keep_ratio, masking.unit, masking.layers) == (0.5, 2, "all")
     assert data.num_views == 2
     # Heads: SimCLR + 2 x BYOL on the CLS token before the projection; batch norm, ReLU, the biases.
     assert (ssl.view_loss, ssl.view_weight, ssl.byol_weight, ssl.temperature) == ("simclr", 1.0, 2.0, 0.1)

@@ -12,17 +12,20 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from aclip.modules.masking import (
-    AttentiveMasking,
+    AttentiveHigh,
+    AttentiveLow,
+    AttentiveMixed,
     BlockMasking,
     GridMasking,
     NoMasking,
     RandomMasking,
     ResizeMasking,
     TokenMasking,
-    kept_score_mass,
 )
+from aclip.modules.score_geometry import kept_score_mass
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "masking"
+ATTENTIVE = {"low": AttentiveLow, "high": AttentiveHigh, "mixed": AttentiveMixed}
 GRIDS = [(7, 5), (9, 9), (8, 8), (14, 14)]
 RATIOS = [0.25, 0.5, 0.75]
 BATCH = 6
@@ -31,16 +34,16 @@ BATCH = 6
 CELL_STRATEGIES: dict[str, Callable[[float, int], TokenMasking]] = {
     "random": lambda r, u: RandomMasking(keep_ratio=r, unit=u),
     "block": lambda r, u: BlockMasking(keep_ratio=r, unit=u),
-    "attentive_low": lambda r, u: AttentiveMasking("low", keep_ratio=r, unit=u),
-    "attentive_high": lambda r, u: AttentiveMasking("high", keep_ratio=r, unit=u),
-    "attentive_mixed": lambda r, u: AttentiveMasking("mixed", keep_ratio=r, unit=u, top_ratio=r / 2),
+    "attentive_low": lambda r, u: AttentiveLow(keep_ratio=r, unit=u),
+    "attentive_high": lambda r, u: AttentiveHigh(keep_ratio=r, unit=u),
+    "attentive_mixed": lambda r, u: AttentiveMixed(keep_ratio=r, unit=u, top_ratio=r / 2),
 }
 # Strategies whose output depends on the generator.
 RANDOM_STRATEGIES: dict[str, Callable[[], TokenMasking]] = {
     "random": lambda: RandomMasking(keep_ratio=0.5),
     "grid": lambda: GridMasking(),
     "block": lambda: BlockMasking(keep_ratio=0.25),
-    "attentive_mixed": lambda: AttentiveMasking("mixed", keep_ratio=0.5, top_ratio=0.25),
+    "attentive_mixed": lambda: AttentiveMixed(keep_ratio=0.5, top_ratio=0.25),
 }
 
 
@@ -122,7 +125,7 @@ def test_keep_ratio_one_keeps_everything_and_tiny_ratio_keeps_one_cell() -> None
 
 def test_tensors_follow_scores_device_and_generator_device() -> None:
     scores = make_scores(2, (4, 4))
-    masking = AttentiveMasking("mixed", keep_ratio=0.5)
+    masking = AttentiveMixed(keep_ratio=0.5)
     assert masking.select(scores, (4, 4), 2).device == scores.device
     assert RandomMasking().select(None, (4, 4), 2, device="cpu").device.type == "cpu"
 
@@ -157,7 +160,7 @@ def test_attentive_keeps_top_or_bottom_cells(
     strategy: str, grid: tuple[int, int], unit: int, ratio: float
 ) -> None:
     scores = make_scores(BATCH, grid)
-    keep = run(AttentiveMasking(strategy, keep_ratio=ratio, unit=unit), grid, scores=scores)
+    keep = run(ATTENTIVE[strategy](keep_ratio=ratio, unit=unit), grid, scores=scores)
     k = expected_cells(ratio, grid[0] * grid[1] // unit**2)
     for cells, ranking in zip(kept_cells(keep, grid, unit), ranked_cells(scores, grid, unit), strict=True):
         expected = ranking[:k] if strategy == "low" else ranking[-k:]
@@ -167,7 +170,7 @@ def test_attentive_keeps_top_or_bottom_cells(
 def test_attentive_low_unit2_uses_cell_mean_not_max() -> None:
     # Cell (0, 0) holds the single highest patch but the lowest mean; cell (0, 1) has the highest mean.
     scores = torch.tensor([[10.0, -20.0, 3.0, 3.0, -20.0, 0.0, 3.0, 3.0] + [1.0] * 8])
-    keep = AttentiveMasking("low", keep_ratio=0.25, unit=2).select(scores, (4, 4), 1)
+    keep = AttentiveLow(keep_ratio=0.25, unit=2).select(scores, (4, 4), 1)
     assert keep.tolist() == [[2, 3, 6, 7]]
 
 
@@ -177,7 +180,7 @@ def test_attentive_mixed_keeps_top_share_and_random_rest(
     grid: tuple[int, int], unit: int, ratio: float
 ) -> None:
     scores = make_scores(BATCH, grid)
-    masking = AttentiveMasking("mixed", keep_ratio=ratio, unit=unit, top_ratio=0.25)
+    masking = AttentiveMixed(keep_ratio=ratio, unit=unit, top_ratio=0.25)
     num_cells = grid[0] * grid[1] // unit**2
     n_top, n_keep = math.floor(0.25 * num_cells + 0.5), expected_cells(ratio, num_cells)
     keeps = [run(masking, grid, seed=seed, scores=scores) for seed in (0, 1)]
@@ -191,17 +194,17 @@ def test_attentive_mixed_keeps_top_share_and_random_rest(
     assert not torch.equal(keeps[0], keeps[1]), "the random rest must depend on the generator"
     assert torch.equal(keeps[0], run(masking, grid, seed=0, scores=scores))
     # The rest is not simply the next-highest cells.
-    low = run(AttentiveMasking("low", keep_ratio=ratio, unit=unit), grid, scores=scores)
+    low = run(AttentiveLow(keep_ratio=ratio, unit=unit), grid, scores=scores)
     assert not torch.equal(keeps[0], low)
 
 
 def test_attentive_mixed_extremes() -> None:
     grid, scores = (8, 8), make_scores(BATCH, (8, 8))
-    low = run(AttentiveMasking("low", keep_ratio=0.5), grid, scores=scores)
-    all_top = run(AttentiveMasking("mixed", keep_ratio=0.5, top_ratio=0.5), grid, seed=3, scores=scores)
+    low = run(AttentiveLow(keep_ratio=0.5), grid, scores=scores)
+    all_top = run(AttentiveMixed(keep_ratio=0.5, top_ratio=0.5), grid, seed=3, scores=scores)
     assert torch.equal(all_top, low)
     # top_ratio 0: a random subset, independent of the scores.
-    no_top = AttentiveMasking("mixed", keep_ratio=0.5, top_ratio=0.0)
+    no_top = AttentiveMixed(keep_ratio=0.5, top_ratio=0.0)
     assert torch.equal(run(no_top, grid, seed=3, scores=scores), run(no_top, grid, seed=3, scores=-scores))
 
 
@@ -302,14 +305,14 @@ def test_block_position_is_uniform_over_valid_offsets() -> None:
     [(0.5, 224, 16, 112), (0.25, 224, 16, 64), (0.5, 100, 16, 48), (0.01, 224, 16, 16), (1.0, 224, 14, 224)],
 )
 def test_resize_image_size(scale: float, size: int, patch_size: int, expected: int) -> None:
-    assert ResizeMasking(scale=scale).image_size(size, patch_size) == expected
+    assert ResizeMasking(scale=scale).view_size(size, patch_size) == expected
 
 
 def test_resize_flags() -> None:
-    assert ResizeMasking().resizes and ResizeMasking().scale == 0.5
-    others = [NoMasking(), GridMasking(), AttentiveMasking(), *(f(0.5, 1) for f in CELL_STRATEGIES.values())]
-    assert not any(m.resizes for m in others)
-    assert [m.needs_scores for m in (NoMasking(), ResizeMasking(), RandomMasking(), AttentiveMasking())] == [
+    assert ResizeMasking().view_size(224, 16) == 112 and ResizeMasking().scale == 0.5
+    others = [NoMasking(), GridMasking(), AttentiveLow(), *(f(0.5, 1) for f in CELL_STRATEGIES.values())]
+    assert all(m.view_size(224, 16) == 224 for m in others)
+    assert [m.needs_scores for m in (NoMasking(), ResizeMasking(), RandomMasking(), AttentiveLow())] == [
         False,
         False,
         False,
@@ -339,7 +342,7 @@ def test_randomness_is_reproducible_and_per_sample(name: str) -> None:
 
 @pytest.mark.parametrize("strategy", ["low", "high"])
 def test_attentive_low_high_are_deterministic(strategy: str) -> None:
-    masking, grid = AttentiveMasking(strategy), (8, 8)
+    masking, grid = ATTENTIVE[strategy](), (8, 8)
     scores = make_scores(4, grid)
     assert torch.equal(
         run(masking, grid, 4, seed=0, scores=scores), run(masking, grid, 4, seed=1, scores=scores)
@@ -356,10 +359,10 @@ def test_attentive_low_high_are_deterministic(strategy: str) -> None:
     [None, torch.rand(BATCH, 63), torch.rand(BATCH + 1, 64), torch.rand(BATCH * 64), torch.rand(BATCH, 8, 8)],
     ids=["missing", "wrong-n", "wrong-batch", "1d", "3d"],
 )
-@pytest.mark.parametrize("strategy", AttentiveMasking.STRATEGIES)
+@pytest.mark.parametrize("strategy", list(ATTENTIVE))
 def test_attentive_bad_scores_raise(strategy: str, scores: torch.Tensor | None) -> None:
     with pytest.raises(ValueError, match="scores"):
-        AttentiveMasking(strategy).select(scores, (8, 8), BATCH)
+        ATTENTIVE[strategy]().select(scores, (8, 8), BATCH)
 
 
 @pytest.mark.parametrize(
@@ -368,23 +371,22 @@ def test_attentive_bad_scores_raise(strategy: str, scores: torch.Tensor | None) 
         (lambda: RandomMasking(keep_ratio=0), "keep_ratio"),
         (lambda: RandomMasking(keep_ratio=1.5), "keep_ratio"),
         (lambda: BlockMasking(keep_ratio=-0.1), "keep_ratio"),
-        (lambda: AttentiveMasking(keep_ratio="half"), "keep_ratio"),
+        (lambda: AttentiveLow(keep_ratio="half"), "keep_ratio"),
         (lambda: RandomMasking(unit=0), "unit"),
         (lambda: BlockMasking(unit=1.5), "unit"),
         (lambda: GridMasking(unit=0), "unit"),
-        (lambda: AttentiveMasking(unit=-1), "unit"),
+        (lambda: AttentiveLow(unit=-1), "unit"),
         (lambda: GridMasking(window=0), "window"),
         (lambda: ResizeMasking(scale=0), "scale"),
         (lambda: ResizeMasking(scale=1.5), "scale"),
-        (lambda: ResizeMasking().image_size(0), "size"),
-        (lambda: AttentiveMasking("medium"), "strategy"),
-        (lambda: AttentiveMasking("mixed", keep_ratio=0.5, top_ratio=0.6), "top_ratio"),
-        (lambda: AttentiveMasking("mixed", top_ratio=-0.1), "top_ratio"),
-        (lambda: AttentiveMasking(layers="first"), "layers"),
-        (lambda: AttentiveMasking(layers=[]), "layers"),
-        (lambda: AttentiveMasking(layers=[1.5]), "layers"),
-        (lambda: AttentiveMasking(layers=["a"]), "layers"),
-        (lambda: AttentiveMasking(layers=True), "layers"),
+        (lambda: ResizeMasking().view_size(0, 16), "size"),
+        (lambda: AttentiveMixed(keep_ratio=0.5, top_ratio=0.6), "top_ratio"),
+        (lambda: AttentiveMixed(top_ratio=-0.1), "top_ratio"),
+        (lambda: AttentiveLow(layers="first"), "layers"),
+        (lambda: AttentiveLow(layers=[]), "layers"),
+        (lambda: AttentiveLow(layers=[1.5]), "layers"),
+        (lambda: AttentiveLow(layers=["a"]), "layers"),
+        (lambda: AttentiveLow(layers=True), "layers"),
     ],
 )
 def test_invalid_arguments_raise(factory: Callable[[], object], match: str) -> None:
@@ -393,8 +395,8 @@ def test_invalid_arguments_raise(factory: Callable[[], object], match: str) -> N
 
 
 def test_valid_layers_are_stored() -> None:
-    assert AttentiveMasking(layers="last").layers == "last"
-    assert AttentiveMasking(layers=OmegaConf.create([0, 11])).layers == [0, 11]
+    assert AttentiveLow(layers="last").layers == "last"
+    assert AttentiveLow(layers=OmegaConf.create([0, 11])).layers == [0, 11]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -414,9 +416,9 @@ EXPECTED_CONFIGS = {
     "grid": (GridMasking, {"window": 2, "fixed": False, "unit": 1}),
     "block": (BlockMasking, {"keep_ratio": 0.5, "unit": 1}),
     "resize": (ResizeMasking, {"scale": 0.5}),
-    "attentive_low": (AttentiveMasking, {"strategy": "low", "keep_ratio": 0.5, "layers": "all"}),
-    "attentive_high": (AttentiveMasking, {"strategy": "high", "keep_ratio": 0.5, "layers": "all"}),
-    "attentive_mixed": (AttentiveMasking, {"strategy": "mixed", "top_ratio": 0.25, "layers": "all"}),
+    "attentive_low": (AttentiveLow, {"keep_ratio": 0.5, "layers": "all"}),
+    "attentive_high": (AttentiveHigh, {"keep_ratio": 0.5, "layers": "all"}),
+    "attentive_mixed": (AttentiveMixed, {"top_ratio": 0.25, "layers": "all"}),
 }
 
 

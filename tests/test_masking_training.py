@@ -34,9 +34,7 @@ def one_step(train_config, tmp_path, *overrides):
 def test_every_strategy_trains_and_logs_kept_tokens(train_config, tmp_path, strategy):
     cfg, row = one_step(train_config, tmp_path, f"masking={strategy}")
     masking = instantiate(cfg.masking)
-    side = cfg.model.vision.image_size
-    if masking.resizes:
-        side = masking.image_size(side, cfg.model.vision.patch_size)
+    side = masking.view_size(cfg.model.vision.image_size, cfg.model.vision.patch_size)
     grid = (side // cfg.model.vision.patch_size,) * 2
     assert float(row["train/kept_tokens"]) == masking.num_keep(grid)
     assert float(row["train/ema_momentum"]) == pytest.approx(cfg.callbacks.ema.base_momentum)
@@ -48,7 +46,7 @@ def test_every_strategy_trains_and_logs_kept_tokens(train_config, tmp_path, stra
     else:
         assert not row.get("train/kept_score_mass") and not row.get("train/object_score_mass")
     recall = float(row["train/object_recall"])  # every policy: how much of the object its views keep
-    keeps_all = strategy == "none" or masking.resizes  # resizing keeps every patch of a smaller image
+    keeps_all = strategy in ("none", "resize")  # resizing keeps every patch of a smaller image
     assert recall == pytest.approx(1.0) if keeps_all else 0.0 < recall < 1.0
 
 

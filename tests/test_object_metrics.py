@@ -7,7 +7,7 @@ import torch
 
 from aclip.callbacks.mask_vis import outline_objects
 from aclip.datamodules.synthetic import SyntheticCaptions
-from aclip.modules.masking import AttentiveMasking, RandomMasking
+from aclip.modules.masking import AttentiveLow, RandomMasking
 from aclip.modules.object_metrics import object_diagnostics, object_recall, object_score_mass, patch_coverage
 
 GRID = (8, 8)
@@ -22,7 +22,7 @@ def coverage() -> torch.Tensor:
 
 
 def test_with_the_object_as_its_scores_attentive_low_keeps_every_object_patch_the_budget_allows(coverage):
-    policy = AttentiveMasking(strategy="low", keep_ratio=0.5)
+    policy = AttentiveLow(keep_ratio=0.5)
     budget = policy.num_keep(GRID)
     keep = policy.select(coverage, GRID, batch=len(coverage))
 

@@ -6,7 +6,8 @@ import socket
 import pytest
 import torch
 
-from aclip.modules.text import TextTower, build_tokenizer
+from aclip.modules.text import TextTower
+from aclip.tokenizer import build_tokenizer
 
 SOT, EOT = 49406, 49407
 CONTEXT = 16

@@ -13,7 +13,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from aclip.modules.text import build_tokenizer
+from aclip.tokenizer import build_tokenizer
 from tests.conftest import CONF_DIR
 
 SOT, EOT = 49406, 49407

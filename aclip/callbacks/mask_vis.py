@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,30 @@ def render_masking(record: dict[str, Any], tile: int = 128) -> Tensor:
     return make_grid(rows.flatten(0, 1), nrow=rows.shape[1], padding=2, pad_value=1.0)
 
 
+def masking_record(outputs: Mapping[str, Any], batch: Mapping[str, Tensor], samples: int) -> dict[str, Any]:
+    """What a training step (its `outputs`: views, keep, grid, score_map) showed the encoders for the
+    first `samples` samples of `batch`, with their objects and, when scored, the teacher's crop, score
+    map and view boxes: CPU copies, as `render_masking` reads them."""
+    num_views = batch["images"].shape[1]
+    record = {
+        "views": outputs["views"][: samples * num_views],
+        "keep": outputs["keep"][: samples * num_views],
+    }
+    if "object_masks" in batch:
+        record["object_masks"] = batch["object_masks"][:samples].flatten(0, 1)
+    if outputs.get("score_map") is not None:
+        teacher = {
+            "ema_image": batch["ema_image"],
+            "score_map": outputs["score_map"],
+            "boxes": batch["boxes"],
+        }
+        if "ema_object_mask" in batch:
+            teacher["ema_object_mask"] = batch["ema_object_mask"]
+        record |= {name: value[:samples] for name, value in teacher.items()}
+    record = {name: value.detach().cpu() for name, value in record.items()}
+    return record | {"grid": outputs["grid"], "num_views": num_views}
+
+
 class MaskVisualization(Callback):
     """Every `every_n_steps` optimizer steps, draws the masking of `num_samples` training samples.
 
@@ -90,18 +115,23 @@ class MaskVisualization(Callback):
                 f"every_n_steps and num_samples must be >= 1, got {every_n_steps}, {num_samples}"
             )
         self.every_n_steps, self.num_samples, self.dirname = every_n_steps, num_samples, dirname
-        self._recorded_step = 0
+        self._recorded_step: int | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
-            pl_module.record_masking = self.num_samples
-            self._recorded_step = trainer.global_step
+        drawing = trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero
+        self._recorded_step = trainer.global_step if drawing else None
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        record, pl_module.masking_record = pl_module.masking_record, None
-        if record is None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Mapping[str, Any],
+        batch: Mapping[str, Tensor],
+        batch_idx: int,
+    ) -> None:
+        if self._recorded_step is None:
             return
-        picture = render_masking(record)
+        picture = render_masking(masking_record(outputs, batch, self.num_samples))
         directory = Path(trainer.default_root_dir) / self.dirname
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"step{self._recorded_step:07d}.png"

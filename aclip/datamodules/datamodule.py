@@ -17,7 +17,7 @@ from aclip.config import per_device_batch_size
 from aclip.datamodules.images import BadSample, skip_record
 from aclip.datamodules.sampling import ResumableDataLoader
 from aclip.datamodules.transforms import MultiViewTransform
-from aclip.modules.text import build_tokenizer
+from aclip.tokenizer import build_tokenizer
 
 if TYPE_CHECKING:
     from aclip.evaluation.suite import Evaluation

@@ -13,28 +13,22 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from aclip.callbacks.ema import EMAUpdate
 from aclip.evaluation.report import flatten_metrics
 from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.initialize import load_initial_weights
 from aclip.modules.losses import ClipLoss
-from aclip.modules.masking import (
-    RandomMasking,
-    TokenMasking,
-    build_policy,
-    kept_score_mass,
-    map_scores_to_views,
-)
+from aclip.modules.masking import RandomMasking, TokenMasking, build_policy
 from aclip.modules.model import ClipModel
 from aclip.modules.object_metrics import object_diagnostics
-from aclip.modules.schedule import configure_adamw_cosine
+from aclip.modules.schedule import check_recipe, configure_adamw_cosine
+from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views
 from aclip.modules.self_supervision import SelfSupervision
-from aclip.modules.text import TextTower, build_tokenizer
+from aclip.modules.text import TextTower
 from aclip.modules.vision import VisionTower
 from aclip.specs import SpecError, check_plain
+from aclip.tokenizer import build_tokenizer
 
 
 def _plain(value: Any) -> Any:
@@ -104,19 +98,7 @@ class AClip(pl.LightningModule):
             check_plain(value or {}, key)
         # `init_from` only starts a run: a checkpoint of it holds the weights, not where they came from.
         self.save_hyperparameters(ignore=["init_from"])
-        if lr <= 0 or not 0 <= warmup_start_lr <= lr or not 0 <= min_lr <= lr:
-            raise ValueError(
-                f"need 0 < lr and 0 <= warmup_start_lr, min_lr <= lr; got lr={lr}, "
-                f"warmup_start_lr={warmup_start_lr}, min_lr={min_lr}"
-            )
-        if warmup_steps is not None and (
-            isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
-        ):
-            raise ValueError(f"warmup_steps must be null or an integer >= 0, got {warmup_steps!r}")
-        if warmup_epochs < 0 or weight_decay < 0:
-            raise ValueError(
-                f"warmup_epochs and weight_decay must be >= 0, got {warmup_epochs}, {weight_decay}"
-            )
+        check_recipe(lr, weight_decay, warmup_epochs, warmup_start_lr, min_lr, warmup_steps)
         self.model = ClipModel(
             VisionTower(**vision, output_dim=embed_dim, init_from=vision_init_from),
             TextTower(**text, output_dim=embed_dim, init_from=text_init_from),
@@ -144,8 +126,9 @@ class AClip(pl.LightningModule):
         self._warmup_masking = None
         if teacher_warmup_steps and self.masking.needs_scores:
             self._warmup_masking = RandomMasking(keep_ratio=self.masking.keep_ratio, unit=self.masking.unit)
+        vision_size, patch_size = self.model.vision.image_size, self.model.vision.patch_size
         self.kept_tokens = self.masking.num_keep(
-            self.model.vision.grid(*self._resize_for_masking_size(self.model.vision.image_size))
+            self.model.vision.grid(self.masking.view_size(vision_size, patch_size))
         )
         self.clip_loss = ClipLoss()
         self.self_supervision = SelfSupervision(
@@ -153,9 +136,6 @@ class AClip(pl.LightningModule):
         )
         self.tokenizer = build_tokenizer(self.model.text.context_length)
         self._mask_generator: torch.Generator | None = None
-        # Set by the mask-picture callback: record the next step's masking for this many samples.
-        self.record_masking = 0
-        self.masking_record: dict[str, Any] | None = None
         self._validation_features: FeatureBank | None = None
         # Wall time spent in validation during `fit` (the learning curves), left out of the step time.
         self.validation_seconds = 0.0
@@ -200,17 +180,10 @@ class AClip(pl.LightningModule):
             group["lr"] = lr
         scheduler._last_lr = lrs
 
-    def on_fit_start(self) -> None:
-        if not any(isinstance(callback, EMAUpdate) for callback in self.trainer.callbacks):
-            message = "no EMAUpdate callback: the EMA model will not move during training"
-            if self.masking.needs_scores or self.self_supervision.uses_ema:
-                raise ValueError(f"{message}, but the masking or BYOL needs the EMA model; add callbacks.ema")
-            rank_zero_warn(message)
-
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Any]:
         images, text = batch["images"], batch["text"]  # [B, k, 3, H, W], [B, L]
         batch_size, num_views = images.shape[:2]
-        views = self._resize_for_masking(images.flatten(0, 1))
+        views = self.masking.prepare_views(images.flatten(0, 1), self.model.vision.patch_size)
         grid = self.model.vision.grid(*views.shape[-2:])
 
         # 1. One EMA pass over the crop enclosing all views: its features and patch scores.
@@ -241,9 +214,8 @@ class AClip(pl.LightningModule):
         self._log_step(loss, clip_loss, auxiliary, keep, scores, batch_size)
         if "object_masks" in batch:  # the built-in data knows where its objects are
             self._log_object_diagnostics(batch, keep, grid, score_map, batch_size)
-        if self.record_masking:
-            self._record_masking(batch, views, keep, score_map, grid)
-        return loss
+        # The loss, and what the step showed the encoders, for callbacks (the mask pictures).
+        return {"loss": loss, "views": views, "keep": keep, "grid": grid, "score_map": score_map}
 
     @property
     def masking_policy(self) -> TokenMasking:
@@ -341,23 +313,6 @@ class AClip(pl.LightningModule):
         # Every rank holds the same gathered figures, so nothing is reduced.
         self.log_dict(flatten_metrics(metrics, "val"), sync_dist=False)
 
-    def _record_masking(
-        self, batch: Mapping[str, Tensor], views: Tensor, keep: Tensor, score_map: Tensor | None, grid
-    ) -> None:
-        """Keep what this step showed the encoders for the first `record_masking` samples (CPU copies)."""
-        samples, num_views = self.record_masking, batch["images"].shape[1]
-        record = {"views": views[: samples * num_views], "keep": keep[: samples * num_views]}
-        if "object_masks" in batch:
-            record["object_masks"] = batch["object_masks"][:samples].flatten(0, 1)
-        if score_map is not None:
-            teacher = {"ema_image": batch["ema_image"], "score_map": score_map, "boxes": batch["boxes"]}
-            if "ema_object_mask" in batch:
-                teacher["ema_object_mask"] = batch["ema_object_mask"]
-            record |= {name: value[:samples] for name, value in teacher.items()}
-        self.masking_record = {name: value.detach().cpu() for name, value in record.items()}
-        self.masking_record |= {"grid": grid, "num_views": num_views}
-        self.record_masking = 0
-
     def summary(self) -> tuple[dict[str, nn.Module], dict[str, str]]:
         """The model's parts by name and a few facts about its training, for the start-up summary."""
         parts: dict[str, nn.Module] = {
@@ -388,19 +343,6 @@ class AClip(pl.LightningModule):
         entropy = [self.hparams.seed or 0, self.global_rank, self.global_step, batch_idx]
         self._mask_generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         return self._mask_generator
-
-    def _resize_for_masking_size(self, *sides: int) -> tuple[int, ...]:
-        """The view sides the online tower sees: smaller for policies that resize (CLIPA `resize`)."""
-        if not self.masking.resizes:
-            return sides
-        return tuple(self.masking.image_size(side, self.model.vision.patch_size) for side in sides)
-
-    def _resize_for_masking(self, views: Tensor) -> Tensor:
-        """Downsample the views for policies that reduce tokens by resolution (CLIPA `resize`)."""
-        size = self._resize_for_masking_size(*views.shape[-2:])
-        if size == tuple(views.shape[-2:]):
-            return views
-        return F.interpolate(views, size=size, mode="bicubic", antialias=True, align_corners=False)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

@@ -1,7 +1,10 @@
 """Token-reduction policies: which patch tokens the online image encoder sees.
 
-Every policy implements `select(scores, grid, batch)` and returns a LongTensor [batch, n_keep] of
-row-major patch indices over the (gh, gw) patch grid (CLS excluded), sorted ascending and unique.
+A policy is one subclass of `TokenMasking`: it picks cells (`select_cells`), and may read the EMA
+teacher's scores (`needs_scores`, over the blocks `layers`), keep a different budget (`num_kept_cells`)
+or resize the views before the encoder (`prepare_views`, `view_size`). `select(scores, grid, batch)`,
+defined once on the base, returns a LongTensor [batch, n_keep] of row-major patch indices over the
+(gh, gw) patch grid (CLS excluded), sorted ascending and unique.
 
 Policies (config name in `conf/masking/`, source):
 - `none`: keep every patch (plain CLIP).
@@ -9,10 +12,11 @@ Policies (config name in `conf/masking/`, source):
 - `grid` (CLIPA): one patch per window x window window (2x2: a quarter of the patches), at a random
   position per window and sample, or always the top-left one (`fixed`).
 - `block` (CLIPA): one contiguous, nearly square rectangle at a random position per sample.
-- `resize` (CLIPA): drops no token; the views are downsampled (`image_size`) before the encoder.
+- `resize` (CLIPA): drops no token; the views are downsampled (`view_size`) before the encoder.
 - `attentive_low` / `attentive_high` / `attentive_mixed` (A-CLIP): keep the cells the EMA encoder's CLS
-  attends to most (`low`: discard the lowest scores; the paper's default), least (`high`), or the top
-  `top_ratio` share of all cells plus a random fill of the remaining budget (`mixed`).
+  attends to most (`AttentiveLow`: discard the lowest scores; the paper's default), least
+  (`AttentiveHigh`), or the top `top_ratio` share of all cells plus a random fill of the remaining budget
+  (`AttentiveMixed`).
 
 Decisions are made on `unit` x `unit` cells of patches (unit 2 = 32 px at patch size 16, the paper's
 better mask unit); a kept cell keeps all its patches and an attentive cell's score is the mean of its
@@ -28,13 +32,14 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
 
+from aclip.modules.vision import Layers, check_layers
 from aclip.specs import build, class_path
 
 Device = torch.device | str | None
@@ -123,101 +128,65 @@ def _cell_scores(scores: Tensor, grid: tuple[int, int], unit: int) -> Tensor:
     return scores.reshape(-1, gh // unit, unit, gw // unit, unit).mean(dim=(2, 4)).flatten(1)
 
 
-def kept_score_mass(scores: Tensor, keep: Tensor) -> Tensor:
-    """Share of each sample's score mass that falls in the kept patches: [B, N], [B, n_keep] -> [B].
-
-    `scores` may be unnormalised; it is normalised by its sum per sample (0 where that sum is 0).
-    """
-    scores = scores.float()
-    kept = scores.gather(1, keep).sum(dim=1)
-    return kept / scores.sum(dim=1).clamp_min(torch.finfo(scores.dtype).tiny)
-
-
-def map_scores_to_views(score_map: Tensor, boxes: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Read each view's patch scores from the score map of the crop that encloses the views.
-
-    score_map [B, gh, gw]: patch scores of the enclosing EMA crop (row-major patch grid). boxes [B, k, 4]:
-    each view's (x0, y0, x1, y1) inside the enclosing crop, normalised to [0, 1]. grid: the views' patch
-    grid (gh', gw'). Returns [B * k, gh' * gw'] scores in `score_map`'s dtype, sample-major (row b * k + v
-    is view v of sample b), each row row-major over the view's grid.
-
-    Geometry: map cell (i, j) covers the square [j, j + 1] x [i, i + 1] in grid units, so the crop spans
-    [0, gw] x [0, gh] and its score field is the bilinear interpolation of the cell values placed at the cell
-    centres (j + 0.5, i + 0.5), held constant beyond the outer centres (as `F.interpolate` /
-    `F.grid_sample(align_corners=False, padding_mode="border")` do). View patch (r, c) gets the field's
-    value at its CENTRE, x = (x0 + (c + 0.5) * (x1 - x0) / gw') * gw and
-    y = (y0 + (r + 0.5) * (y1 - y0) / gh') * gh: one point sample per patch, not an average over its area
-    (for view patches about the size of the map's cells, as with A-CLIP's enclosing crops, the two barely
-    differ). A box reaching more than half a cell outside the crop reads zeros there (roi_align's
-    convention); boxes are not range-checked.
-
-    Implementation: one `torchvision.ops.roi_align` call over all B * k boxes with `aligned=True` (box
-    coordinates are continuous, the -0.5 shift maps them to cell-centre indices) and `sampling_ratio=1` (one
-    bilinear sample at the centre of each output bin = each view patch). roi_align needs float input:
-    half/bf16 maps are computed in float32 and cast back.
-    """
-    if not isinstance(score_map, Tensor) or score_map.dim() != 3:
-        shape = tuple(score_map.shape) if isinstance(score_map, Tensor) else type(score_map).__name__
-        raise ValueError(f"score_map must be a tensor of shape [B, gh, gw], got {shape}")
-    if not score_map.is_floating_point():
-        raise ValueError(f"score_map must be a floating-point tensor, got {score_map.dtype}")
-    batch, gh, gw = score_map.shape
-    if gh < 1 or gw < 1:
-        raise ValueError(f"score_map's grid must be non-empty, got shape {tuple(score_map.shape)}")
-    if not isinstance(boxes, Tensor) or boxes.dim() != 3 or boxes.shape[0] != batch or boxes.shape[2] != 4:
-        shape = tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__
-        raise ValueError(f"boxes must be a tensor of shape [B={batch}, k, 4] (x0, y0, x1, y1), got {shape}")
-    if not isinstance(grid, Sequence) or isinstance(grid, str) or len(grid) != 2:
-        raise ValueError(f"grid must be a pair (gh, gw) of the views' patch grid, got {grid!r}")
-    out_h, out_w = (_check_positive_int("grid side", side) for side in grid)
-
-    num_views = boxes.shape[1]
-    compute_dtype = torch.float64 if score_map.dtype == torch.float64 else torch.float32
-    device = score_map.device
-    if batch * num_views == 0:
-        return score_map.new_zeros(batch * num_views, out_h * out_w)
-    # Scaled by Python numbers, not a tensor built from a list: that would be a host-to-device copy
-    # and, on CUDA, a synchronisation of the stream in the middle of the step.
-    x0, y0, x1, y1 = boxes.to(device=device, dtype=compute_dtype).flatten(0, 1).unbind(1)  # [B * k] each
-    sample_index = torch.arange(batch, device=device, dtype=compute_dtype)[:, None].expand(-1, num_views)
-    # [B * k, 5]: (sample, x0, y0, x1, y1) in grid units
-    rois = torch.stack([sample_index.flatten(), x0 * gw, y0 * gh, x1 * gw, y1 * gh], dim=1)
-    pooled = roi_align(
-        score_map.to(compute_dtype).unsqueeze(1),
-        rois,
-        output_size=(out_h, out_w),
-        spatial_scale=1.0,
-        sampling_ratio=1,
-        aligned=True,
-    )  # [B * k, 1, gh', gw']
-    return pooled.flatten(1).to(score_map.dtype)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Policies
 # ---------------------------------------------------------------------------------------------------
 
 
 class TokenMasking:
-    """Base class of the policies.
+    """The base of every policy: decisions on `unit` x `unit` cells of patches, `keep_ratio` of them kept.
 
-    `needs_scores`: `select` reads the EMA attention scores. `resizes`: the policy drops no tokens but the
-    views must be downsampled first (see `ResizeMasking.image_size`).
+    A subclass defines `select_cells` (and, where it differs, `num_kept_cells`). A policy that reads the
+    EMA teacher's scores sets `needs_scores` (its cells' scores reach `select_cells`, the mean of their
+    patches') and `layers`, the blocks whose CLS attention the teacher averages. A policy that reduces
+    tokens by resolution overrides `view_size`, which `prepare_views` follows.
 
-    Every subclass is registered by its class path (`POLICIES`), the only classes that `build_policy`
-    makes from a description such as a checkpoint's hyper-parameters.
+    Every public subclass is registered by its class path (`POLICIES`), the only classes that
+    `build_policy` makes from a description such as a checkpoint's hyper-parameters.
     """
 
     needs_scores: bool = False
-    resizes: bool = False
+    layers: Layers = "all"
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__name__.startswith("_"):
             POLICIES[class_path(cls)] = cls
 
+    def __init__(self, keep_ratio: float = 0.5, unit: int = 1) -> None:
+        self.keep_ratio = _check_ratio("keep_ratio", keep_ratio)
+        self.unit = _check_positive_int("unit", unit)
+
+    def view_size(self, size: int, patch_size: int) -> int:
+        """The side (px) a `size` px view has when it enters the online encoder: `size` itself."""
+        return size
+
+    def prepare_views(self, views: Tensor, patch_size: int) -> Tensor:
+        """The views [N, 3, H, W] as the online encoder takes them, resized to `view_size` where it differs
+        (bicubic, antialiased)."""
+        size = tuple(self.view_size(side, patch_size) for side in views.shape[-2:])
+        if size == tuple(views.shape[-2:]):
+            return views
+        return F.interpolate(views, size=size, mode="bicubic", antialias=True, align_corners=False)
+
+    def num_kept_cells(self, cells: tuple[int, int]) -> int:
+        """Cells kept of a (rows, cols) cell grid: round(keep_ratio * cells), halves up, at least one."""
+        return max(1, _round_half_up(self.keep_ratio * cells[0] * cells[1]))
+
     def num_keep(self, grid: tuple[int, int]) -> int:
         """Number of patch indices `select` returns for a (gh, gw) patch grid."""
+        return self.num_kept_cells(_cell_grid(grid, self.unit)) * self.unit**2
+
+    def select_cells(
+        self,
+        scores: Tensor | None,
+        cells: tuple[int, int],
+        batch: int,
+        device: torch.device,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Row-major indices [batch, num_kept_cells(cells)] of the kept cells; `scores` [batch, cells] are
+        the cells' mean patch scores when `needs_scores`, else None."""
         raise NotImplementedError
 
     def select(
@@ -234,7 +203,21 @@ class TokenMasking:
         `scores` [batch, gh * gw] (higher = more attended) is read only when `needs_scores`. Tensors are
         created on `scores.device` when scores are given, else on `device` (else the generator's device).
         """
-        raise NotImplementedError
+        cells = _cell_grid(grid, self.unit)
+        cell_scores = None
+        if self.needs_scores:
+            expected = (batch, grid[0] * grid[1])
+            if scores is None:
+                raise ValueError(f"{type(self).__name__} needs scores of shape {expected}, got None")
+            if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
+                shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+                raise ValueError(
+                    f"scores must have shape [batch, gh * gw] = {expected} for grid {grid}, got {shape}"
+                )
+            cell_scores = _cell_scores(scores, grid, self.unit)
+        device = _resolve_device(scores, device, generator)
+        cell_idx = self.select_cells(cell_scores, cells, batch, device, generator)
+        return _cells_to_patches(cell_idx, grid, self.unit)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -242,90 +225,39 @@ class TokenMasking:
 
 
 class NoMasking(TokenMasking):
-    """Keep every patch: plain CLIP."""
+    """Keep every patch: plain CLIP (every cell, no randomness)."""
 
-    def num_keep(self, grid: tuple[int, int]) -> int:
-        return grid[0] * grid[1]
+    def __init__(self) -> None:
+        super().__init__(keep_ratio=1.0)
 
-    def select(
-        self,
-        scores: Tensor | None,
-        grid: tuple[int, int],
-        batch: int,
-        *,
-        device: Device = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        num_patches = grid[0] * grid[1]
-        device = _resolve_device(scores, device, generator)
-        return torch.arange(num_patches, device=device).expand(batch, num_patches)
+    def select_cells(self, scores, cells, batch, device, generator):
+        n = cells[0] * cells[1]
+        return torch.arange(n, device=device).expand(batch, n)
 
 
 class ResizeMasking(NoMasking):
-    """CLIPA `resize`: keep every token of a lower-resolution view (views downsampled by `scale`).
-
-    `select` returns all indices of the (already smaller) grid it is given.
-    """
-
-    resizes = True
+    """CLIPA `resize`: keep every token of a lower-resolution view (views downsampled by `scale`)."""
 
     def __init__(self, scale: float = 0.5) -> None:
+        super().__init__()
         self.scale = _check_ratio("scale", scale)
 
-    def image_size(self, size: int, patch_size: int = 16) -> int:
+    def view_size(self, size: int, patch_size: int) -> int:
         """`size * scale` rounded (half up) to a multiple of `patch_size`, at least one patch."""
         size = _check_positive_int("size", size)
         patch_size = _check_positive_int("patch_size", patch_size)
         return max(1, _round_half_up(size * self.scale / patch_size)) * patch_size
 
 
-class _CellMasking(TokenMasking):
-    """A policy deciding on unit x unit cells: subclasses pick cell indices in `_select_cells`."""
-
-    def __init__(self, keep_ratio: float = 0.5, unit: int = 1) -> None:
-        self.keep_ratio = _check_ratio("keep_ratio", keep_ratio)
-        self.unit = _check_positive_int("unit", unit)
-
-    def _num_kept_cells(self, cells: tuple[int, int]) -> int:
-        return max(1, _round_half_up(self.keep_ratio * cells[0] * cells[1]))
-
-    def num_keep(self, grid: tuple[int, int]) -> int:
-        return self._num_kept_cells(_cell_grid(grid, self.unit)) * self.unit**2
-
-    def _select_cells(
-        self,
-        scores: Tensor | None,
-        cells: tuple[int, int],
-        batch: int,
-        device: torch.device,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        raise NotImplementedError
-
-    def select(
-        self,
-        scores: Tensor | None,
-        grid: tuple[int, int],
-        batch: int,
-        *,
-        device: Device = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        cells = _cell_grid(grid, self.unit)
-        device = _resolve_device(scores, device, generator)
-        cell_idx = self._select_cells(scores, cells, batch, device, generator)
-        return _cells_to_patches(cell_idx, grid, self.unit)
-
-
-class RandomMasking(_CellMasking):
+class RandomMasking(TokenMasking):
     """FLIP: keep a uniform random subset of `keep_ratio` of the cells, independently per sample."""
 
-    def _select_cells(self, scores, cells, batch, device, generator):
+    def select_cells(self, scores, cells, batch, device, generator):
         n = cells[0] * cells[1]
-        return _random_subset(batch, n, self._num_kept_cells(cells), generator, device)
+        return _random_subset(batch, n, self.num_kept_cells(cells), generator, device)
 
 
-class GridMasking(_CellMasking):
+class GridMasking(TokenMasking):
     """CLIPA `grid`: keep one cell in each `window` x `window` window (keep ratio 1 / window^2).
 
     The kept position is random per window and per sample, or always the top-left (`fixed`). When the grid
@@ -337,10 +269,10 @@ class GridMasking(_CellMasking):
         super().__init__(keep_ratio=1 / self.window**2, unit=unit)
         self.fixed = bool(fixed)
 
-    def _num_kept_cells(self, cells: tuple[int, int]) -> int:
+    def num_kept_cells(self, cells: tuple[int, int]) -> int:
         return math.ceil(cells[0] / self.window) * math.ceil(cells[1] / self.window)
 
-    def _select_cells(self, scores, cells, batch, device, generator):
+    def select_cells(self, scores, cells, batch, device, generator):
         (ch, cw), w = cells, self.window
         top = torch.arange(0, ch, w, device=device)[:, None]  # [nh, 1] first row of each window
         left = torch.arange(0, cw, w, device=device)[None, :]  # [1, nw]
@@ -373,17 +305,17 @@ def _block_shape(cells: tuple[int, int], target: int) -> tuple[int, int]:
     return min(shapes, key=lambda s: (abs(s[0] * s[1] - target), max(s) / min(s), s[0] * s[1], s[0]))
 
 
-class BlockMasking(_CellMasking):
+class BlockMasking(TokenMasking):
     """CLIPA `block`: keep one contiguous rectangle of about `keep_ratio` of the cells, at a uniformly random
     position per sample. The rectangle's shape is `_block_shape`; `num_keep` is its exact area."""
 
-    def _num_kept_cells(self, cells: tuple[int, int]) -> int:
-        h, w = _block_shape(cells, super()._num_kept_cells(cells))
+    def num_kept_cells(self, cells: tuple[int, int]) -> int:
+        h, w = _block_shape(cells, super().num_kept_cells(cells))
         return h * w
 
-    def _select_cells(self, scores, cells, batch, device, generator):
+    def select_cells(self, scores, cells, batch, device, generator):
         ch, cw = cells
-        h, w = _block_shape(cells, super()._num_kept_cells(cells))
+        h, w = _block_shape(cells, super().num_kept_cells(cells))
         y0 = torch.randint(ch - h + 1, (batch, 1, 1), generator=generator, device=device)
         x0 = torch.randint(cw - w + 1, (batch, 1, 1), generator=generator, device=device)
         rows = y0 + torch.arange(h, device=device)[:, None]
@@ -391,87 +323,50 @@ class BlockMasking(_CellMasking):
         return (rows * cw + cols).flatten(1)
 
 
-def _check_layers(layers: str | Sequence[int]) -> str | list[int]:
-    if layers in ("all", "last"):
-        return layers
-    if (
-        isinstance(layers, Sequence)
-        and not isinstance(layers, str)
-        and len(layers) > 0
-        and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
-    ):
-        return list(layers)
-    raise ValueError(
-        f'layers must be "all", "last" or a non-empty list of block indices (ints), got {layers!r}'
-    )
-
-
-class AttentiveMasking(_CellMasking):
-    """A-CLIP: keep cells by the EMA encoder's CLS-attention scores (a cell's score: its patches' mean).
-
-    strategy: "low" discards the lowest scores, i.e. keeps the `keep_ratio` highest-scoring cells (the
-        paper's default); "high" discards the highest, keeping the lowest; "mixed" keeps the `top_ratio`
-        share of ALL cells with the highest scores and fills the rest of the budget uniformly at random
-        from the other cells (0 <= top_ratio <= keep_ratio; top_ratio is ignored by low and high).
-    layers: which blocks' attention the vision tower averages ("all", "last" or a list of block indices);
-        read by the tower, not by `select`.
-    """
+class AttentiveMasking(TokenMasking):
+    """A-CLIP: keep cells by the EMA encoder's CLS-attention scores (a cell's score: its patches' mean),
+    averaged over the blocks `layers` ("all", "last" or a list of block indices; read by the tower).
+    `AttentiveLow`, `AttentiveHigh` and `AttentiveMixed` say which cells."""
 
     needs_scores = True
-    STRATEGIES = ("low", "high", "mixed")
+
+    def __init__(self, keep_ratio: float = 0.5, unit: int = 1, layers: Layers = "all") -> None:
+        super().__init__(keep_ratio=keep_ratio, unit=unit)
+        self.layers = check_layers(layers)
+
+
+class AttentiveLow(AttentiveMasking):
+    """Discard the lowest scores: keep the `keep_ratio` highest-scoring cells (the paper's default)."""
+
+    def select_cells(self, scores, cells, batch, device, generator):
+        return _top_k_sorted(scores, self.num_kept_cells(cells))
+
+
+class AttentiveHigh(AttentiveMasking):
+    """Discard the highest scores: keep the `keep_ratio` lowest-scoring cells."""
+
+    def select_cells(self, scores, cells, batch, device, generator):
+        return _top_k_sorted(-scores, self.num_kept_cells(cells))
+
+
+class AttentiveMixed(AttentiveMasking):
+    """Keep the `top_ratio` share of ALL cells with the highest scores, and fill the rest of the budget
+    uniformly at random from the other cells (0 <= top_ratio <= keep_ratio)."""
 
     def __init__(
-        self,
-        strategy: str = "low",
-        keep_ratio: float = 0.5,
-        unit: int = 1,
-        top_ratio: float = 0.25,
-        layers: str | Sequence[int] = "all",
+        self, keep_ratio: float = 0.5, unit: int = 1, top_ratio: float = 0.25, layers: Layers = "all"
     ) -> None:
-        super().__init__(keep_ratio=keep_ratio, unit=unit)
-        if strategy not in self.STRATEGIES:
-            raise ValueError(f"strategy must be one of {self.STRATEGIES}, got {strategy!r}")
-        self.strategy = strategy
+        super().__init__(keep_ratio=keep_ratio, unit=unit, layers=layers)
         self.top_ratio = _check_ratio("top_ratio", top_ratio, allow_zero=True)
-        if strategy == "mixed" and self.top_ratio > self.keep_ratio:
-            raise ValueError(
-                f"top_ratio must be in [0, keep_ratio={self.keep_ratio}] for strategy 'mixed', "
-                f"got {top_ratio}"
-            )
-        self.layers = _check_layers(layers)
+        if self.top_ratio > self.keep_ratio:
+            raise ValueError(f"top_ratio must be in [0, keep_ratio={self.keep_ratio}], got {top_ratio}")
 
-    def select(
-        self,
-        scores: Tensor | None,
-        grid: tuple[int, int],
-        batch: int,
-        *,
-        device: Device = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        expected = (batch, grid[0] * grid[1])
-        if scores is None:
-            raise ValueError(f"{type(self).__name__} needs attention scores of shape {expected}, got None")
-        if not isinstance(scores, Tensor) or tuple(scores.shape) != expected:
-            shape = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            raise ValueError(
-                f"scores must have shape [batch, gh * gw] = {expected} for grid {grid}, got {shape}"
-            )
-        return super().select(scores, grid, batch, device=device, generator=generator)
-
-    def _select_cells(self, scores, cells, batch, device, generator):
-        unit = self.unit
-        values = _cell_scores(scores, (cells[0] * unit, cells[1] * unit), unit)
-        n_keep = self._num_kept_cells(cells)
-        if self.strategy == "low":
-            return _top_k_sorted(values, n_keep)
-        if self.strategy == "high":
-            return _top_k_sorted(-values, n_keep)
-        # mixed: the top cells get a key above any random key in [0, 1), so they are always kept.
+    def select_cells(self, scores, cells, batch, device, generator):
+        # The top cells get a key above any random key in [0, 1), so they are always kept.
         n_top = _round_half_up(self.top_ratio * cells[0] * cells[1])
-        keys = _random_keys(batch, values.shape[1], generator, device)
-        keys.scatter_(1, values.topk(n_top, dim=1).indices, 2.0)
-        return _top_k_sorted(keys, n_keep)
+        keys = _random_keys(batch, scores.shape[1], generator, device)
+        keys.scatter_(1, scores.topk(n_top, dim=1).indices, 2.0)
+        return _top_k_sorted(keys, self.num_kept_cells(cells))
 
 
 def build_policy(spec: Mapping[str, Any] | None) -> TokenMasking:

@@ -16,6 +16,11 @@ VIEW_LOSSES = ("simclr", "simsiam", "simclr_reference")
 SOURCES = ("cls_token", "embedding")
 
 
+def views_needed(view_loss: str | None, view_weight: float) -> int:
+    """Views per image the objectives need: 2 for the view losses that compare different views."""
+    return 2 if view_loss in ("simclr", "simsiam") and view_weight > 0 else 1
+
+
 class SelfSupervision(nn.Module):
     """The heads and losses of the auxiliary objectives, weighted.
 
@@ -94,11 +99,6 @@ class SelfSupervision(nn.Module):
     def uses_ema(self) -> bool:
         """Whether the objectives need the EMA model's embedding of the EMA view."""
         return self.byol_weight > 0
-
-    @property
-    def needs_views(self) -> int:
-        """The number of views per image the objectives need (2 for the view losses that compare views)."""
-        return 2 if self.view_loss_name in ("simclr", "simsiam") else 1
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(EMA module, online module) pairs that the EMA callback moves."""

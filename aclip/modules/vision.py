@@ -68,8 +68,7 @@ class VisionTower(nn.Module):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
-            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+        check_patch_grid(image_size, patch_size)
         if width % heads:
             raise ValueError(f"vision width {width} must be divisible by heads {heads}")
         if normalize not in NORMALIZATIONS:
@@ -210,19 +209,37 @@ def sincos_position_table(grid: tuple[int, int], width: int) -> Tensor:
     return build_sincos2d_pos_embed(list(grid), width, interleave_sin_cos=True).roll(width // 2, dims=1)
 
 
-def resolve_layers(layers: Layers, depth: int) -> list[int]:
-    """Block indices of a tower of `depth` blocks for "all", "last" or a list of (possibly negative)
-    indices, sorted and unique; a ValueError for anything else or an index out of range."""
-    if layers == "all":
-        return list(range(depth))
-    if layers == "last":
-        return [depth - 1]
+def check_patch_grid(image_size: int, patch_size: int, prefix: str = "") -> None:
+    """A ValueError unless `image_size` is a multiple of `patch_size` (keys named with `prefix`)."""
+    if image_size % patch_size:
+        raise ValueError(
+            f"{prefix}image_size={image_size} must be a multiple of {prefix}patch_size={patch_size}"
+        )
+
+
+def check_layers(layers: Layers) -> str | list[int]:
+    """`layers` if it is "all", "last" or a non-empty list of (possibly negative) block indices, a list;
+    a ValueError for anything else."""
+    if layers in ("all", "last"):
+        return layers
     if (
         isinstance(layers, str)
+        or not isinstance(layers, Sequence)
         or not layers
         or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
     ):
         raise ValueError(f'layers must be "all", "last" or a non-empty list of block indices, got {layers!r}')
+    return list(layers)
+
+
+def resolve_layers(layers: Layers, depth: int) -> list[int]:
+    """Block indices of a tower of `depth` blocks for "all", "last" or a list of (possibly negative)
+    indices, sorted and unique; a ValueError for anything else or an index out of range."""
+    layers = check_layers(layers)
+    if layers == "all":
+        return list(range(depth))
+    if layers == "last":
+        return [depth - 1]
     if any(not -depth <= index < depth for index in layers):
         raise ValueError(f"layers {list(layers)} out of range for a tower of {depth} blocks")
     return sorted({index % depth for index in layers})
