@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
 
 import aclip  # noqa: F401  (registers the config resolvers before Hydra resolves any path)
 
@@ -16,6 +19,23 @@ def config_dir() -> str:
     package = Path(__file__).resolve().parent
     packaged = package / "conf"
     return str(packaged if packaged.is_dir() else package.parent / "conf")
+
+
+def compose(config_name: str, overrides: Sequence[str] = (), output_dir: Path | None = None) -> DictConfig:
+    """`<config_name>.yaml` of the app's configs with `overrides`, composed as `train.py` or `evaluate.py`
+    would (for tests, benchmarks and notebooks). With `output_dir`, Hydra's runtime config is set as for
+    a run writing there (the launch directory: the current one)."""
+    GlobalHydra.instance().clear()
+    with hydra.initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = hydra.compose(
+            config_name, overrides=list(overrides), return_hydra_config=output_dir is not None
+        )
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.hydra.runtime.output_dir = str(output_dir)
+            cfg.hydra.runtime.cwd = str(Path.cwd())
+        HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def run_training(cfg: DictConfig) -> float | None:

@@ -30,7 +30,7 @@ from torch import Tensor
 from aclip.modules.masking import RandomMasking
 from aclip.modules.object_metrics import object_recall, patch_coverage
 from aclip.modules.score_geometry import map_scores_to_views
-from benchmarks.harness import compose_training
+from benchmarks.variants import compose_training
 
 
 def jaccard_agreement(keep: Tensor, patches: int) -> float:

@@ -29,7 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import aclip.modules.aclip as aclip_module
 from aclip.modules.aclip import AClip
-from benchmarks.harness import RunSettings, StepTimer, Variant, fit, repeated_loader, synchronize, to_device
+from benchmarks.timing import RunSettings, StepTimer, fit, synchronize
+from benchmarks.variants import Variant, repeated_loader, to_device
 
 PREFIX = "phase/"
 EMA_SCORING = "EMA scoring"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import datetime
 import io
 import json
 import pickle
@@ -37,16 +36,15 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import default_collate
 
+from aclip.cli import compose
 from aclip.datamodules.datamodule import ClipDataModule, ImageTextDataset
 from aclip.datamodules.yfcc15m import shard_member
 from aclip.modules.masking import build_policy
-from benchmarks.harness import CONF_DIR, add_output_arguments, code_version, device_name, output_file, publish
+from benchmarks.reporting import add_output_arguments, device_name, output_file, publish, report_head
 
 SOURCES = ("csv", "webdataset", "yfcc15m", "coco", "synthetic")
 METHODS = ("clip", "aclip", "aclip_eff")
@@ -133,18 +131,9 @@ def source_overrides(source: str, images: list[Path], folder: Path) -> list[str]
 def build_datamodule(source: str, method: str, image_size: int, overrides: Sequence[str]) -> ClipDataModule:
     """The training datamodule of `source` and `method`, its teacher crop on exactly when the method's
     model reads it (as `ClipDataModule.setup` sets it from the model in training)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"data={source}",
-                f"method={method}",
-                f"model.vision.image_size={image_size}",
-                *overrides,
-            ],
-        )
-    GlobalHydra.instance().clear()
+    cfg = compose(
+        "train", [f"data={source}", f"method={method}", f"model.vision.image_size={image_size}", *overrides]
+    )
     datamodule = instantiate(cfg.data, num_workers=0)
     masking = build_policy(dict(cfg.masking))
     datamodule.view_transform.teacher_crop = (
@@ -311,11 +300,11 @@ def format_table(pipelines: Sequence[Pipeline]) -> str:
 
 def report(args: argparse.Namespace, command: str, pipelines: Sequence[Pipeline], profiled: str) -> str:
     lines = [
-        f"### loader, {datetime.date.today().isoformat()}",
-        "",
-        f"- command: `{command}`",
-        f"- code: `{code_version()}`; torch {torch.__version__}",
-        f"- device: {device_name(torch.device('cpu'))}, one process (one dataloader worker's work)",
+        *report_head(
+            "loader",
+            command,
+            f"{device_name(torch.device('cpu'))}, one process (one dataloader worker's work)",
+        ),
         f"- {args.image_size} px views; a fixture of {args.images} JPEGs (500 x 375, quality 90); "
         f"{args.rounds} rounds of {args.samples} samples per pipeline in batches of {args.batch_size}, "
         "after a warm-up round; decoding, views, tokenisation and collation included",

@@ -1,6 +1,6 @@
 """Training-step cost of the token-reduction variants against plain CLIP, interleaved in one process.
 
-Every variant (`harness.VARIANTS`: clip, random_1x50, attentive_2x50, aclip, aclip_eff, resize) is the
+Every variant (`variants.VARIANTS`: clip, random_1x50, attentive_2x50, aclip, aclip_eff, resize) is the
 real `AClip` module of its method preset, trained by a real Lightning `Trainer` with the EMA callback
 on one fixed batch from the real datamodule, already on the device. The variants take turns, round
 after round in rotated order, so that drift of the machine falls on all of them alike. The report holds
@@ -22,7 +22,6 @@ the median step time, its ratio to `clip`, the step's FLOPs (torch's FLOP counte
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import shlex
 import sys
@@ -32,26 +31,19 @@ from dataclasses import dataclass, replace
 import torch
 
 from benchmarks.breakdown import Breakdown, format_breakdown, profile_variant
-from benchmarks.harness import (
-    CLOCKS,
-    PRECISIONS,
-    VARIANTS,
-    RunSettings,
-    Variant,
-    add_output_arguments,
-    add_override_argument,
-    build_variant,
+from benchmarks.open_clip_reference import PAIRS, build_reference, reference_name, trainable_parameters
+from benchmarks.reporting import (
+    add_common_arguments,
     check_compile_warmup,
-    code_version,
     device_name,
+    memory_text,
     output_file,
     publish,
-    quiet_lightning,
+    report_head,
     resolve_device,
-    run_interleaved,
-    torch_threads,
 )
-from benchmarks.open_clip_reference import PAIRS, build_reference, reference_name, trainable_parameters
+from benchmarks.timing import CLOCKS, RunSettings, quiet_lightning, run_interleaved, torch_threads
+from benchmarks.variants import PRECISIONS, VARIANTS, Variant, build_variant
 
 BASELINE = "clip"
 CLOCK_TEXT = {"wall": "the wall clock (device synchronised)", "cpu": "this process's CPU time"}
@@ -80,7 +72,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:i")
     parser.add_argument("--model", help="a conf/model name (default: vit_b16 on CUDA, vit_s16 on the CPU)")
     parser.add_argument(
         "--batch-size", type=int, help="per-device batch (default: 256 on CUDA, 4 on the CPU)"
@@ -109,17 +100,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "steadier on a machine shared with other jobs)",
     )
     parser.add_argument(
-        "--threads", type=int, help="CPU threads of torch (default: torch's); 1 is steadier on a busy machine"
-    )
-    parser.add_argument(
         "--against",
         choices=["open_clip"],
         help="also time open_clip's CLIP + ClipLoss on the same towers and pair it with clip, random_1x50 "
         "(patch_dropout 0.5) and aclip_eff",
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, batch 8, one step per variant")
-    add_override_argument(parser)
-    add_output_arguments(parser)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     defaults = DEFAULTS["quick" if args.quick else device.type]
@@ -152,7 +139,7 @@ def format_table(variants: Sequence[Variant], device: torch.device) -> str:
         preset = f"`{VARIANTS[variant.name]}`" if variant.ema else "open_clip `CLIP` + `ClipLoss`"
         flops = f"{variant.flops / 1e9:.1f}" if variant.flops else "n/a"
         flop_ratio = f"{variant.flops / base.flops:.2f}" if variant.flops and base.flops else "n/a"
-        memory = f"{variant.peak_memory / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on CPU"
+        memory = memory_text(variant.peak_memory, device)
         lines.append(
             f"| `{variant.name}` | {preset} | {_views(variant)} "
             f"| {variant.median * 1e3:.1f} ({min(ms):.1f}-{max(ms):.1f}) "
@@ -207,11 +194,7 @@ def report(
     if args.device.type == "cpu" and hasattr(os, "getloadavg"):
         load = f", 1-minute load average at the end {os.getloadavg()[0]:.1f}"
     lines = [
-        f"### step_cost, {datetime.date.today().isoformat()}",
-        "",
-        f"- command: `{command}`",
-        f"- code: `{code_version()}`; torch {torch.__version__}",
-        f"- device: {device_name(args.device)}{load}",
+        *report_head("step_cost", command, f"{device_name(args.device)}{load}"),
         f"- model `{args.model}`, per-device batch {args.batch_size}, {args.dtype} "
         f"(Lightning precision `{PRECISIONS[args.dtype]}`); {args.rounds} rounds x {args.steps} timed "
         f"steps per variant after {args.warmup} warm-up step(s) each round; step times by "

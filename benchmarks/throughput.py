@@ -20,7 +20,6 @@ Images per second count training samples (each holds `data.num_views` views and 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import shlex
 import sys
@@ -31,28 +30,19 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from benchmarks.harness import (
-    PRECISIONS,
-    VARIANTS,
-    RunSettings,
-    StepTimer,
-    Variant,
-    add_output_arguments,
-    add_override_argument,
-    build_variant,
+from benchmarks.flops import flop_counter
+from benchmarks.reporting import (
+    add_common_arguments,
     check_compile_warmup,
-    code_version,
-    datamodule,
     device_name,
-    fit,
-    flop_counter,
+    memory_text,
     output_file,
     publish,
-    quiet_lightning,
+    report_head,
     resolve_device,
-    time_steps,
-    torch_threads,
 )
+from benchmarks.timing import RunSettings, StepTimer, fit, quiet_lightning, time_steps, torch_threads
+from benchmarks.variants import PRECISIONS, VARIANTS, Variant, build_variant, datamodule
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak in TFLOP/s, by a substring of the device name, most
 # specific first. Pass --peak-tflops for any other device or precision.
@@ -160,7 +150,7 @@ def format_table(results: Sequence[Throughput], peak: float | None, device: torc
         per_image = r.flops / r.batch_size / 1e9 if r.flops else None
         achieved = r.flops / r.batch_size * r.model_alone / 1e12 if r.flops else None
         mfu = 100 * achieved / peak if achieved and peak else None
-        memory = f"{r.peak_memory / 2**30:.2f} GiB" if device.type == "cuda" else "n/a on CPU"
+        memory = memory_text(r.peak_memory, device)
         lines.append(
             f"| `{r.name}` | {r.model_alone:.1f} | {_optional(per_image, '.1f')} | "
             f"{_optional(achieved, '.3g')} | {_optional(mfu, '.1f')}{' %' * (mfu is not None)} | "
@@ -181,11 +171,7 @@ def report(args: argparse.Namespace, command: str, results: Sequence[Throughput]
     )
     return "\n".join(
         [
-            f"### throughput, {datetime.date.today().isoformat()}",
-            "",
-            f"- command: `{command}`",
-            f"- code: `{code_version()}`; torch {torch.__version__}",
-            f"- device: {device_name(args.device)} ({peak_text})",
+            *report_head("throughput", command, f"{device_name(args.device)} ({peak_text})"),
             f"- model `{args.model}`, per-device batch {args.batch_size}, {args.dtype} "
             f"(Lightning precision `{PRECISIONS[args.dtype]}`); {args.steps} timed steps after "
             f"{args.warmup} warm-up steps{loader}",
@@ -200,7 +186,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:i")
     parser.add_argument("--model", default="vit_b16", help="a conf/model name")
     parser.add_argument("--batch-size", type=int, default=256, help="per-device batch")
     parser.add_argument("--dtype", choices=sorted(PRECISIONS), default="bf16", help="training precision")
@@ -223,10 +208,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="untimed steps of the run with the loader (workers start)",
     )
     parser.add_argument("--peak-tflops", type=float, help="the device's peak for --dtype, for MFU")
-    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny model, batch 8, a few steps: a smoke test")
-    add_override_argument(parser)
-    add_output_arguments(parser)
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
     if args.quick:
         args.model, args.batch_size, args.steps, args.warmup = "tiny", 8, 2, 1

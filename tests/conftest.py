@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
+
+from aclip.cli import compose
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -39,18 +38,8 @@ TINY_SYNTHETIC_OVERRIDES = [*TINY_OVERRIDES, *SYNTHETIC_DATA_OVERRIDES, *SYNTHET
 
 def compose_config(config_name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose `conf/<config_name>.yaml` as Hydra's app would, with this run's directory set."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name,
-            overrides=[*overrides, f"hydra.run.dir={output_dir}", f"paths.log_dir={output_dir}/logs"],
-            return_hydra_config=True,
-        )
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(output_dir)
-        cfg.hydra.runtime.cwd = str(CONF_DIR.parent)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    run_directory = [f"hydra.run.dir={output_dir}", f"paths.log_dir={output_dir}/logs"]
+    return compose(config_name, [*overrides, *run_directory], output_dir)
 
 
 @pytest.fixture

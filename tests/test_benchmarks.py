@@ -16,8 +16,8 @@ from aclip.modules.masking import AttentiveLow, RandomMasking
 from aclip.modules.score_geometry import map_scores_to_views
 from aclip.modules.vision import VisionTower
 from benchmarks import loader, step_cost
-from benchmarks.harness import VARIANTS, compose_variant
 from benchmarks.throughput import forward_backward_flops, vision_flops
+from benchmarks.variants import VARIANTS, compose_variant
 
 
 def test_step_cost_quick_reports_every_variant(tmp_path: Path) -> None:

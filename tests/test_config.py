@@ -76,7 +76,7 @@ def test_eval_config_composes(tmp_path):
 
 
 def test_paper_towers(tmp_path):
-    """vit_b16 is A-CLIP's ViT-B/16 with CLIP's text tower (DESIGN.md section 1)."""
+    """vit_b16 is A-CLIP's ViT-B/16 with CLIP's text tower (docs/fidelity.md)."""
     model = compose_config("train", ["model=vit_b16"], tmp_path).model
     assert model.vision.image_size == 224
     assert (model.vision.width, model.vision.depth, model.vision.heads, model.vision.patch_size) == (

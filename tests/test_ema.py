@@ -17,6 +17,7 @@ from torch import nn
 
 import aclip.callbacks.ema as ema_module
 from aclip.callbacks.ema import EMAUpdate, ema_momentum, ema_update
+from aclip.config import validate_config
 from aclip.tasks import load_checkpoint, train
 from tests.conftest import TINY_SYNTHETIC_OVERRIDES, compose_config
 
@@ -358,7 +359,7 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(train_config, tmp
     assert momenta == pytest.approx([expected_momentum(2, 4), expected_momentum(3, 4)])
 
 
-def test_attentive_masking_without_ema_callback_fails_at_fit_start(train_config):
+def test_attentive_masking_without_ema_callback_fails_at_start_up(train_config):
     cfg = train_config("masking=attentive_low", "callbacks=none", "evaluate=false", "trainer.max_steps=1")
     assert not any("_target_" in (node or {}) for node in (cfg.callbacks or {}).values())
     with pytest.raises(ValueError, match=r"EMAUpdate[\s\S]*callbacks\.ema"):
@@ -371,8 +372,9 @@ def test_plain_clip_without_ema_callback_only_warns(train_config):
     module = instantiate(cfg.model)
     before = clone_params(module.ema_model)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
-    with pytest.warns(UserWarning, match="no EMAUpdate callback"):
-        trainer.fit(module, datamodule=instantiate(cfg.data))
+    with pytest.warns(UserWarning, match="no EMAUpdate callback"):  # the start-up check
+        validate_config(cfg)
+    trainer.fit(module, datamodule=instantiate(cfg.data))
     assert trainer.global_step == 1
     for name, value in module.ema_model.named_parameters():
         torch.testing.assert_close(value, before[name])

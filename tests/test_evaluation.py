@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import datetime
-import json
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
@@ -30,6 +25,7 @@ from aclip.modules.model import ClipModel
 from aclip.modules.text import TextTower
 from aclip.modules.vision import VisionTower
 from aclip.tokenizer import build_tokenizer
+from tests.helpers import gloo_world
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 
@@ -186,25 +182,15 @@ def run_tasks() -> dict[str, float]:
     return evaluate(tiny_clip(), tasks(), build_tokenizer(16), loaders)
 
 
-def _worker(rank, init_method, out_dir):
-    dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
-    )
-    try:
-        torch.set_num_threads(1)
-        metrics = run_tasks()
-        with open(f"{out_dir}/rank{rank}.json", "w") as file:
-            json.dump(metrics, file)
-    finally:
-        dist.destroy_process_group()
+def rank_metrics(rank: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    return run_tasks()
 
 
 def test_split_over_two_ranks_equals_one_process(tmp_path):
     single = run_tasks()
-    init_method = f"file://{tmp_path / 'rendezvous'}"
-    mp.start_processes(_worker, args=(init_method, str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    for rank in range(WORLD):
-        split = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    results = gloo_world(rank_metrics, tmp_path, world=WORLD)
+    for split in results:
         assert split.keys() == single.keys()
         for key, value in single.items():
             assert split[key] == pytest.approx(value, abs=1e-6), key

@@ -1,15 +1,13 @@
 """Tests for the CLIP contrastive loss, single-process and across two gloo ranks."""
 
-import datetime
 import math
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from aclip.modules.losses import ClipLoss
+from tests.helpers import gloo_world
 
 
 def reference_clip_loss(images, texts, logit_scale):
@@ -143,25 +141,14 @@ def forward_backward(raw_images, raw_texts, weight):
     return loss.detach(), w.grad, x_img.grad, x_txt.grad, scale.grad
 
 
-def _worker(rank, init_method, out_dir):
-    dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        raw_images, raw_texts, weight = global_inputs()
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        results = forward_backward(raw_images[rows], raw_texts[rows], weight)
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def rank_results(rank: int):
+    raw_images, raw_texts, weight = global_inputs()
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    return forward_backward(raw_images[rows], raw_texts[rows], weight)
 
 
 def test_distributed_loss_and_gradients_equal_global_batch(tmp_path):
-    init_method = f"file://{tmp_path / 'rendezvous'}"  # no TCP port to race for
-    # join=True re-raises any exception of a worker in this process.
-    mp.start_processes(_worker, args=(init_method, str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    results = {rank: torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)}
+    results = gloo_world(rank_results, tmp_path, world=WORLD, timeout=60)
 
     raw_images, raw_texts, weight = global_inputs()
     loss, grad_w, grad_img, grad_txt, grad_scale = forward_backward(raw_images, raw_texts, weight)

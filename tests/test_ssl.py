@@ -1,19 +1,17 @@
 """Tests for the auxiliary self-supervised losses (SimCLR, SimSiam, BYOL) and the MLP head."""
 
-import datetime
 import math
 import types
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import aclip.modules.losses as losses_module
 from aclip.modules.heads import MLPHead
 from aclip.modules.losses import BYOLLoss, SimCLRLoss, SimSiamLoss
+from tests.helpers import gloo_world
 
 # --------------------------------------------------------------------------------------------------
 # References, written independently of the code under test.
@@ -221,26 +219,17 @@ def forward_backward(raw, weight):
     return loss.detach(), w.grad, x.grad
 
 
-def _worker(rank, init_method, out_dir):
-    dist.init_process_group(
-        "gloo", init_method=init_method, rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60)
-    )
-    try:
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        results = {}
-        for k in VIEW_COUNTS:
-            raw, weight = global_inputs(k)
-            results[k] = forward_backward(raw[rows], weight)
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+def rank_results(rank: int):
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    results = {}
+    for k in VIEW_COUNTS:
+        raw, weight = global_inputs(k)
+        results[k] = forward_backward(raw[rows], weight)
+    return results
 
 
 def test_simclr_distributed_loss_and_gradients_equal_global_batch(tmp_path):
-    init_method = f"file://{tmp_path / 'rendezvous'}"
-    mp.start_processes(_worker, args=(init_method, str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    results = {rank: torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)}
+    results = gloo_world(rank_results, tmp_path, world=WORLD, timeout=60)
 
     for k in VIEW_COUNTS:
         raw, weight = global_inputs(k)

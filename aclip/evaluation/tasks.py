@@ -98,11 +98,34 @@ class EvalTask(ABC):
         """The task's metrics (percent) for `model`, from the embeddings of its `image_sets`."""
 
 
+class OneImageSetTask(EvalTask):
+    """A task over one image set, `dataset`: subclasses score its embeddings in `score_set`."""
+
+    def __init__(self, dataset: Dataset, name: str) -> None:
+        super().__init__(name)
+        self.dataset = dataset
+
+    @property
+    def image_sets(self) -> list[Dataset]:
+        return [self.dataset]
+
+    @torch.no_grad()
+    def score(
+        self, model: ClipModel, tokenize: Tokenizer, images: Sequence[EncodedImages]
+    ) -> dict[str, float]:
+        (encoded,) = images
+        return self.score_set(model, tokenize, encoded)
+
+    @abstractmethod
+    def score_set(self, model: ClipModel, tokenize: Tokenizer, encoded: EncodedImages) -> dict[str, float]:
+        """The task's metrics (percent) for `model`, from the embeddings of `dataset`."""
+
+
 # The figure a zero-shot set reports (`reported`), as SLIP's and A-CLIP's tables compute it.
 REPORTED_METRICS = ("top1", "mean_per_class_recall", "top1_top5_mean", "roc_auc")
 
 
-class ZeroShotClassification(EvalTask):
+class ZeroShotClassification(OneImageSetTask):
     """Classify images by their similarity to prompt-ensembled class names (CLIP's zero-shot transfer).
 
     Reports top-1, top-5 and mean per-class recall, and `reported`: the set's figure in the paper's tables
@@ -129,12 +152,11 @@ class ZeroShotClassification(EvalTask):
         name: str = "zeroshot",
         reported_metric: str = "top1",
     ) -> None:
-        super().__init__(name)
+        super().__init__(dataset, name)
         if reported_metric not in REPORTED_METRICS:
             raise ValueError(
                 f"eval.{name}.reported_metric must be one of {REPORTED_METRICS}, got {reported_metric!r}"
             )
-        self.dataset = dataset
         self.classnames = load_classnames(classnames, dataset)
         self.templates = load_templates(templates, dataset)
         if reported_metric == "roc_auc" and len(self.classnames) != 2:
@@ -143,15 +165,7 @@ class ZeroShotClassification(EvalTask):
             raise ValueError(f"eval.{name}: top1_top5_mean needs at least 5 classes")
         self.reported_metric = reported_metric
 
-    @property
-    def image_sets(self) -> list[Dataset]:
-        return [self.dataset]
-
-    @torch.no_grad()
-    def score(
-        self, model: ClipModel, tokenize: Tokenizer, images: Sequence[EncodedImages]
-    ) -> dict[str, float]:
-        (encoded,) = images
+    def score_set(self, model: ClipModel, tokenize: Tokenizer, encoded: EncodedImages) -> dict[str, float]:
         weights = zero_shot_weights(
             lambda texts: encode_texts(model, tokenize, texts), self.classnames, self.templates
         )
@@ -166,7 +180,7 @@ class ZeroShotClassification(EvalTask):
         return results
 
 
-class Retrieval(EvalTask):
+class Retrieval(OneImageSetTask):
     """Retrieve captions from images and images from captions, every caption of an image counting.
 
     Args:
@@ -178,18 +192,9 @@ class Retrieval(EvalTask):
     labelled = False
 
     def __init__(self, dataset: Dataset, name: str = "retrieval") -> None:
-        super().__init__(name)
-        self.dataset = dataset
+        super().__init__(dataset, name)
 
-    @property
-    def image_sets(self) -> list[Dataset]:
-        return [self.dataset]
-
-    @torch.no_grad()
-    def score(
-        self, model: ClipModel, tokenize: Tokenizer, images: Sequence[EncodedImages]
-    ) -> dict[str, float]:
-        (encoded,) = images
+    def score_set(self, model: ClipModel, tokenize: Tokenizer, encoded: EncodedImages) -> dict[str, float]:
         captions: Sequence[Sequence[str]] = self.dataset.captions
         texts = [caption for per_image in captions for caption in per_image]
         text_to_image = torch.cat(
