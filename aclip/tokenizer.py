@@ -5,6 +5,7 @@ CLIPA's text token reductions; shared by the model (evaluation prompts) and the 
 from __future__ import annotations
 
 import functools
+from typing import ClassVar
 
 import open_clip.tokenizer
 from open_clip.tokenizer import SimpleTokenizer
@@ -61,3 +62,46 @@ def _require_syntax_data() -> None:
                 "set NLTK_DATA=<dir> (or place it in one of nltk.data.path)."
             ) from error
     open_clip.tokenizer._nltk_init = True  # data present: skip open_clip's nltk.download() calls
+
+
+class TextReduction:
+    """How the training captions are cut to `length` tokens, start and end-of-text included (CLIPA's
+    text token reduction): `tokenizer()` applies it. One subclass per reduction, named by the
+    `text_masking` configs (`_target_`); shorter than the text tower's context means fewer tokens."""
+
+    reduction: ClassVar[str]
+
+    def __init__(self, length: int = 77) -> None:
+        self.length = length
+
+    def tokenizer(self) -> SimpleTokenizer:
+        """The tokenizer of the training captions (`build_tokenizer`, which checks `length`)."""
+        return build_tokenizer(self.length, self.reduction)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(length={self.length})"
+
+
+class Truncate(TextReduction):
+    """Keep the first tokens that fit, end-of-text last (CLIP's default; CLIPA "truncate")."""
+
+    reduction = "truncate"
+
+
+class RandomTokens(TextReduction):
+    """Keep a random subset of a long caption's tokens, in their original order (CLIPA "random")."""
+
+    reduction = "random"
+
+
+class BlockTokens(TextReduction):
+    """Keep one contiguous window of a long caption's tokens at a random position (CLIPA "block")."""
+
+    reduction = "block"
+
+
+class SyntaxTokens(TextReduction):
+    """Keep nouns first, then adjectives, then verbs, then the rest, in original order (CLIPA "syntax";
+    needs NLTK and its tagger data, offline)."""
+
+    reduction = "syntax"

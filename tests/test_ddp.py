@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from aclip.config import ConfigError, per_device_batch_size, resolved_job_config, validate_config, world_size
 from aclip.tasks import train
-from tests.conftest import TINY_OVERRIDES, compose_config, run_train_py
+from tests.helpers import TINY_OVERRIDES, compose_config, run_train_py
 
 WORLD = 2
 GLOBAL_BATCH = 8  # TINY_OVERRIDES' data.batch_size: 4 samples per rank

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from aclip.datamodules.eval_sets import ImageFolderClassification, KarpathyRetrieval
-from tests.conftest import CONF_DIR, compose_config
+from tests.helpers import CONF_DIR, compose_config
 
 EVAL_DIR = CONF_DIR / "eval"
 SUITE = "slip26"

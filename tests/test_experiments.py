@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from aclip.tasks import train
-from tests.conftest import CONF_DIR
+from tests.helpers import CONF_DIR
 
 # A second stage (`_finetune`) needs its first stage's run: tests/test_clipa.py runs the pair.
 TINY_PRESETS = sorted(

@@ -21,7 +21,7 @@ from aclip.tasks import train
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny model trained for two steps, with its checkpoint (the patch-embedding bias is not zero)."""
-    from tests.conftest import TINY_SYNTHETIC_OVERRIDES, compose_config
+    from tests.helpers import TINY_SYNTHETIC_OVERRIDES, compose_config
 
     root = tmp_path_factory.mktemp("export")
     cfg = compose_config(

@@ -15,7 +15,7 @@ from aclip.callbacks.failures import NonFiniteGuard, NonFiniteLossError
 from aclip.checkpointing import AtomicCheckpointIO
 from aclip.modules.aclip import AClip
 from aclip.tasks import load_checkpoint, train
-from tests.conftest import callback_overrides
+from tests.helpers import callback_overrides
 
 # 32 samples in batches of 8: 4 optimizer steps in the one epoch.
 RUN = ["evaluate=false", "callbacks.mask_pictures=null"]

@@ -18,7 +18,7 @@ from aclip.datamodules.transforms import MultiViewTransform, PhotometricAugment
 from aclip.evaluation import EvalLoaders, Evaluation, ZeroShotClassification
 from aclip.modules.losses import SimCLRReferenceLoss
 from aclip.modules.self_supervision import SelfSupervision
-from tests.conftest import compose_config
+from tests.helpers import compose_config
 from tests.test_evaluation import COLOURS, ColourModel, SolidColours, colour_tokenize
 
 # A tiny tower under the paper recipe: the recipe's switches, not its size, are what is checked.

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from aclip.tasks import train as train_in_process
-from tests.conftest import SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config
-from tests.helpers import fresh_copy
+from tests.helpers import SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config, fresh_copy
 
 REPO = Path(__file__).resolve().parents[1]
 

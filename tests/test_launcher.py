@@ -16,7 +16,7 @@ from lightning_fabric.plugins.environments import SLURMEnvironment
 from omegaconf import OmegaConf
 
 import aclip  # noqa: F401  (the config resolvers, as train.py registers them)
-from tests.conftest import CONF_DIR, TINY_SYNTHETIC_OVERRIDES, override_value, run_train_py
+from tests.helpers import CONF_DIR, TINY_SYNTHETIC_OVERRIDES, override_value, run_train_py
 
 pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
 

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from aclip.modules.masking import RandomMasking
 from aclip.tasks import train
-from tests.conftest import CONF_DIR
+from tests.helpers import CONF_DIR
 
 STRATEGIES = sorted(p.stem for p in (CONF_DIR / "masking").glob("*.yaml"))
 

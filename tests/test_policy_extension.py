@@ -7,8 +7,7 @@ import csv
 import subprocess
 import sys
 
-from tests.conftest import TINY_SYNTHETIC_OVERRIDES
-from tests.helpers import fresh_copy
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES, fresh_copy
 
 POLICIES = '''
 import torch

@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 
 from aclip.checkpointing import read_checkpoint
-from tests.conftest import TINY_SYNTHETIC_OVERRIDES
-from tests.helpers import fresh_copy
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES, fresh_copy
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]

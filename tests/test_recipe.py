@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_train_py
+from tests.helpers import run_train_py
 
 
 def logged(run_dir: Path, metric: str) -> list[float]:

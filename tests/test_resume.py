@@ -17,7 +17,7 @@ from aclip.callbacks.resume import collect_random_states, restore_random_states
 from aclip.checkpointing import resolve_ckpt_path
 from aclip.datamodules.sampling import EpochShuffleSampler, ResumableDataLoader
 from aclip.tasks import train
-from tests.conftest import callback_overrides
+from tests.helpers import callback_overrides
 
 # 24 samples in batches of 8: 3 steps per epoch, 6 in two epochs. A step checkpoint every 2 steps
 # leaves last.ckpt at step 4, one batch into the second epoch, when the run is killed at step 5.

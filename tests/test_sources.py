@@ -22,7 +22,7 @@ from aclip.datamodules.coco import CocoCaptions
 from aclip.datamodules.csv_source import CsvCaptions
 from aclip.datamodules.yfcc15m import Yfcc15mCaptions, shard_member
 from aclip.tasks import train
-from tests.conftest import TINY_OVERRIDES, compose_config
+from tests.helpers import TINY_OVERRIDES, compose_config
 
 
 def colour(index: int) -> tuple[int, int, int]:

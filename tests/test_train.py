@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from aclip.modules.model import MAX_LOGIT_SCALE
 from aclip.tasks import evaluate_checkpoint, load_checkpoint, train
-from tests.conftest import (
+from tests.helpers import (
     SYNTHETIC_EVAL_OVERRIDES,
     compose_config,
 )

@@ -18,7 +18,7 @@ from aclip.checkpointing import CheckpointError, read_checkpoint
 from aclip.datamodules.csv_source import CsvCaptions
 from aclip.modules.aclip import AClip
 from aclip.tasks import TrainingError, evaluate_checkpoint, load_checkpoint, train
-from tests.conftest import SYNTHETIC_EVAL_OVERRIDES, compose_config
+from tests.helpers import SYNTHETIC_EVAL_OVERRIDES, compose_config
 from tests.test_train import read_csv_metrics
 
 QUICK = ["trainer.limit_train_batches=2", "evaluate=false", "evaluation.every_n_steps=null"]

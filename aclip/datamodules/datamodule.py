@@ -17,7 +17,7 @@ from aclip.config import per_device_batch_size
 from aclip.datamodules.images import BadSample, skip_record
 from aclip.datamodules.sampling import ResumableDataLoader
 from aclip.datamodules.transforms import MultiViewTransform
-from aclip.tokenizer import build_tokenizer
+from aclip.tokenizer import TextReduction, Truncate
 
 if TYPE_CHECKING:
     from aclip.evaluation.suite import Evaluation
@@ -91,8 +91,8 @@ class ClipDataModule(pl.LightningDataModule):
         image_size: side of the square training views.
         num_views: random resized crops per training image (A-CLIP: 2).
         ema_image_size: side of the EMA teacher's enclosing crop (default `image_size`; A-CLIP-eff: half).
-        text_masking: `{"strategy": truncate | random | block | syntax, "length": tokens}` for the
-            training captions (CLIPA text token reduction; see `build_tokenizer`).
+        text_masking: how the training captions are cut (a `TextReduction`: CLIPA's text token
+            reduction); None: `Truncate()`, 77 tokens.
         crop_scale: area range of the random resized crop of a training view.
         augment: the photometric augmentation of the views (`PhotometricAugment`'s arguments); None: none.
         interpolation: the crops' resampling filter, "bicubic" or "bilinear".
@@ -108,7 +108,7 @@ class ClipDataModule(pl.LightningDataModule):
         image_size: int = 224,
         num_views: int = 1,
         ema_image_size: int | None = None,
-        text_masking: Mapping[str, Any] | None = None,
+        text_masking: TextReduction | None = None,
         crop_scale: Sequence[float] = (0.5, 1.0),
         augment: Mapping[str, Any] | None = None,
         interpolation: str = "bicubic",
@@ -123,8 +123,7 @@ class ClipDataModule(pl.LightningDataModule):
         self.evaluation = evaluation
         self.batch_size = batch_size
         self.num_workers = num_workers
-        text_masking = {"strategy": "truncate", "length": 77, **(text_masking or {})}
-        self.tokenizer = build_tokenizer(text_masking["length"], text_masking["strategy"])
+        self.tokenizer = (text_masking or Truncate()).tokenizer()
         self.view_transform = MultiViewTransform(
             image_size,
             num_views=num_views,
