@@ -7,14 +7,35 @@ import argparse
 import datetime
 import os
 import platform
+import shlex
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 BENCHMARKS_FILE = REPOSITORY / "BENCHMARKS.md"
+
+
+def run_benchmark(
+    script: str,
+    argv: Sequence[str] | None,
+    parse_args: Callable[[Sequence[str]], argparse.Namespace],
+    make_report: Callable[[argparse.Namespace, str], str],
+) -> str:
+    """A benchmark script's main: parse `argv` (default: the command line), make the report with the
+    requested torch threads, print it and append it to the output file (see `output_file`)."""
+    from benchmarks.timing import torch_threads
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    command = shlex.join(["python", "-m", f"benchmarks.{script}", *argv])
+    with torch_threads(args.threads):
+        text = make_report(args, command)
+    publish(text, output_file(args))
+    return text
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

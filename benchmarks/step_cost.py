@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -37,12 +35,11 @@ from benchmarks.reporting import (
     check_compile_warmup,
     device_name,
     memory_text,
-    output_file,
-    publish,
     report_head,
     resolve_device,
+    run_benchmark,
 )
-from benchmarks.timing import CLOCKS, RunSettings, quiet_lightning, run_interleaved, torch_threads
+from benchmarks.timing import CLOCKS, RunSettings, quiet_lightning, run_interleaved
 from benchmarks.variants import PRECISIONS, VARIANTS, Variant, build_variant
 
 BASELINE = "clip"
@@ -237,13 +234,9 @@ def measure(args: argparse.Namespace) -> tuple[list[Variant], dict[str, Breakdow
 
 def main(argv: Sequence[str] | None = None) -> str:
     """Run the benchmark; print the report and append it to the output file (see `output_file`)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    command = shlex.join(["python", "-m", "benchmarks.step_cost", *argv])
-    with torch_threads(args.threads):
-        text = report(args, command, *measure(args))
-    publish(text, output_file(args))
-    return text
+    return run_benchmark(
+        "step_cost", argv, parse_args, lambda args, command: report(args, command, *measure(args))
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -36,12 +34,11 @@ from benchmarks.reporting import (
     check_compile_warmup,
     device_name,
     memory_text,
-    output_file,
-    publish,
     report_head,
     resolve_device,
+    run_benchmark,
 )
-from benchmarks.timing import RunSettings, StepTimer, fit, quiet_lightning, time_steps, torch_threads
+from benchmarks.timing import RunSettings, StepTimer, fit, quiet_lightning, time_steps
 from benchmarks.variants import PRECISIONS, VARIANTS, Variant, build_variant, datamodule
 
 # Dense (no sparsity) bf16/fp16 tensor-core peak in TFLOP/s, by a substring of the device name, most
@@ -222,14 +219,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    """Measure; print the report and append it to the output file (see `output_file`)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    command = shlex.join(["python", "-m", "benchmarks.throughput", *argv])
-    with torch_threads(args.threads):
-        text = report(args, command, measure(args))
-    publish(text, output_file(args))
-    return text
+    """Run the benchmark; print the report and append it to the output file (see `output_file`)."""
+    return run_benchmark(
+        "throughput", argv, parse_args, lambda args, command: report(args, command, measure(args))
+    )
 
 
 if __name__ == "__main__":
