@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aclip.modules.score_geometry import map_scores_to_views
+from aclip.modules.masking import map_scores_to_views
 
 
 def random_boxes(batch: int, k: int, generator: torch.Generator, min_size: float = 0.3) -> torch.Tensor:

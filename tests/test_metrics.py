@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aclip.evaluation.metrics import retrieval_recall, zero_shot_weights
+from aclip.modules.metrics import retrieval_recall, zero_shot_weights
 
 # --------------------------------------------------------------------------------------------------
 # Hand-worked retrieval example: 3 images, 5 captions, text_to_image = [0, 0, 1, 2, 2].

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+# Re-exported: `aclip.modules.masking.map_scores_to_views` is public API (the design's section 4).
+from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views  # noqa: F401
 from aclip.modules.vision import Layers, check_layers
 from aclip.specs import build, class_path
 
