@@ -90,10 +90,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(train_config,
     modules: list[AClip] = []
     real_step = AClip.training_step
 
-    def nan_at_step_3(self: AClip, batch: Any, batch_idx: int) -> torch.Tensor:
+    def nan_at_step_3(self: AClip, batch: Any, batch_idx: int) -> dict[str, Any]:
         modules.append(self)
-        loss = real_step(self, batch, batch_idx)
-        return loss * float("nan") if self.global_step == 3 else loss
+        outputs = real_step(self, batch, batch_idx)
+        return {**outputs, "loss": outputs["loss"] * float("nan")} if self.global_step == 3 else outputs
 
     monkeypatch.setattr(AClip, "training_step", nan_at_step_3)
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at global step 3 \(epoch 0, batch 3\)"):
