@@ -250,7 +250,8 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     Each command without a placeholder runs in a fresh copy of its own; the commands with placeholders
     run one after another in one copy, after the README's plain `train.py` (and the sweep a placeholder
     for a sweep directory follows in the docs), whose run (or sweep) they then name; a second training
-    stage (`model.init_from=<run>` right after a `train.py` command) runs after its first, at the end.
+    stage (`model.init_from=<run>` right after a `train.py` command) runs after its first stage, the
+    pairs in a copy of their own.
     """
     runnable = [command for _, command in COMMANDS if command not in SKIPPED]
     chain, stages = [".venv/bin/python train.py"], []
@@ -263,17 +264,16 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
             and re.search(r"\btrain\.py\b", before)
             and "<" not in before
         ):
-            # A second stage starts from the run the docs train just before it: that pair runs last, so
-            # that no other command names the second stage's run.
+            # A second stage starts from the run the docs train just before it: the pairs run in a copy
+            # of their own, so that no other command names a second stage's run.
             stages += [before, command]
             continue
         if "logs/train/multiruns/<" in command:  # names the sweep the docs ran just before it
             sweep = next(c for c in reversed(runnable[:index]) if re.search(r"\btrain\.py -m\b", c))
             chain += [sweep] if sweep not in chain else []
         chain.append(command)
-    chain += stages
-    alone = [command for command in runnable if command not in chain]
-    jobs = [chain, *([command] for command in alone)]
+    alone = [command for command in runnable if command not in chain + stages]
+    jobs = [chain, *([stages] if stages else []), *([command] for command in alone)]
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [
             pool.submit(_run_in, fresh_copy(tmp_path_factory.mktemp("fresh")), commands) for commands in jobs
