@@ -143,8 +143,9 @@ class TokenMasking:
     patches') and `layers`, the blocks whose CLS attention the teacher averages. A policy that reduces
     tokens by resolution overrides `view_size`, which `prepare_views` follows.
 
-    Every public subclass is registered by its class path (`POLICIES`), the only classes that
-    `build_policy` makes from a description such as a checkpoint's hyper-parameters.
+    Every public subclass that selects (defines `select_cells`) is registered by its class path
+    (`POLICIES`), the only classes that `build_policy` makes from a description such as a checkpoint's
+    hyper-parameters; a base such as `AttentiveMasking` is not.
     """
 
     needs_scores: bool = False
@@ -152,7 +153,7 @@ class TokenMasking:
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
-        if not cls.__name__.startswith("_"):
+        if not cls.__name__.startswith("_") and cls.select_cells is not TokenMasking.select_cells:
             POLICIES[class_path(cls)] = cls
 
     def __init__(self, keep_ratio: float = 0.5, unit: int = 1) -> None:
