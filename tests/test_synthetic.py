@@ -229,6 +229,24 @@ def test_clutter_is_drawn_and_desaturated() -> None:
         assert np.median(chroma[changed]) < 80
 
 
+def test_clutter_free_classification_draws_the_same_scenes_without_clutter() -> None:
+    cluttered, clean = (
+        SyntheticClassification(size=24, seed=2),
+        SyntheticClassification(size=24, seed=2, clutter=False),
+    )
+    for i in range(len(clean)):
+        (with_clutter, label), (bare, bare_label) = cluttered[i], clean[i]
+        assert bare_label == label
+        with_clutter, bare = hwc(with_clutter).astype(np.int16), hwc(bare).astype(np.int16)
+        changed = (np.abs(with_clutter - bare).max(axis=-1) > 30).mean()
+        assert 0 < changed < 0.5, i  # the clutter is gone, the rest of the image stays
+        colour = CLASSNAMES[label].split(" ")[0]
+        # The object is the same: its colour covers the same share of both images.
+        assert colour_fraction(clean[i][0], colour) == pytest.approx(
+            colour_fraction(cluttered[i][0], colour), abs=0.01
+        )
+
+
 def test_retrieval_captions() -> None:
     dataset = SyntheticRetrieval(size=20, captions_per_image=3, seed=2)
     assert len(dataset) == len(dataset.captions) == 20

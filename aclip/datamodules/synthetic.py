@@ -26,7 +26,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -612,6 +612,8 @@ class SyntheticClassification(_SyntheticBase):
     """Held-out zero-shot classification: one object per image, label = its class index (balanced).
 
     `classnames` and `templates` are the variant's (shapes: `CLASSNAMES`, glyphs: `GLYPH_CLASSNAMES`).
+    `clutter=False` draws the same scenes without their clutter shapes (same objects, background and
+    noise), to tell what a model has learned about the objects from what it has learned to ignore.
     """
 
     _kind = _KIND_CLASSIFICATION
@@ -623,8 +625,10 @@ class SyntheticClassification(_SyntheticBase):
         seed: int = 0,
         split: str = "test",
         variant: str = "shapes",
+        clutter: bool = True,
     ) -> None:
         super().__init__(size, image_size, seed, split, variant)
+        self.clutter = bool(clutter)
         self.classnames: tuple[str, ...] = VARIANTS[self.variant].classnames
         self.templates: tuple[str, ...] = VARIANTS[self.variant].templates
 
@@ -635,7 +639,10 @@ class SyntheticClassification(_SyntheticBase):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         index = self._index(index)
         label = self.label(index)
-        return self._render(self._scene(index, 1, classes=(label,)), index)[0], label
+        scene = self._scene(index, 1, classes=(label,))
+        if not self.clutter:
+            scene = replace(scene, clutter=())
+        return self._render(scene, index)[0], label
 
 
 class SyntheticRetrieval(_SyntheticBase):
