@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tests.helpers import SYNTHETIC_DATA_OVERRIDES, SYNTHETIC_EVAL_OVERRIDES, TINY_OVERRIDES, compose_config
 
@@ -22,6 +22,12 @@ def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
             *(SYNTHETIC_DATA_OVERRIDES if cfg.hydra.runtime.choices.data == "synthetic" else []),
             *(SYNTHETIC_EVAL_OVERRIDES if "synthetic" in cfg.eval else []),
         ]
-        return compose_config("train", [*TINY_OVERRIDES, *sizes, *overrides], output_dir) if sizes else cfg
+        # The small built-in sets, set in the composed config (one composition, not two); a size the
+        # test gives on its own wins.
+        given = {override.split("=", 1)[0] for override in overrides}
+        for key, value in (size.split("=", 1) for size in sizes):
+            if key not in given:
+                OmegaConf.update(cfg, key, int(value))
+        return cfg
 
     return make
