@@ -92,9 +92,9 @@ def validate_config(cfg: DictConfig) -> None:
     try:
         check_patch_grid(model.vision.image_size, model.vision.patch_size, prefix="model.vision.")
         recipe = ("lr", "weight_decay", "warmup_epochs", "warmup_start_lr", "min_lr", "warmup_steps")
-        check_recipe(**{key: model.get(key) for key in recipe if key in model})
+        check_recipe(**{key: model.get(key) for key in recipe if key in model}, prefix="model.")
     except ValueError as error:
-        raise ConfigError(str(error) if str(error).startswith("model.") else f"model.{error}") from None
+        raise ConfigError(str(error)) from None
     ssl = model.get("self_supervision") or {}
     num_views = cfg.data.get("num_views", 1)
     if num_views < views_needed(ssl.get("view_loss"), ssl.get("view_weight", 1.0)):

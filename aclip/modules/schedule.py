@@ -34,20 +34,22 @@ def check_recipe(
     warmup_start_lr: float,
     min_lr: float,
     warmup_steps: int | None = None,
+    prefix: str = "",
 ) -> None:
-    """Raise a ValueError naming the first value of the recipe that cannot work."""
+    """Raise a ValueError naming the first value of the recipe that cannot work (keys named with
+    `prefix`)."""
     if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+        raise ValueError(f"{prefix}lr must be > 0, got {lr}")
     for name, value in (("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs)):
         if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
+            raise ValueError(f"{prefix}{name} must be >= 0, got {value}")
     for name, value in (("warmup_start_lr", warmup_start_lr), ("min_lr", min_lr)):
         if not 0 <= value <= lr:
-            raise ValueError(f"{name} must be in [0, lr={lr}], got {value}")
+            raise ValueError(f"{prefix}{name} must be in [0, lr={lr}], got {value}")
     if warmup_steps is not None and (
         isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
     ):
-        raise ValueError(f"warmup_steps must be null or an integer >= 0, got {warmup_steps!r}")
+        raise ValueError(f"{prefix}warmup_steps must be null or an integer >= 0, got {warmup_steps!r}")
 
 
 def configure_adamw_cosine(
