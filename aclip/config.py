@@ -91,8 +91,11 @@ def validate_config(cfg: DictConfig) -> None:
     model = cfg.model
     try:
         check_patch_grid(model.vision.image_size, model.vision.patch_size, prefix="model.vision.")
-        recipe = ("lr", "weight_decay", "warmup_epochs", "warmup_start_lr", "min_lr", "warmup_steps")
-        check_recipe(**{key: model.get(key) for key in recipe if key in model}, prefix="model.")
+        check_recipe(
+            OmegaConf.to_container(model.optimizer, resolve=True),
+            OmegaConf.to_container(model.scheduler, resolve=True),
+            prefix="model.",
+        )
     except ValueError as error:
         raise ConfigError(str(error)) from None
     ssl = model.get("self_supervision") or {}

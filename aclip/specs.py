@@ -9,7 +9,8 @@ policies), and rejects anything else, and every other value, before any object i
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -42,13 +43,15 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def build(spec: Mapping[str, Any], registry: Mapping[str, type[T]], key: str) -> T:
+def build(spec: Mapping[str, Any], registry: Mapping[str, type[T]], key: str) -> T | Callable[..., T]:
     """The object that `spec` (`{"_target_": <class path>, **arguments}`) describes, its class taken from
-    `registry` (class path -> class) and its arguments checked to be plain data."""
+    `registry` (class path -> class) and its arguments checked to be plain data. With `_partial_: true`,
+    as in Hydra, the class with those arguments bound, to be called with the rest."""
     if not isinstance(spec, Mapping):
         raise SpecError(f"{key} must be a mapping with a `_target_`, got {type(spec).__name__}")
     arguments = dict(spec)
     target = arguments.pop("_target_", None)
+    is_partial = arguments.pop("_partial_", False)
     cls = registry.get(target) if isinstance(target, str) else None
     if cls is None:
         known = ", ".join(sorted(registry))
@@ -56,4 +59,6 @@ def build(spec: Mapping[str, Any], registry: Mapping[str, type[T]], key: str) ->
             f"{key}._target_={target!r} is not one of aclip's known classes here ({known}). A class defined "
             "in another module must be imported (by the config that trains with it) before it is named"
         )
+    if is_partial is True:
+        return partial(cls, **check_plain(arguments, key))
     return cls(**check_plain(arguments, key))

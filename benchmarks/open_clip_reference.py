@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 from torch import Tensor, nn
 
 from aclip.modules.aclip import AClip
-from aclip.modules.schedule import configure_adamw_cosine
+from aclip.modules.schedule import configure_optimization
 
 # aclip variant -> open_clip's patch_dropout of its reference (open_clip has no attentive masking, so
 # aclip_eff is compared with the plain CLIP step it is meant to beat).
@@ -69,7 +69,7 @@ class OpenClipStep(pl.LightningModule):
         self.loss = open_clip.ClipLoss()
         self.register_buffer("pixel_mean", vision.pixel_mean.clone(), persistent=False)
         self.register_buffer("pixel_std", vision.pixel_std.clone(), persistent=False)
-        self.recipe = dict(like.hparams)  # the optimizer and schedule settings
+        self.optimizer, self.scheduler = like.hparams.optimizer, like.hparams.scheduler  # the same recipe
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["images"][:, 0].float().div_(255)  # the first view, uint8 pixels as aclip reads
@@ -78,7 +78,7 @@ class OpenClipStep(pl.LightningModule):
         return self.loss(image_features, text_features, logit_scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return configure_adamw_cosine(self.parameters(), self.recipe, self.trainer)
+        return configure_optimization(self.parameters(), self.optimizer, self.scheduler, self.trainer)
 
 
 def build_reference(module: AClip, patch_dropout: float, seed: int = 0) -> OpenClipStep:

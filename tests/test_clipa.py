@@ -104,10 +104,15 @@ def test_the_clipa_presets_follow_clipas_scripts(preset, tmp_path):
         text_length,
         batch,
     )
-    assert (model.lr, model.warmup_steps, model.vision.pool) == (lr, warmup, pool)
+    assert (model.optimizer.lr, model.scheduler.warmup_steps, model.vision.pool) == (lr, warmup, pool)
     assert (instantiate(cfg.text_masking).reduction, data.augment.color_jitter_p) == (reduction, jitter)
     assert (model.vision.pos_embed, model.vision.patch_size) == ("learned" if finetune else "sincos", 16)
-    assert (tuple(model.betas), model.weight_decay, model.min_lr, model.warmup_start_lr) == (
+    assert (
+        tuple(model.optimizer.betas),
+        model.optimizer.weight_decay,
+        model.scheduler.min_lr,
+        model.scheduler.warmup_start_lr,
+    ) == (
         (0.9, 0.95),
         0.2,
         0.0,

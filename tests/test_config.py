@@ -92,8 +92,13 @@ def test_paper_towers(tmp_path):
         77,
     )
     assert model.embed_dim == 512
-    assert (model.lr, model.weight_decay, list(model.betas), model.eps) == (5e-4, 0.5, [0.9, 0.98], 1e-8)
-    assert (model.warmup_start_lr, model.min_lr) == (1e-6, 1e-5)
+    assert (
+        model.optimizer.lr,
+        model.optimizer.weight_decay,
+        list(model.optimizer.betas),
+        model.optimizer.eps,
+    ) == (5e-4, 0.5, [0.9, 0.98], 1e-8)
+    assert (model.scheduler.warmup_start_lr, model.scheduler.min_lr) == (1e-6, 1e-5)
 
 
 def test_masking_group_is_interpolated_into_the_model(train_config):
@@ -125,8 +130,8 @@ def test_world_size(devices, num_nodes, expected):
         (["trainer.devices=2", "trainer.num_nodes=3", "data.batch_size=8"], "world size 6"),
         (["data.batch_size=0"], "data.batch_size must be >= 1"),
         (["model.vision.image_size=36"], "multiple of model.vision.patch_size"),
-        (["model.lr=0"], "model.lr must be > 0"),
-        (["model.weight_decay=-0.1"], "model.weight_decay must be >= 0"),
+        (["model.optimizer.lr=0"], "model.optimizer.lr must be > 0"),
+        (["model.optimizer.weight_decay=-0.1"], "model.optimizer.weight_decay must be >= 0"),
         (["trainer.max_epochs=-1"], "set trainer.max_epochs"),
         (["trainer.accumulate_grad_batches=0"], "accumulate_grad_batches"),
         (["method=aclip", "data.num_views=1"], "data.num_views>=2"),
@@ -136,7 +141,16 @@ def test_world_size(devices, num_nodes, expected):
         (["masking=attentive_low", "masking.layers=[5]"], r"masking\.layers: .* out of range"),
         (["masking=attentive_low", "masking.layers=[99]"], r"masking\.layers: .* out of range"),
         (["masking=attentive_low", "callbacks=none"], "needs the EMA model; add callbacks.ema"),
-        (["model.min_lr=1"], r"model\.min_lr must be in \[0, lr="),
+        (["model.scheduler.min_lr=1"], r"model\.scheduler\.min_lr must be in \[0, lr="),
+        (["model.scheduler.warmup_epochs=-1"], r"model\.scheduler\.warmup_epochs must be a number >= 0"),
+        (["model.optimizer.betas=[1.5,0.9]"], r"model\.optimizer: Invalid beta parameter"),
+        (["+model.optimizer.lr_decay=1"], r"model\.optimizer: .*unexpected keyword argument 'lr_decay'"),
+        (["~model.optimizer._partial_"], r"model\.optimizer needs `_partial_: true`"),
+        (
+            ["model.optimizer._target_=torch.optim.Nadamw"],
+            r"model\.optimizer\._target_='torch\.optim\.Nadamw'",
+        ),
+        (["model.scheduler._target_=builtins.print"], r"model\.scheduler\._target_='builtins\.print'"),
     ],
 )
 def test_bad_values_rejected_at_start_up(train_config, monkeypatch, overrides, message):

@@ -60,9 +60,9 @@ NUM_SAMPLES = GLOBAL_BATCH * STEPS
 # a fast EMA so that two steps move every weight well beyond the tolerances.
 EQUIVALENCE_OVERRIDES = [
     "trainer.precision=64-true",
-    "model.lr=1e-2",
-    "model.warmup_epochs=0",
-    "model.min_lr=1e-2",
+    "model.optimizer.lr=1e-2",
+    "model.scheduler.warmup_epochs=0",
+    "model.scheduler.min_lr=1e-2",
     "callbacks.ema.base_momentum=0.5",
     "evaluate=false",
 ]

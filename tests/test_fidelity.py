@@ -71,8 +71,17 @@ def test_paper_presets_pin_the_published_recipe(tmp_path, experiment):
     assert data.ema_image_size == (112 if experiment == "aclip_eff" else 224)
     # Recipe: AdamW, schedule, batch, epochs, EMA.
     model = cfg.model
-    assert (model.lr, model.weight_decay, list(model.betas), model.eps) == (5e-4, 0.5, [0.9, 0.98], 1e-8)
-    assert (model.warmup_epochs, model.warmup_start_lr, model.min_lr) == (1.0, 1e-6, 1e-5)
+    assert (
+        model.optimizer.lr,
+        model.optimizer.weight_decay,
+        list(model.optimizer.betas),
+        model.optimizer.eps,
+    ) == (5e-4, 0.5, [0.9, 0.98], 1e-8)
+    assert (model.scheduler.warmup_epochs, model.scheduler.warmup_start_lr, model.scheduler.min_lr) == (
+        1.0,
+        1e-6,
+        1e-5,
+    )
     assert model.teacher_warmup_steps == 0  # the published method: the teacher decides from the first step
     assert (data.batch_size, cfg.trainer.max_epochs, cfg.callbacks.ema.base_momentum) == (4096, 25, 0.996)
     # Evaluation: SLIP's 7 ImageNet templates, bilinear resize.

@@ -26,7 +26,7 @@ def test_local_submitit_multirun_runs_two_jobs(tmp_path):
     run_train_py(
         "-m",
         "launcher=local",
-        "model.lr=1e-3,5e-4",
+        "model.optimizer.lr=1e-3,5e-4",
         "debug=fast_dev_run",
         "evaluate=false",
         *TINY_SYNTHETIC_OVERRIDES,
@@ -37,7 +37,7 @@ def test_local_submitit_multirun_runs_two_jobs(tmp_path):
     assert len(results) == 2 and results[0] != results[1]  # two submitit jobs
     for job, lr in (("0", 1e-3), ("1", 5e-4)):
         assert json.loads((sweep / job / "timing.json").read_text())["optimizer_steps"] == 1
-        assert math.isclose(float(override_value(sweep / job, "model.lr")), lr)
+        assert math.isclose(float(override_value(sweep / job, "model.optimizer.lr")), lr)
 
 
 def test_slurm_launcher_asks_for_the_devices_and_lightnings_requeue_signal(train_config, tmp_path):

@@ -102,8 +102,8 @@ def test_sweeper_params_from_a_preset_count_as_jobs(tmp_path):
 
 def test_sweeps_without_an_enumeration_list_the_gaps(tmp_path):
     """Optuna chooses its trials as it goes: the numbers below the largest job found are expected."""
-    make_job(tmp_path, 0, ["model.lr=0.001"], 3.0)
-    make_job(tmp_path, 2, ["model.lr=0.002"], 4.0)
+    make_job(tmp_path, 0, ["model.optimizer.lr=0.001"], 3.0)
+    make_job(tmp_path, 2, ["model.optimizer.lr=0.002"], 4.0)
     assert expected_jobs(tmp_path) is None
     assert [job.status for job in collect(tmp_path).jobs] == ["ok", "missing", "ok"]
 

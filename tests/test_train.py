@@ -53,13 +53,24 @@ def test_logit_scale_clamped_after_each_optimizer_step(train_config):
     assert module.model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
 
 
-def test_no_weight_decay_on_biases_norms_and_logit_scale(train_config):
-    cfg = train_config("debug=fast_dev_run", "evaluate=false")
+SGD = [
+    "model.optimizer._target_=torch.optim.SGD",
+    "~model.optimizer.betas",
+    "~model.optimizer.eps",
+    "+model.optimizer.momentum=0.9",
+]
+
+
+@pytest.mark.parametrize(("optimizer", "overrides"), [(torch.optim.AdamW, []), (torch.optim.SGD, SGD)])
+def test_no_weight_decay_on_biases_norms_and_logit_scale(train_config, optimizer, overrides):
+    """Whichever torch optimizer the `model.optimizer` node names, over the same two parameter groups."""
+    cfg = train_config("debug=fast_dev_run", "evaluate=false", *overrides)
     module = instantiate(cfg.model)
     trainer = instantiate(cfg.trainer, logger=False)
     trainer.fit(module, datamodule=instantiate(cfg.data))
+    assert type(trainer.optimizers[0]) is optimizer
     decay, no_decay = trainer.optimizers[0].param_groups
-    assert decay["weight_decay"] == cfg.model.weight_decay and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == cfg.model.optimizer.weight_decay and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"])
     no_decay_ids = {id(p) for p in no_decay["params"]}
     named = dict(module.model.named_parameters())
@@ -77,7 +88,7 @@ def test_training_logs_and_lowers_the_loss(train_config, tmp_path):
         "trainer.max_epochs=2",
         "trainer.log_every_n_steps=1",
         "evaluate=false",
-        "model.warmup_epochs=0.5",
+        "model.scheduler.warmup_epochs=0.5",
     )
     train(cfg)
     rows = [row for row in read_csv_metrics(tmp_path / "run") if row.get("train/loss")]
@@ -85,9 +96,9 @@ def test_training_logs_and_lowers_the_loss(train_config, tmp_path):
     losses = [float(row["train/loss"]) for row in rows]
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.3
     lrs = [float(row["train/lr"]) for row in rows]
-    assert lrs[0] == pytest.approx(cfg.model.warmup_start_lr)  # warm-up starts low
-    assert max(lrs) == pytest.approx(cfg.model.lr, rel=0.05)  # reaches the peak after 8 steps
-    assert lrs[-1] < 0.1 * cfg.model.lr  # cosine decay towards min_lr
+    assert lrs[0] == pytest.approx(cfg.model.scheduler.warmup_start_lr)  # warm-up starts low
+    assert max(lrs) == pytest.approx(cfg.model.optimizer.lr, rel=0.05)  # reaches the peak after 8 steps
+    assert lrs[-1] < 0.1 * cfg.model.optimizer.lr  # cosine decay towards min_lr
     assert all(0 <= float(row["train/logit_scale"]) <= MAX_LOGIT_SCALE + 1e-6 for row in rows)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 

@@ -35,10 +35,11 @@ def trained(train_config, tmp_path) -> Path:
     return tmp_path / "trained"
 
 
-def tampered(trained: Path, tmp_path: Path, masking: dict[str, Any]) -> Path:
-    """A copy of the run's last.ckpt whose masking description is `masking` (still loadable as weights)."""
+def tampered(trained: Path, tmp_path: Path, masking: dict[str, Any], node: str = "masking") -> Path:
+    """A copy of the run's last.ckpt whose description of `node` (a component the hyper-parameters name by
+    `_target_`) is `masking` (still loadable as weights)."""
     checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
-    checkpoint["hyper_parameters"]["masking"] = masking
+    checkpoint["hyper_parameters"][node] = masking
     path = tmp_path / "tampered" / "checkpoints" / "last.ckpt"
     path.parent.mkdir(parents=True)
     torch.save(checkpoint, path)
@@ -46,18 +47,24 @@ def tampered(trained: Path, tmp_path: Path, masking: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.mark.parametrize("node", ["masking", "optimizer", "scheduler"])
 @pytest.mark.parametrize("target", ["builtins.open", "torch.load"])
-def test_a_checkpoint_cannot_choose_what_code_runs(trained, tmp_path, train_config, monkeypatch, target):
+def test_a_checkpoint_cannot_choose_what_code_runs(
+    trained, tmp_path, train_config, monkeypatch, target, node
+):
     created = tmp_path / "created-by-the-checkpoint"
     payload = tmp_path / "payload.pkl"
     payload.write_bytes(pickle.dumps(print))
     arguments = {"file": str(created), "mode": "w"} if target == "builtins.open" else {"f": str(payload)}
-    checkpoint = tampered(trained, tmp_path, {"_target_": target, **arguments, "weights_only": False})
+    description = {"_target_": target, **arguments, "weights_only": False}
+    if node == "optimizer":
+        description["_partial_"] = True
+    checkpoint = tampered(trained, tmp_path, description, node)
     eval_cfg = compose_config("eval", [*SYNTHETIC_EVAL_OVERRIDES, f"ckpt_path={checkpoint}"], tmp_path / "e")
-    with pytest.raises(CheckpointError, match=r"masking\._target_=.* is not one of aclip's known classes"):
+    with pytest.raises(CheckpointError, match=rf"{node}\._target_=.* is not one of aclip's known classes"):
         evaluate_checkpoint(eval_cfg)
     monkeypatch.setattr(AClip, "__init__", unreachable)
-    with pytest.raises(CheckpointError, match=r"cannot be resumed: masking\._target_"):
+    with pytest.raises(CheckpointError, match=rf"cannot be resumed: {node}\._target_"):
         train(train_config(*QUICK, f"ckpt_path={checkpoint}"))
     assert not created.exists()
 
@@ -90,15 +97,22 @@ def test_a_truncated_checkpoint_is_named_with_the_ones_beside_it(train_config, t
 def test_resume_follows_the_new_learning_rate(train_config, tmp_path):
     """Two steps at lr 20, resumed with lr 1e-3: the resumed steps use the new rate, not the checkpoint's."""
     first = tmp_path / "first"
-    fast = ["model.warmup_epochs=0", "model.min_lr=0", "trainer.log_every_n_steps=1", "evaluate=false"]
+    fast = [
+        "model.scheduler.warmup_epochs=0",
+        "model.scheduler.min_lr=0",
+        "trainer.log_every_n_steps=1",
+        "evaluate=false",
+    ]
     fast += ["trainer.max_epochs=5"]  # the step limits end the runs
-    train(train_config(*fast, "model.lr=20", "trainer.max_steps=2", output_dir=first))
+    train(train_config(*fast, "model.optimizer.lr=20", "trainer.max_steps=2", output_dir=first))
     assert float(
         next(row for row in read_csv_metrics(first) if row["train/lr"])["train/lr"]
     ) == pytest.approx(20)
     resumed = tmp_path / "resumed"
     train(
-        train_config(*fast, "model.lr=1e-3", "trainer.max_steps=4", f"ckpt_path={first}", output_dir=resumed)
+        train_config(
+            *fast, "model.optimizer.lr=1e-3", "trainer.max_steps=4", f"ckpt_path={first}", output_dir=resumed
+        )
     )
     lrs = [float(row["train/lr"]) for row in read_csv_metrics(resumed) if row.get("train/lr")]
     assert len(lrs) == 2 and all(0 < lr <= 1e-3 for lr in lrs)
@@ -115,6 +129,11 @@ def test_resume_lists_changed_keys_and_refuses_another_model(trained, train_conf
     monkeypatch.setattr(AClip, "__init__", unreachable)
     with pytest.raises(ValueError, match=r"different model[\s\S]*model\.embed_dim: 32 -> 16"):
         train(train_config(*QUICK, "trainer.max_epochs=2", "model.embed_dim=16", f"ckpt_path={trained}"))
+    adam = ["model.optimizer._target_=torch.optim.Adam", "~model.optimizer.fused"]
+    with pytest.raises(
+        ValueError, match=r"optimizer state[\s\S]*_target_: 'torch\.optim\.AdamW' -> 'torch\.optim\.Adam'"
+    ):
+        train(train_config(*QUICK, "trainer.max_epochs=2", *adam, f"ckpt_path={trained}"))
 
 
 def test_resuming_a_finished_run_is_an_error_not_a_success(trained, train_config):

@@ -122,7 +122,9 @@ def test_failed_run_is_closed_as_failed(no_credentials, monkeypatch, train_confi
     monkeypatch.setattr(
         "wandb.sdk.wandb_run.Run.finish", lambda self, exit_code=None, **kwargs: finished.append(exit_code)
     )
-    cfg = train_config("logger=wandb", "trainer.limit_train_batches=2", "model.lr=1e12", "evaluate=false")
+    cfg = train_config(
+        "logger=wandb", "trainer.limit_train_batches=2", "model.optimizer.lr=1e12", "evaluate=false"
+    )
     with pytest.raises(FloatingPointError):
         train(cfg)
     assert finished == [1]

@@ -54,8 +54,9 @@ class NonFiniteGuard(Callback):
             f"the training loss is {value} at global step {trainer.global_step} "
             f"(epoch {trainer.current_epoch}, batch {batch}); training stopped before this step "
             "changed the weights. Last good checkpoint: "
-            f"{good or 'none written yet'}. Resume from it (ckpt_path=...) after lowering model.lr, setting "
-            "trainer.gradient_clip_val, or choosing a more stable trainer.precision."
+            f"{good or 'none written yet'}. Resume from it (ckpt_path=...) after lowering "
+            "model.optimizer.lr, setting trainer.gradient_clip_val, or choosing a more stable "
+            "trainer.precision."
         )
 
     def on_save_checkpoint(

@@ -128,18 +128,17 @@ MAY_CHANGE = (
     "data.num_workers",
 )
 # The optimizer and learning-rate schedule: a resumed run follows the current config's values
-# (`AClip.on_train_start`), e.g. a lower model.lr after a NaN stop.
-APPLIED = (
-    "model.lr",
-    "model.weight_decay",
-    "model.betas",
-    "model.eps",
-    "model.warmup_epochs",
-    "model.warmup_start_lr",
-    "model.min_lr",
+# (`AClip.on_train_start`), e.g. a lower model.optimizer.lr after a NaN stop.
+APPLIED = ("model.optimizer", "model.scheduler")
+# What shapes the parameters, which the checkpoint's weights must match, and the optimizer's class,
+# whose state the checkpoint holds.
+REFUSED = (
+    "model.vision",
+    "model.text",
+    "model.embed_dim",
+    "model.self_supervision",
+    "model.optimizer._target_",
 )
-# What shapes the parameters, which the checkpoint's weights must match.
-REFUSED = ("model.vision", "model.text", "model.embed_dim", "model.self_supervision")
 
 
 class RunConfigRecord(Callback):
@@ -203,7 +202,8 @@ def check_resumed_config(saved: dict[str, Any] | None, current: dict[str, Any], 
     refused = [line for key, line in lines.items() if _under(key, REFUSED)]
     if refused:
         raise ValueError(
-            f"resuming {ckpt_path} with a different model: the checkpoint's weights cannot fit\n"
+            f"resuming {ckpt_path} with a different model or optimizer: the checkpoint's weights and "
+            "optimizer state cannot fit\n"
             + "\n".join(refused)
             + "\nrevert these overrides to resume, or start a new run"
         )

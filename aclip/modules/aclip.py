@@ -22,7 +22,7 @@ from aclip.modules.losses import ClipLoss
 from aclip.modules.masking import RandomMasking, TokenMasking, build_policy
 from aclip.modules.model import ClipModel
 from aclip.modules.object_metrics import object_diagnostics
-from aclip.modules.schedule import check_recipe, configure_adamw_cosine
+from aclip.modules.schedule import check_recipe, configure_optimization
 from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views
 from aclip.modules.self_supervision import SelfSupervision
 from aclip.modules.text import TextTower
@@ -44,12 +44,11 @@ class AClip(pl.LightningModule):
     Args:
         vision: keyword arguments of `VisionTower` (output_dim is `embed_dim`).
         text: keyword arguments of `TextTower` (output_dim is `embed_dim`).
+        optimizer: node (`_target_` a `torch.optim` class, `_partial_: true`) of the optimizer over
+            the online model; biases, norms, other 1-D parameters and the logit scale get no weight decay.
+        scheduler: node (`_target_` a `LearningRateSchedule`) of the learning rate per optimizer step.
         embed_dim: size of the joint image-text embedding.
         masking: Hydra node (with `_target_`) of a `TokenMasking` policy; None keeps every token.
-        lr, weight_decay, betas, eps: AdamW settings; biases, norms, other 1-D parameters and the
-            logit scale get no weight decay.
-        warmup_epochs: linear warm-up length in epochs (fractions allowed), from `warmup_start_lr`.
-        min_lr: learning rate at the end of the cosine decay.
         init_logit_scale: initial log temperature, ln(1 / 0.07) as in CLIP.
         eval_model: the model whose evaluation is reported first and logged as `eval/...`:
             "ema" (the paper's choice) or "online".
@@ -68,16 +67,10 @@ class AClip(pl.LightningModule):
         self,
         vision: Mapping[str, Any],
         text: Mapping[str, Any],
+        optimizer: Mapping[str, Any],
+        scheduler: Mapping[str, Any],
         embed_dim: int = 512,
         masking: Mapping[str, Any] | None = None,
-        lr: float = 5e-4,
-        weight_decay: float = 0.5,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-8,
-        warmup_epochs: float = 1.0,
-        warmup_steps: int | None = None,
-        warmup_start_lr: float = 1e-6,
-        min_lr: float = 1e-5,
         init_logit_scale: float = math.log(1 / 0.07),
         eval_model: str = "ema",
         seed: int | None = 0,
@@ -88,7 +81,8 @@ class AClip(pl.LightningModule):
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        vision, text, masking, betas = _plain(vision), _plain(text), _plain(masking), tuple(_plain(betas))
+        vision, text, masking = _plain(vision), _plain(text), _plain(masking)
+        optimizer, scheduler = _plain(optimizer), _plain(scheduler)
         self_supervision = _plain(self_supervision)
         # Where the towers' initial weights come from is not part of the model's description.
         vision, text = dict(vision), dict(text)
@@ -98,7 +92,7 @@ class AClip(pl.LightningModule):
             check_plain(value or {}, key)
         # `init_from` only starts a run: a checkpoint of it holds the weights, not where they came from.
         self.save_hyperparameters(ignore=["init_from"])
-        check_recipe(lr, weight_decay, warmup_epochs, warmup_start_lr, min_lr, warmup_steps)
+        check_recipe(optimizer, scheduler)
         self.model = ClipModel(
             VisionTower(**vision, output_dim=embed_dim, init_from=vision_init_from),
             TextTower(**text, output_dim=embed_dim, init_from=text_init_from),
@@ -159,19 +153,23 @@ class AClip(pl.LightningModule):
         masking policy this project does not define (`SpecError`), without building anything large."""
         if not isinstance(hparams, Mapping):
             raise SpecError(f"the hyper-parameters must be a mapping, got {type(hparams).__name__}")
-        check_plain({key: value for key, value in hparams.items() if key != "masking"}, "hyper_parameters")
+        components = ("masking", "optimizer", "scheduler")
+        check_plain(
+            {key: value for key, value in hparams.items() if key not in components}, "hyper_parameters"
+        )
         build_policy(hparams.get("masking"))
+        if "optimizer" in hparams and "scheduler" in hparams:  # else the constructor names what is missing
+            check_recipe(hparams["optimizer"], hparams["scheduler"])
 
     def on_train_start(self) -> None:
         # A resumed run restores the optimizer's and the scheduler's settings along with their state. It
-        # follows this run's configuration instead (a lower model.lr after a NaN stop, say), keeping the
-        # moments and the step; for a new run this changes nothing.
-        hp = self.hparams
+        # follows this run's configuration instead (a lower model.optimizer.lr after a NaN stop, say),
+        # keeping the moments and the step; for a new run this changes nothing.
         optimizer = self.trainer.optimizers[0]
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
-        for group, weight_decay in zip(optimizer.param_groups, (hp.weight_decay, 0.0), strict=True):
-            group.update(weight_decay=weight_decay, betas=tuple(hp.betas), eps=hp.eps, initial_lr=hp.lr)
-        scheduler.base_lrs = [hp.lr] * len(optimizer.param_groups)
+        for group, configured in zip(optimizer.param_groups, self._configured_groups, strict=True):
+            group.update(configured, initial_lr=configured["lr"])  # `lr` is set to the step's value below
+        scheduler.base_lrs = [group["lr"] for group in self._configured_groups]
         lrs = [
             base * factor(scheduler.last_epoch)
             for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
@@ -350,7 +348,16 @@ class AClip(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # The EMA copies have requires_grad False, so the optimizer holds the online model alone.
-        return configure_adamw_cosine(self.parameters(), self.hparams, self.trainer)
+        optimization = configure_optimization(
+            self.parameters(), self.hparams.optimizer, self.hparams.scheduler, self.trainer
+        )
+        # This run's settings, which a resumed checkpoint's replace (on_train_start); the scheduler has
+        # already set `lr` to its first step's value, the configured one is `initial_lr`.
+        self._configured_groups = [
+            {**{key: value for key, value in group.items() if key != "params"}, "lr": group["initial_lr"]}
+            for group in optimization["optimizer"].param_groups
+        ]
+        return optimization
 
     def eval_models(self) -> dict[str, nn.Module]:
         """The models the final evaluation reports, by name, the reported one (`eval_model`) first."""

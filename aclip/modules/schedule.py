@@ -1,15 +1,36 @@
-"""The optimization recipe: AdamW with decay on matrices only, linear warm-up, then cosine decay, by step."""
+"""The optimization recipe, as two config nodes of the module: `optimizer`, a torch optimizer made over
+the trainable parameters (matrices decayed, biases, norms and the logit scale not), and `scheduler`, the
+learning rate per optimizer step (A-CLIP's: linear warm-up, then cosine decay).
+
+Both nodes name their class with `_target_`, as Hydra configs do, and are built here from a registry
+(`aclip.specs`): a checkpoint's hyper-parameters hold them, and a checkpoint never chooses the code that
+runs. The optimizer node is `_partial_` (Hydra's word for "called later with the rest"): it gets the
+parameter groups when training starts.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from aclip.specs import SpecError, build, class_path
+
+# torch's own optimizers, by the name a config writes (`torch.optim.AdamW`).
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    f"torch.optim.{name}": cls
+    for name, cls in vars(torch.optim).items()
+    if isinstance(cls, type) and issubclass(cls, Optimizer) and cls is not Optimizer
+}
+# Class path -> schedule class, for every subclass of LearningRateSchedule defined in this process.
+SCHEDULES: dict[str, type[LearningRateSchedule]] = {}
 
 
 def warmup_cosine_lr(
@@ -27,72 +48,135 @@ def warmup_cosine_lr(
     return final_lr + 0.5 * (base_lr - final_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def check_recipe(
-    lr: float,
-    weight_decay: float,
-    warmup_epochs: float,
-    warmup_start_lr: float,
-    min_lr: float,
-    warmup_steps: int | None = None,
-    prefix: str = "",
-) -> None:
-    """Raise a ValueError naming the first value of the recipe that cannot work (keys named with
-    `prefix`)."""
-    if not lr > 0:
-        raise ValueError(f"{prefix}lr must be > 0, got {lr}")
-    for name, value in (("weight_decay", weight_decay), ("warmup_epochs", warmup_epochs)):
-        if value < 0:
-            raise ValueError(f"{prefix}{name} must be >= 0, got {value}")
-    for name, value in (("warmup_start_lr", warmup_start_lr), ("min_lr", min_lr)):
-        if not 0 <= value <= lr:
-            raise ValueError(f"{prefix}{name} must be in [0, lr={lr}], got {value}")
-    if warmup_steps is not None and (
-        isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
-    ):
-        raise ValueError(f"{prefix}warmup_steps must be null or an integer >= 0, got {warmup_steps!r}")
+class LearningRateSchedule:
+    """The learning rate per optimizer step, as a multiple of the optimizer's `lr`.
 
-
-def configure_adamw_cosine(
-    parameters: Iterable[nn.Parameter], hparams: Mapping[str, Any], trainer: pl.Trainer
-) -> dict[str, Any]:
-    """Lightning's optimizer config of A-CLIP's recipe for the trainable `parameters`.
-
-    AdamW (`lr`, `weight_decay`, `betas`, `eps` of `hparams`) decays matrices only: biases, norm weights
-    and the 0-d logit scale (ndim < 2) are not decayed. The learning rate follows `warmup_cosine_lr` per
-    optimizer step, warming up from `warmup_start_lr` over `warmup_steps` optimizer steps (when given and
-    not None) or `warmup_epochs` of `trainer`'s epochs, then decaying to `min_lr` at the trainer's last
-    step.
+    A subclass defines `lr_at` (and `check_lr` where its values are bounded by the optimizer's). Every
+    subclass is registered by its class path (`SCHEDULES`), the classes that `build_schedule` makes.
     """
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        SCHEDULES[class_path(cls)] = cls
+
+    def lr_curve(self, base_lr: float, trainer: pl.Trainer) -> Callable[[int], float]:
+        """The learning rate per optimizer step of `trainer`'s run, for an optimizer at `base_lr`."""
+        raise NotImplementedError
+
+    def check_lr(self, lr: float, prefix: str = "") -> None:
+        """Raise a ValueError if this schedule cannot work with an optimizer at `lr` (keys named with
+        `prefix`)."""
+
+    def scheduler(self, optimizer: Optimizer, trainer: pl.Trainer) -> LambdaLR:
+        """A per-step scheduler of `optimizer` (each group from its own `lr`) following this schedule."""
+        factors = []
+        for group in optimizer.param_groups:
+            curve, base_lr = self.lr_curve(group["lr"], trainer), group["lr"]
+            factors.append(lambda step, curve=curve, base_lr=base_lr: curve(step) / base_lr)
+        return LambdaLR(optimizer, factors)
+
+
+class WarmupCosine(LearningRateSchedule):
+    """A-CLIP's schedule: from `warmup_start_lr` linearly to the optimizer's lr over `warmup_steps`
+    optimizer steps (or, when that is None, `warmup_epochs` of the trainer's epochs, fractions allowed),
+    then a half cosine down to `min_lr` at the trainer's last step."""
+
+    def __init__(
+        self,
+        warmup_epochs: float = 1.0,
+        warmup_steps: int | None = None,
+        warmup_start_lr: float = 1e-6,
+        min_lr: float = 1e-5,
+    ) -> None:
+        if not isinstance(warmup_epochs, int | float) or isinstance(warmup_epochs, bool) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be a number >= 0, got {warmup_epochs!r}")
+        if warmup_steps is not None and (
+            isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
+        ):
+            raise ValueError(f"warmup_steps must be null or an integer >= 0, got {warmup_steps!r}")
+        self.warmup_epochs, self.warmup_steps = warmup_epochs, warmup_steps
+        self.warmup_start_lr, self.min_lr = warmup_start_lr, min_lr
+
+    def check_lr(self, lr: float, prefix: str = "") -> None:
+        for name in ("warmup_start_lr", "min_lr"):
+            value = getattr(self, name)
+            if not 0 <= value <= lr:
+                raise ValueError(f"{prefix}{name} must be in [0, lr={lr}], got {value}")
+
+    def lr_curve(self, base_lr: float, trainer: pl.Trainer) -> Callable[[int], float]:
+        total_steps = int(trainer.estimated_stepping_batches)
+        warmup_steps = self.warmup_steps
+        if warmup_steps is None:
+            warmup_steps = round(self.warmup_epochs * _steps_per_epoch(trainer))
+        return partial(
+            warmup_cosine_lr,
+            total_steps=total_steps,
+            warmup_steps=min(warmup_steps, total_steps),
+            base_lr=base_lr,
+            start_lr=self.warmup_start_lr,
+            final_lr=self.min_lr,
+        )
+
+
+def build_schedule(spec: Mapping[str, Any], key: str = "scheduler") -> LearningRateSchedule:
+    """The schedule a `scheduler` node describes, from `SCHEDULES` only."""
+    return build(spec, SCHEDULES, key)
+
+
+def build_optimizer(
+    spec: Mapping[str, Any], parameters: Iterable[nn.Parameter], key: str = "optimizer"
+) -> Optimizer:
+    """The optimizer an `optimizer` node (`_partial_`, from `OPTIMIZERS` only) describes, over the
+    trainable `parameters`: matrices get the node's weight decay; biases, norm weights and the 0-d logit
+    scale (ndim < 2) get none."""
     decay, no_decay = [], []
     for param in parameters:
         if param.requires_grad:
             (no_decay if param.ndim < 2 else decay).append(param)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": hparams["weight_decay"]},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=hparams["lr"],
-        betas=hparams["betas"],
-        # One fused kernel per parameter group: 675 -> 100 ms per step for 110 M parameters on CPU
-        # (BENCHMARKS.md); torch's default (foreach) is the slowest part of the step after the towers.
-        fused=True,
-        eps=hparams["eps"],
-    )
-    total_steps = int(trainer.estimated_stepping_batches)
-    warmup_steps = hparams.get("warmup_steps")
-    if warmup_steps is None:
-        warmup_steps = round(hparams["warmup_epochs"] * _steps_per_epoch(trainer))
-    schedule = partial(
-        warmup_cosine_lr,
-        total_steps=total_steps,
-        warmup_steps=min(warmup_steps, total_steps),
-        base_lr=hparams["lr"],
-        start_lr=hparams["warmup_start_lr"],
-        final_lr=hparams["min_lr"],
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step) / hparams["lr"])
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    if not isinstance(spec, Mapping) or spec.get("_partial_") is not True:
+        raise SpecError(
+            f"{key} needs `_partial_: true`: it is called with the parameters when training starts"
+        )
+    return build(spec, OPTIMIZERS, key)([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+
+
+def check_recipe(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], prefix: str = "") -> None:
+    """Raise a ValueError naming the first value of the `optimizer` and `scheduler` nodes that cannot work
+    (keys named `<prefix>optimizer.<name>`, `<prefix>scheduler.<name>`), before any training.
+
+    The optimizer is made over one dummy parameter, so that torch checks the rest of its arguments."""
+    if "lr" in optimizer and not optimizer["lr"] > 0:
+        raise ValueError(f"{prefix}optimizer.lr must be > 0, got {optimizer['lr']}")
+    if optimizer.get("weight_decay", 0) < 0:
+        raise ValueError(f"{prefix}optimizer.weight_decay must be >= 0, got {optimizer['weight_decay']}")
+    try:
+        made = build_optimizer(optimizer, [nn.Parameter(torch.zeros(2, 2))], key=f"{prefix}optimizer")
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as error:  # torch's own checks of its arguments
+        raise ValueError(f"{prefix}optimizer: {error}") from None
+    try:
+        schedule = build_schedule(scheduler, key=f"{prefix}scheduler")
+    except SpecError:
+        raise
+    except TypeError as error:
+        raise ValueError(f"{prefix}scheduler: {error}") from None
+    except ValueError as error:  # the constructor's, which names the argument
+        raise ValueError(f"{prefix}scheduler.{error}") from None
+    schedule.check_lr(made.defaults["lr"], prefix=f"{prefix}scheduler.")
+
+
+def configure_optimization(
+    parameters: Iterable[nn.Parameter],
+    optimizer: Mapping[str, Any],
+    scheduler: Mapping[str, Any],
+    trainer: pl.Trainer,
+) -> dict[str, Any]:
+    """Lightning's optimizer config: the `optimizer` node over `parameters`, stepped per optimizer step by
+    the `scheduler` node's schedule over `trainer`'s run."""
+    made = build_optimizer(optimizer, parameters)
+    schedule = build_schedule(scheduler).scheduler(made, trainer)
+    return {"optimizer": made, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def _steps_per_epoch(trainer: pl.Trainer) -> int:
