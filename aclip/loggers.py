@@ -36,8 +36,9 @@ def wandb_logger(
     """A `WandbLogger` (other arguments are its own) with defaults taken from the Hydra run.
 
     Args:
-        name: the run's name; None gives `<experiment>-<masking>`, with `-<job number>` in a multirun
-            (the model choice stands for the experiment when no experiment is chosen).
+        name: the run's name; None gives `<experiment>-<method>-<masking>` (the method left out when
+            none is chosen or it names the experiment too), with `-<job number>` in a multirun (the
+            model choice stands for the experiment when no experiment is chosen).
         group: None gives the experiment, with the sweep's timestamp in a multirun, so that the jobs
             of one sweep are grouped together.
         offline: None logs offline exactly when W&B has no credentials (no WANDB_API_KEY, no
@@ -105,8 +106,10 @@ def _offline() -> bool:
 def _names(hydra: DictConfig) -> tuple[str, str]:
     """Run name and group from a Hydra config node (`hydra`) of a run or sweep."""
     choices = hydra.runtime.choices
-    experiment = choices.get("experiment") or choices.get("model")
-    name = f"{experiment}-{choices.get('masking')}"
+    experiment, method = choices.get("experiment") or choices.get("model"), choices.get("method")
+    # The method when it is not the experiment's own name (`experiment=aclip` is paper + method aclip).
+    parts = [experiment, method if method not in (None, experiment) else None, choices.get("masking")]
+    name = "-".join(str(part) for part in parts if part is not None)
     if hydra.mode == RunMode.MULTIRUN:
         return f"{name}-{hydra.job.num}", f"{experiment}-{Path(hydra.sweep.dir).name}"
     return name, experiment

@@ -1,35 +1,45 @@
-"""The paper's method presets at laptop scale: multi-view A-CLIP steps and the mask pictures."""
+"""Scales and methods compose: the methods at laptop scale, multi-view A-CLIP steps and the mask pictures."""
 
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 
 from aclip.tasks import train
-from tests.helpers import CONF_DIR
+from tests.helpers import compose_config
 
-# A second stage (`_finetune`) needs its first stage's run: tests/test_clipa.py runs the pair.
-TINY_PRESETS = sorted(
-    p.stem for p in (CONF_DIR / "experiment").glob("tiny_*.yaml") if not p.stem.endswith("_finetune")
-)
-
-
-def test_every_paper_preset_has_a_laptop_twin_for_the_comparison():
-    assert TINY_PRESETS == [
-        "tiny_aclip",
-        "tiny_aclip_eff",
-        "tiny_attentive_2x50",
-        "tiny_clip",
-        "tiny_clipa",
-        "tiny_random_2x50",
-    ]
+# The main results' methods at the default (tiny) scale, and CLIPA's laptop stage 1 (its stage 2 needs
+# the first stage's run: tests/test_clipa.py runs the pair).
+LAPTOP_RUNS = [
+    "method=clip",
+    "method=random_2x50",
+    "method=attentive_2x50",
+    "method=aclip",
+    "method=aclip_eff",
+    "experiment=tiny_clipa",
+]
 
 
-@pytest.mark.parametrize("preset", TINY_PRESETS)
-def test_tiny_presets_train(train_config, preset):
-    # The preset's own model and data sizes are shrunk further by the test overrides that follow it.
-    metrics = train(train_config(f"experiment={preset}", "debug=fast_dev_run"))
+@pytest.mark.parametrize("choice", LAPTOP_RUNS)
+def test_methods_train_at_laptop_scale(train_config, choice):
+    # The run's own model and data sizes are shrunk further by the test overrides that follow it.
+    metrics = train(train_config(choice, "debug=fast_dev_run"))
     assert set(metrics) == {"ema", "online"}
+
+
+@pytest.mark.parametrize("name", ["aclip", "aclip_eff", "clip"])
+def test_a_short_name_is_the_paper_scale_with_its_method(tmp_path, name):
+    short = compose_config("train", [f"experiment={name}"], tmp_path)
+    spelled = compose_config("train", ["experiment=paper", f"method={name}"], tmp_path)
+    short_config, spelled_config = OmegaConf.to_container(short), OmegaConf.to_container(spelled)
+    choices = (
+        short_config.pop("hydra")["runtime"]["choices"],
+        spelled_config.pop("hydra")["runtime"]["choices"],
+    )
+    assert short_config == spelled_config
+    assert choices[0] == {**choices[1], "experiment": name}
+    assert short.model.vision.patch_size == 16 and short.data.batch_size == 4096  # the paper's scale
 
 
 @pytest.mark.parametrize(("method", "losses"), [("aclip", {"simclr", "byol"}), ("attentive_3x33", set())])

@@ -46,6 +46,7 @@ SKIPPED: dict[str, str] = {
     ".venv/bin/python train.py model=vit_b16 trainer=gpu data.batch_size=256": _NEEDS_GPU,
     ".venv/bin/python train.py experiment=aclip": _NEEDS_PAPER_DATA,
     ".venv/bin/python train.py experiment=aclip_eff": _NEEDS_PAPER_DATA,
+    ".venv/bin/python train.py experiment=paper method=attentive_high": _NEEDS_PAPER_DATA,
     ".venv/bin/python train.py experiment=aclip trainer=ddp trainer.devices=8": _NEEDS_GPU,
     "srun .venv/bin/python train.py experiment=aclip trainer.num_nodes=2 trainer.devices=8 "
     "hydra.run.dir=logs/train/slurm/${SLURM_JOB_ID}": _NEEDS_SLURM,

@@ -60,8 +60,12 @@ def test_run_names_from_experiment_and_masking(train_config):
         f"hydra.sweep.dir={sweep}",
     )
     assert loggers._run_names() == ("tiny-random-3", "tiny-2026-01-02_03-04-05")
-    train_config("masking=none")  # no experiment: the model choice names the run
+    train_config("masking=none")  # the default experiment, tiny
     assert loggers._run_names() == ("tiny-none", "tiny")
+    train_config("experiment=paper", "method=aclip")  # a method at a scale
+    assert loggers._run_names() == ("paper-aclip-attentive_low", "paper")
+    train_config("experiment=aclip")  # its short name
+    assert loggers._run_names() == ("aclip-attentive_low", "aclip")
 
 
 def test_offline_run_holds_metrics_config_and_mask_pictures(
