@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
 # A model and data small enough for a CPU test: 32 px images, 16 patches, two-layer towers.
+# A-CLIP's optimizer (README 87, main.py 65, 73-75, 124-125 of its published code): the model.optimizer node.
+A_CLIP_OPTIMIZER = {
+    "_target_": "torch.optim.AdamW",
+    "_partial_": True,
+    "lr": 5e-4,
+    "weight_decay": 0.5,
+    "betas": [0.9, 0.98],
+    "eps": 1e-8,
+    "fused": True,
+}
 TINY_OVERRIDES = [
     "model.vision.image_size=32",
     "model.text.context_length=16",
