@@ -64,11 +64,21 @@ def test_step_cost_against_open_clip_pairs_steps_on_equal_towers() -> None:
 def test_loader_quick_times_every_source_and_method(tmp_path: Path) -> None:
     text = loader.main(["--quick", "--no-record", "--profile", "csv:aclip", "--fixture", str(tmp_path)])
 
-    table = text.split("share of the time")[0]  # the rates, not the profile's rows
-    rows = [line.split("|") for line in table.splitlines() if line.startswith("| `")]
+    rates, stages = text.split("share of the time")[0].split("The image stages alone")  # not the profile
+    rows = [line.split("|") for line in rates.splitlines() if line.startswith("| `")]
     names = {(row[1].strip(" `"), row[2].strip(" `")) for row in rows}
-    assert names >= {(source, method) for source in loader.SOURCES for method in loader.METHODS}
+    assert names == {(source, method) for source in loader.SOURCES for method in loader.METHODS} | {
+        ("open_clip", "image_transform(is_train=True)")
+    }
     assert all(float(row[4].split()[0]) > 0 for row in rows)
+    # The csv pipelines' image stages, timed in the same rounds: ms per sample of each stage.
+    stage_rows = {
+        row[1].strip(" `"): row for row in (line.split("|") for line in stages.splitlines()) if len(row) > 6
+    }
+    assert set(stage_rows) >= {f"csv:{method}" for method in loader.METHODS}
+    assert all(
+        float(stage_rows[f"csv:{method}"][column]) > 0 for method in loader.METHODS for column in (2, 3, 4)
+    )
     assert "share of the time" in text  # the profile of csv:aclip
 
 
