@@ -49,10 +49,11 @@ def warmup_cosine_lr(
 
 
 class LearningRateSchedule:
-    """The learning rate per optimizer step, as a multiple of the optimizer's `lr`.
+    """The learning rate per optimizer step, from the optimizer's own `lr`.
 
-    A subclass defines `lr_at` (and `check_lr` where its values are bounded by the optimizer's). Every
-    subclass is registered by its class path (`SCHEDULES`), the classes that `build_schedule` makes.
+    A subclass defines `lr_curve` (and `check_lr` where its values are bounded by the optimizer's lr).
+    Every subclass is registered by its class path (`SCHEDULES`), the classes that `build_schedule`
+    makes from a description such as a checkpoint's hyper-parameters.
     """
 
     def __init_subclass__(cls, **kwargs: object) -> None:
@@ -88,8 +89,13 @@ class WarmupCosine(LearningRateSchedule):
         warmup_start_lr: float = 1e-6,
         min_lr: float = 1e-5,
     ) -> None:
-        if not isinstance(warmup_epochs, int | float) or isinstance(warmup_epochs, bool) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be a number >= 0, got {warmup_epochs!r}")
+        for name, value in (
+            ("warmup_epochs", warmup_epochs),
+            ("warmup_start_lr", warmup_start_lr),
+            ("min_lr", min_lr),
+        ):
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"{name} must be >= 0 (a number), got {value!r}")
         if warmup_steps is not None and (
             isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
         ):
@@ -100,7 +106,7 @@ class WarmupCosine(LearningRateSchedule):
     def check_lr(self, lr: float, prefix: str = "") -> None:
         for name in ("warmup_start_lr", "min_lr"):
             value = getattr(self, name)
-            if not 0 <= value <= lr:
+            if value > lr:
                 raise ValueError(f"{prefix}{name} must be in [0, lr={lr}], got {value}")
 
     def lr_curve(self, base_lr: float, trainer: pl.Trainer) -> Callable[[int], float]:
@@ -145,10 +151,11 @@ def check_recipe(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], pre
     (keys named `<prefix>optimizer.<name>`, `<prefix>scheduler.<name>`), before any training.
 
     The optimizer is made over one dummy parameter, so that torch checks the rest of its arguments."""
-    if "lr" in optimizer and not optimizer["lr"] > 0:
-        raise ValueError(f"{prefix}optimizer.lr must be > 0, got {optimizer['lr']}")
-    if optimizer.get("weight_decay", 0) < 0:
-        raise ValueError(f"{prefix}optimizer.weight_decay must be >= 0, got {optimizer['weight_decay']}")
+    lr, weight_decay = optimizer.get("lr", 1), optimizer.get("weight_decay", 0)
+    if not _is_number(lr) or lr <= 0:
+        raise ValueError(f"{prefix}optimizer.lr must be > 0 (a number), got {lr!r}")
+    if not _is_number(weight_decay) or weight_decay < 0:
+        raise ValueError(f"{prefix}optimizer.weight_decay must be >= 0 (a number), got {weight_decay!r}")
     try:
         made = build_optimizer(optimizer, [nn.Parameter(torch.zeros(2, 2))], key=f"{prefix}optimizer")
     except SpecError:
@@ -177,6 +184,10 @@ def configure_optimization(
     made = build_optimizer(optimizer, parameters)
     schedule = build_schedule(scheduler).scheduler(made, trainer)
     return {"optimizer": made, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _steps_per_epoch(trainer: pl.Trainer) -> int:
