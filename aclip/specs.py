@@ -22,6 +22,16 @@ class SpecError(ValueError):
     """A component description that names no known class, or holds values that are not plain data."""
 
 
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_integer(value: Any) -> bool:
+    """An int, not a bool (which Python counts as an int)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_plain(value: Any, key: str) -> Any:
     """`value` if it is plain data (numbers, strings, booleans, None, lists and str-keyed mappings of those,
     no `_target_` or other underscore key), else a `SpecError` naming `key`."""

@@ -27,7 +27,7 @@ from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views
 from aclip.modules.self_supervision import SelfSupervision
 from aclip.modules.text import TextTower
 from aclip.modules.vision import VisionTower
-from aclip.specs import SpecError, check_plain
+from aclip.specs import SpecError, check_plain, is_integer
 from aclip.tokenizer import build_tokenizer
 
 
@@ -110,11 +110,7 @@ class AClip(pl.LightningModule):
         # Reject a policy that cannot work on this tower now, not at the first training step.
         if self.masking.needs_scores:
             self.model.vision.resolve_layers(self.masking.layers)
-        if (
-            isinstance(teacher_warmup_steps, bool)
-            or not isinstance(teacher_warmup_steps, int)
-            or teacher_warmup_steps < 0
-        ):
+        if not is_integer(teacher_warmup_steps) or teacher_warmup_steps < 0:
             raise ValueError(f"teacher_warmup_steps must be an integer >= 0, got {teacher_warmup_steps!r}")
         # While the teacher is still forming, a policy it scores may keep random cells of the same budget.
         self._warmup_masking = None

@@ -42,7 +42,7 @@ from torch import Tensor
 # Re-exported: `aclip.modules.masking.map_scores_to_views` is public API (the design's section 4).
 from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views  # noqa: F401
 from aclip.modules.vision import Layers, check_layers
-from aclip.specs import build, class_path
+from aclip.specs import build, class_path, is_integer, is_number
 
 Device = torch.device | str | None
 # Class path -> policy class, for every subclass of TokenMasking defined in this process.
@@ -55,15 +55,14 @@ POLICIES: dict[str, type[TokenMasking]] = {}
 
 
 def _check_ratio(name: str, value: float, *, allow_zero: bool = False) -> float:
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    if not numeric or not (0 <= value <= 1) or (value == 0 and not allow_zero):
+    if not is_number(value) or not (0 <= value <= 1) or (value == 0 and not allow_zero):
         interval = "[0, 1]" if allow_zero else "(0, 1]"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
 
 
 def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return value
 

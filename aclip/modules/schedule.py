@@ -21,7 +21,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from aclip.specs import SpecError, build, class_path
+from aclip.specs import SpecError, build, class_path, is_integer, is_number
 
 # torch's own optimizers, by the name a config writes (`torch.optim.AdamW`).
 OPTIMIZERS: dict[str, type[Optimizer]] = {
@@ -94,11 +94,9 @@ class WarmupCosine(LearningRateSchedule):
             ("warmup_start_lr", warmup_start_lr),
             ("min_lr", min_lr),
         ):
-            if not _is_number(value) or value < 0:
+            if not is_number(value) or value < 0:
                 raise ValueError(f"{name} must be >= 0 (a number), got {value!r}")
-        if warmup_steps is not None and (
-            isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0
-        ):
+        if warmup_steps is not None and (not is_integer(warmup_steps) or warmup_steps < 0):
             raise ValueError(f"warmup_steps must be null or an integer >= 0, got {warmup_steps!r}")
         self.warmup_epochs, self.warmup_steps = warmup_epochs, warmup_steps
         self.warmup_start_lr, self.min_lr = warmup_start_lr, min_lr
@@ -135,14 +133,14 @@ def build_optimizer(
     """The optimizer an `optimizer` node (`_partial_`, from `OPTIMIZERS` only) describes, over the
     trainable `parameters`: matrices get the node's weight decay; biases, norm weights and the 0-d logit
     scale (ndim < 2) get none."""
-    decay, no_decay = [], []
-    for param in parameters:
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 else decay).append(param)
     if not isinstance(spec, Mapping) or spec.get("_partial_") is not True:
         raise SpecError(
             f"{key} needs `_partial_: true`: it is called with the parameters when training starts"
         )
+    decay, no_decay = [], []
+    for param in parameters:
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
     return build(spec, OPTIMIZERS, key)([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
 
 
@@ -152,9 +150,9 @@ def check_recipe(optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], pre
 
     The optimizer is made over one dummy parameter, so that torch checks the rest of its arguments."""
     lr, weight_decay = optimizer.get("lr", 1), optimizer.get("weight_decay", 0)
-    if not _is_number(lr) or lr <= 0:
+    if not is_number(lr) or lr <= 0:
         raise ValueError(f"{prefix}optimizer.lr must be > 0 (a number), got {lr!r}")
-    if not _is_number(weight_decay) or weight_decay < 0:
+    if not is_number(weight_decay) or weight_decay < 0:
         raise ValueError(f"{prefix}optimizer.weight_decay must be >= 0 (a number), got {weight_decay!r}")
     try:
         made = build_optimizer(optimizer, [nn.Parameter(torch.zeros(2, 2))], key=f"{prefix}optimizer")
@@ -184,10 +182,6 @@ def configure_optimization(
     made = build_optimizer(optimizer, parameters)
     schedule = build_schedule(scheduler).scheduler(made, trainer)
     return {"optimizer": made, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _steps_per_epoch(trainer: pl.Trainer) -> int:

@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from aclip.specs import is_integer
+
 
 def kept_score_mass(scores: Tensor, keep: Tensor) -> Tensor:
     """Share of each sample's score mass that falls in the kept patches: [B, N], [B, n_keep] -> [B].
@@ -57,7 +59,7 @@ def map_scores_to_views(score_map: Tensor, boxes: Tensor, grid: tuple[int, int])
         raise ValueError(f"boxes must be a tensor of shape [B={batch}, k, 4] (x0, y0, x1, y1), got {shape}")
     if not isinstance(grid, Sequence) or isinstance(grid, str) or len(grid) != 2:
         raise ValueError(f"grid must be a pair (gh, gw) of the views' patch grid, got {grid!r}")
-    if any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in grid):
+    if any(not is_integer(side) or side < 1 for side in grid):
         raise ValueError(f"grid sides must be integers >= 1, got {tuple(grid)!r}")
     out_h, out_w = grid
 

@@ -15,6 +15,8 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from aclip.specs import is_integer
+
 Layers = str | Sequence[int]
 
 
@@ -226,7 +228,7 @@ def check_layers(layers: Layers) -> str | list[int]:
         isinstance(layers, str)
         or not isinstance(layers, Sequence)
         or not layers
-        or any(isinstance(i, bool) or not isinstance(i, int) for i in layers)
+        or not all(is_integer(i) for i in layers)
     ):
         raise ValueError(f'layers must be "all", "last" or a non-empty list of block indices, got {layers!r}')
     return list(layers)
