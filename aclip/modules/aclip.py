@@ -22,7 +22,7 @@ from aclip.modules.losses import ClipLoss
 from aclip.modules.masking import RandomMasking, TokenMasking, build_policy
 from aclip.modules.model import ClipModel
 from aclip.modules.object_metrics import object_diagnostics
-from aclip.modules.schedule import check_recipe, configure_optimization
+from aclip.modules.schedule import build_optimizer, check_recipe, configure_optimization
 from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views
 from aclip.modules.self_supervision import SelfSupervision
 from aclip.modules.text import TextTower
@@ -163,9 +163,12 @@ class AClip(pl.LightningModule):
         # keeping the moments and the step; for a new run this changes nothing.
         optimizer = self.trainer.optimizers[0]
         scheduler = self.trainer.lr_scheduler_configs[0].scheduler
-        for group, configured in zip(optimizer.param_groups, self._configured_groups, strict=True):
-            group.update(configured, initial_lr=configured["lr"])  # `lr` is set to the step's value below
-        scheduler.base_lrs = [group["lr"] for group in self._configured_groups]
+        # This run's settings: the optimizer its config makes (no state until it steps).
+        configured = build_optimizer(self.hparams.optimizer, self.parameters()).param_groups
+        for group, settings in zip(optimizer.param_groups, configured, strict=True):
+            group.update({key: value for key, value in settings.items() if key != "params"})
+            group["initial_lr"] = settings["lr"]  # `lr` itself is set to the step's value below
+        scheduler.base_lrs = [settings["lr"] for settings in configured]
         lrs = [
             base * factor(scheduler.last_epoch)
             for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
@@ -344,16 +347,9 @@ class AClip(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # The EMA copies have requires_grad False, so the optimizer holds the online model alone.
-        optimization = configure_optimization(
+        return configure_optimization(
             self.parameters(), self.hparams.optimizer, self.hparams.scheduler, self.trainer
         )
-        # This run's settings, which a resumed checkpoint's replace (on_train_start); the scheduler has
-        # already set `lr` to its first step's value, the configured one is `initial_lr`.
-        self._configured_groups = [
-            {**{key: value for key, value in group.items() if key != "params"}, "lr": group["initial_lr"]}
-            for group in optimization["optimizer"].param_groups
-        ]
-        return optimization
 
     def eval_models(self) -> dict[str, nn.Module]:
         """The models the final evaluation reports, by name, the reported one (`eval_model`) first."""
