@@ -25,9 +25,7 @@ import io
 import json
 import pickle
 import pstats
-import shlex
 import statistics
-import sys
 import tarfile
 import time
 import zipfile
@@ -47,7 +45,7 @@ from aclip.datamodules.datamodule import ClipDataModule, ImageTextDataset
 from aclip.datamodules.images import decode_pixels, open_image
 from aclip.datamodules.yfcc15m import shard_member
 from aclip.modules.masking import build_policy
-from benchmarks.reporting import add_output_arguments, device_name, output_file, publish, report_head
+from benchmarks.reporting import add_output_arguments, device_name, report_head, run_benchmark
 
 SOURCES = ("csv", "webdataset", "yfcc15m", "coco", "synthetic")
 METHODS = ("clip", "aclip", "aclip_eff")
@@ -276,6 +274,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="32 px, 16 images, a few samples")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
+    args.threads = 1  # torch's threads in a dataloader worker
     if args.quick:
         args.image_size, args.images, args.samples, args.batch_size, args.rounds = 32, 16, 8, 4, 1
     if args.samples % args.batch_size:
@@ -284,7 +283,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def measure(args: argparse.Namespace) -> tuple[list[Pipeline], str]:
-    torch.set_num_threads(1)  # as in a dataloader worker
     images = write_fixture(args.fixture / f"jpeg{args.images}", args.images)
     pipelines = [
         Pipeline(REFERENCE, open_clip_reference(images, args.image_size, args.samples, args.batch_size))
@@ -376,12 +374,9 @@ def report(args: argparse.Namespace, command: str, pipelines: Sequence[Pipeline]
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    command = shlex.join(["python", "-m", "benchmarks.loader", *argv])
-    text = report(args, command, *measure(args))
-    publish(text, output_file(args))
-    return text
+    return run_benchmark(
+        "loader", argv, parse_args, lambda args, command: report(args, command, *measure(args))
+    )
 
 
 if __name__ == "__main__":
