@@ -23,7 +23,6 @@ from aclip.cli import compose
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
-# A model and data small enough for a CPU test: 32 px images, 16 patches, two-layer towers.
 # A-CLIP's optimizer (README 87, main.py 65, 73-75, 124-125 of its published code): the model.optimizer node.
 A_CLIP_OPTIMIZER = {
     "_target_": "torch.optim.AdamW",
@@ -34,6 +33,7 @@ A_CLIP_OPTIMIZER = {
     "eps": 1e-8,
     "fused": True,
 }
+# A model and data small enough for a CPU test: 32 px images, 16 patches, two-layer towers.
 TINY_OVERRIDES = [
     "model.vision.image_size=32",
     "model.text.context_length=16",
