@@ -23,7 +23,8 @@ from aclip.cli import compose
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 
-# A-CLIP's optimizer (README 87, main.py 65, 73-75, 124-125 of its published code): the model.optimizer node.
+# The model.optimizer node: A-CLIP's AdamW (README 87, main.py 65, 73-75, 124-125 of its published code),
+# with torch's fused kernel (this project's choice).
 A_CLIP_OPTIMIZER = {
     "_target_": "torch.optim.AdamW",
     "_partial_": True,
