@@ -9,7 +9,11 @@ measures what the teacher's masks would keep:
 - positional agreement: the mean Jaccard index of the kept-patch sets of two different views, i.e.
   whether the teacher keeps the same positions whatever the image (random masking at 50 %: about 1/3);
 - the CLS token's attention on itself (the share of the CLS row not on any patch), averaged over the
-  layers the scores use.
+  layers the scores use;
+- the spread of the untrained model's embeddings: the mean cosine similarity of two different images'
+  (full views, every patch) and of two different captions' embeddings. Near 1, the model maps every
+  input to about the same point and the CLIP loss starts on its ln(batch) plateau with little gradient
+  that depends on the content (docs/attentive_stability.md, section 5).
 
     python -m analysis.teacher_at_init                         # attentive_2x50, seeds 0-9
     python -m analysis.teacher_at_init --method attentive_1x50 --seeds 0 1 2 --set data=glyphs
@@ -42,6 +46,12 @@ def jaccard_agreement(keep: Tensor, patches: int) -> float:
     return (inter / union)[off].mean().item()
 
 
+def mean_similarity(unit_features: Tensor) -> float:
+    """Mean cosine similarity over all pairs of different rows of `unit_features` (L2-normalised)."""
+    off = ~torch.eye(len(unit_features), dtype=torch.bool)
+    return (unit_features @ unit_features.T)[off].mean().item()
+
+
 def measure(method: str, seed: int, overrides: Sequence[str]) -> dict[str, float]:
     cfg = compose_training([f"method={method}", f"seed={seed}", *overrides])
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -53,6 +63,8 @@ def measure(method: str, seed: int, overrides: Sequence[str]) -> dict[str, float
     grid = module.model.vision.grid(*views.shape[-2:])
     with torch.no_grad():
         _, score_map = module.ema_pass(batch["ema_image"])
+        image_features = module.model.encode_image(batch["images"][:, 0])
+        text_features = module.model.encode_text(batch["text"])
     scores = map_scores_to_views(score_map, batch["boxes"], grid)
     coverage = patch_coverage(batch["object_masks"].flatten(0, 1), grid)
     keep = module.masking.select(scores, grid, len(views))
@@ -64,6 +76,8 @@ def measure(method: str, seed: int, overrides: Sequence[str]) -> dict[str, float
         "agreement": jaccard_agreement(keep, patches),
         "random's agreement": jaccard_agreement(chance, patches),
         "CLS on itself": 1 - score_map.flatten(1).sum(1).mean().item(),
+        "image similarity": mean_similarity(image_features),
+        "text similarity": mean_similarity(text_features),
     }
 
 

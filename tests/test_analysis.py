@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from analysis import teacher_at_init
@@ -27,3 +28,11 @@ def test_the_untrained_teachers_recall_differs_from_randoms_and_depends_on_the_s
     (recall1, random1, *_), (recall3, random3, *_) = rows[1], rows[3]
     assert abs(random1 - 0.5) < 0.06 and abs(random3 - 0.5) < 0.06  # random masking keeps half the object
     assert recall1 < 0.3 and recall3 > 0.7  # seed 1's teacher avoids the object, seed 3's seeks it
+    for *_, image_similarity, text_similarity in rows.values():
+        # Untrained towers map different inputs close together, images closer than captions.
+        assert 0.5 < text_similarity < image_similarity < 1
+
+
+def test_mean_similarity_is_one_for_equal_rows_and_zero_for_orthogonal_ones():
+    assert teacher_at_init.mean_similarity(torch.ones(4, 3) / 3**0.5) == pytest.approx(1.0)
+    assert teacher_at_init.mean_similarity(torch.eye(5)) == 0.0
