@@ -256,19 +256,24 @@ def load_trained(path: str | Path) -> tuple[AClip, str]:
     return module, (run_config.get("eval_loader") or {}).get("interpolation", "bicubic")
 
 
-def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
-    """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
-    quiet_known_noise()
+def load_for_evaluation(cfg: DictConfig) -> tuple[AClip, Evaluation]:
+    """The module of `cfg.ckpt_path` on the device, and the `eval` group's sets (checked) loaded at its
+    image size with the resize filter its run evaluated with."""
     module, interpolation = load_trained(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    # The evaluation images must fit the checkpoint's vision tower, resized as its run resized them.
     cfg.eval_loader.image_size = module.hparams.vision["image_size"]
     if cfg.eval_loader.get("interpolation") is None:
         cfg.eval_loader.interpolation = interpolation
     evaluation = build_evaluation(cfg)
     evaluation.check()
-    module.to("cuda" if torch.cuda.is_available() else "cpu")
+    return module.to("cuda" if torch.cuda.is_available() else "cpu"), evaluation
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
+    """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
+    quiet_known_noise()
+    module, evaluation = load_for_evaluation(cfg)
     metrics, failed = _evaluate(evaluation, module)
     loggers = _instantiate_all(cfg.get("logger"))
     report(metrics, _output_dir(cfg), loggers, evaluation.reported_metrics())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis import teacher_at_init
+from analysis import masked_evaluation, teacher_at_init
 
 
 def test_agreement_is_one_for_the_same_positions_and_about_a_third_for_random_halves():
@@ -36,3 +36,28 @@ def test_the_untrained_teachers_recall_differs_from_randoms_and_depends_on_the_s
 def test_mean_similarity_is_one_for_equal_rows_and_zero_for_orthogonal_ones():
     assert teacher_at_init.mean_similarity(torch.ones(4, 3) / 3**0.5) == pytest.approx(1.0)
     assert teacher_at_init.mean_similarity(torch.eye(5)) == 0.0
+
+
+def test_masked_views_keep_the_cells_their_teacher_attends_to_and_the_same_random_cells_for_every_model(
+    train_config,
+):
+    from hydra.utils import instantiate
+
+    from aclip.modules.masking import AttentiveLow, RandomMasking
+
+    torch.manual_seed(0)
+    module = instantiate(train_config().model)
+    model, teacher = module.model.eval(), instantiate(train_config().model).model.vision.eval()
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    grid = model.vision.grid(64)
+    with torch.no_grad():
+        attentive = masked_evaluation.MaskedViews(model, AttentiveLow(0.5, 2), teacher).encode_image(images)
+        scores = teacher.forward_with_cls_attention(images)[1]  # the teacher's, not the model's own
+        keep = AttentiveLow(0.5, 2).select(scores, grid, len(images))
+        torch.testing.assert_close(attentive, model.encode_image(images, keep))
+        assert not torch.allclose(attentive, model.encode_image(images))
+
+        first, second = (masked_evaluation.MaskedViews(model, RandomMasking(0.5, 2), teacher) for _ in "ab")
+        batch0 = first.encode_image(images)
+        torch.testing.assert_close(second.encode_image(images), batch0)  # the same masks for both models
+        assert not torch.allclose(first.encode_image(images), batch0)  # and new masks for the next batch
