@@ -17,7 +17,6 @@ the held-out set three ways, at the same budget and cell size for every run:
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from aclip.modules.masking import AttentiveLow, RandomMasking, TokenMasking
 from aclip.modules.model import ClipModel
 from aclip.modules.vision import VisionTower
 from aclip.tasks import load_for_evaluation
+from analysis.report import command_and_table
 
 REPORTED = "zeroshot/synthetic/top1"
 
@@ -88,17 +88,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     rows = {run: measure(run, args.keep_ratio, args.unit) for run in args.runs}
-    columns = list(next(iter(rows.values())))
-    lines = [
-        f"`{shlex.join(['python', '-m', 'analysis.masked_evaluation', *argv])}`",
-        "",
-        f"{REPORTED} (%) on full and masked views",
-        "",
-        "| run | " + " | ".join(columns) + " |",
-        "| --- | " + " | ".join("---:" for _ in columns) + " |",
-        *(f"| {run} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |" for run, row in rows.items()),
-    ]
-    text = "\n".join(lines)
+    text = f"{REPORTED} (%) on full and masked views\n\n" + command_and_table(
+        "analysis.masked_evaluation", argv, "run", rows, digits=1
+    )
     print(text)
     return text
 

@@ -22,7 +22,6 @@ measures what the teacher's masks would keep:
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +33,7 @@ from torch import Tensor
 from aclip.modules.masking import RandomMasking
 from aclip.modules.object_metrics import object_recall, patch_coverage
 from aclip.modules.score_geometry import map_scores_to_views
+from analysis.report import command_and_table
 from benchmarks.variants import compose_training
 
 
@@ -91,15 +91,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     rows = {seed: measure(args.method, seed, args.overrides) for seed in args.seeds}
-    columns = list(next(iter(rows.values())))
-    lines = [
-        f"`{shlex.join(['python', '-m', 'analysis.teacher_at_init', *argv])}`",
-        "",
-        "| seed | " + " | ".join(columns) + " |",
-        "| ---: | " + " | ".join("---:" for _ in columns) + " |",
-        *(f"| {seed} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |" for seed, row in rows.items()),
-    ]
-    text = "\n".join(lines)
+    text = command_and_table("analysis.teacher_at_init", argv, "seed", rows, digits=3)
     print(text)
     return text
 
