@@ -37,19 +37,22 @@ from analysis.report import command_and_table
 from benchmarks.variants import compose_training
 
 
+def mean_over_pairs(pairwise: Tensor) -> float:
+    """Mean of a square matrix of pairwise values over its pairs of different rows (off the diagonal)."""
+    return pairwise[~torch.eye(len(pairwise), dtype=torch.bool)].mean().item()
+
+
 def jaccard_agreement(keep: Tensor, patches: int) -> float:
     """Mean Jaccard index of the kept-patch sets over all pairs of different rows of `keep`."""
     sets = torch.zeros(keep.shape[0], patches).scatter_(1, keep, 1.0)
     inter = sets @ sets.T
     union = sets.sum(1, keepdim=True) + sets.sum(1) - inter
-    off = ~torch.eye(len(sets), dtype=torch.bool)
-    return (inter / union)[off].mean().item()
+    return mean_over_pairs(inter / union)
 
 
 def mean_similarity(unit_features: Tensor) -> float:
     """Mean cosine similarity over all pairs of different rows of `unit_features` (L2-normalised)."""
-    off = ~torch.eye(len(unit_features), dtype=torch.bool)
-    return (unit_features @ unit_features.T)[off].mean().item()
+    return mean_over_pairs(unit_features @ unit_features.T)
 
 
 def measure(method: str, seed: int, overrides: Sequence[str]) -> dict[str, float]:
