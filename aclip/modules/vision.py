@@ -24,6 +24,9 @@ Layers = str | Sequence[int]
 POOLS = ("token", "avg")
 # Position embeddings: learned, or the fixed 2-D sin-cos table of MAE (CLIPA's pre-training), not trained.
 POSITION_EMBEDDINGS = ("learned", "sincos")
+# timm's initialisations of the trunk: "" (timm's: truncated normal of std 0.02 for every linear layer,
+# as A-CLIP's code), "jax" (Xavier uniform, the original ViT's) or "moco" (Xavier uniform per q, k, v).
+WEIGHT_INITS = ("", "jax", "moco")
 
 # Per-channel pixel statistics the tower normalises its input with, by name.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -47,7 +50,8 @@ class VisionTower(nn.Module):
     stabiliser, which A-CLIP's code applies). `pre_norm` adds a LayerNorm before the first block (CLIP's
     and open_clip's `ln_pre`), `pool` chooses the pooled feature ("token": the CLS token; "avg": the mean
     of the patch tokens the tower saw, after the final norm, as open_clip's "avg"), and `pos_embed` the
-    position embeddings ("learned", or "sincos": MAE's fixed 2-D sin-cos table, as CLIPA pre-trains).
+    position embeddings ("learned", or "sincos": MAE's fixed 2-D sin-cos table, as CLIPA pre-trains), and
+    `weight_init` timm's initialisation of the trunk (`WEIGHT_INITS`).
     `init_from` loads the trunk from a timm ViT state dict, its position embeddings resized to this grid
     (`aclip.initialize.load_vision_weights`).
     """
@@ -67,6 +71,7 @@ class VisionTower(nn.Module):
         pre_norm: bool = False,
         pool: str = "token",
         pos_embed: str = "learned",
+        weight_init: str = "",
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -79,6 +84,8 @@ class VisionTower(nn.Module):
             raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
         if pos_embed not in POSITION_EMBEDDINGS:
             raise ValueError(f"pos_embed must be one of {list(POSITION_EMBEDDINGS)}, got {pos_embed!r}")
+        if weight_init not in WEIGHT_INITS:
+            raise ValueError(f"weight_init must be one of {list(WEIGHT_INITS)}, got {weight_init!r}")
         if pos_embed == "sincos" and width % 4:
             raise ValueError(f"pos_embed=sincos needs a vision width divisible by 4, got {width}")
         self.image_size = image_size
@@ -104,6 +111,7 @@ class VisionTower(nn.Module):
             pre_norm=pre_norm,
             dynamic_img_size=True,
             drop_path_rate=drop_path_rate,
+            weight_init=weight_init,
         )
         for module in self.trunk.modules():
             if isinstance(module, Attention):
