@@ -219,7 +219,7 @@ def test_forward_rejects_bad_keep():
 
 
 def test_weight_init_chooses_timms_initialisation():
-    """weight_init "" keeps timm's std-0.02 linear layers (A-CLIP's); "jax" gives Xavier's, 3 to 6x wider."""
+    """weight_init "" keeps timm's std-0.02 linear layers (A-CLIP's); "jax" gives Xavier's, ~6x wider."""
     default, jax = make_tower().trunk.blocks[0], make_tower(weight_init="jax").trunk.blocks[0]
     assert default.attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.1)
     xavier = (2 / (32 + 96)) ** 0.5
