@@ -12,11 +12,13 @@ from hydra.utils import instantiate
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from torchvision.transforms.v2 import functional as F
 
 from aclip.datamodules import images as images_module
 from aclip.datamodules.datamodule import ImageTextDataset
 from aclip.datamodules.images import BAD_COUNT, BadSample, open_image
-from aclip.datamodules.transforms import EvalTransform, MultiViewTransform
+from aclip.datamodules.synthetic import SyntheticCaptions
+from aclip.datamodules.transforms import EvalTransform, MultiViewTransform, _with_mask
 
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
@@ -152,3 +154,95 @@ def test_evaluation_images_are_uint8_pixels_resized_as_pillow_resizes():
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32)
     reference = TF.pil_to_tensor(TF.center_crop(TF.resize(image, 32, InterpolationMode.BICUBIC), 32)).float()
     assert (pixels.float() - reference).abs().mean() < 0.6
+
+
+def pillow_pixels(data: bytes) -> torch.Tensor:
+    """Pillow's own RGB decoding of an encoded image, [3, H, W] uint8: the reference of every decoder."""
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+
+
+def counting_decoder(monkeypatch) -> list:
+    """Replace the fast JPEG decoder by a wrapper that records each call; returns the record."""
+    calls, decode = [], images_module._decode_jpeg
+    if decode is None:
+        pytest.skip("the `fast` extra (torchcodec) is not installed")
+
+    def spy(data, mode):
+        calls.append(len(data))
+        return decode(data, mode=mode)
+
+    monkeypatch.setattr(images_module, "_decode_jpeg", spy)
+    return calls
+
+
+def encoded(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "variant", ["4:2:0", "4:4:4", "progressive", "greyscale", "from a file"], ids=lambda v: v
+)
+def test_whole_jpegs_are_decoded_by_torchcodec_pixel_for_pixel_as_pillow(monkeypatch, tmp_path, variant):
+    calls = counting_decoder(monkeypatch)
+    image = photo(120, 90)
+    data = {
+        "4:4:4": lambda: encoded(image, subsampling=0),
+        "progressive": lambda: encoded(image, progressive=True),
+        "greyscale": lambda: encoded(image.convert("L")),
+    }.get(variant, lambda: encoded(image, subsampling=2))()
+    if variant == "from a file":
+        (tmp_path / "a.jpg").write_bytes(data)
+        opened = open_image(tmp_path / "a.jpg")
+    else:
+        opened = open_image(io.BytesIO(data), "a.jpg")
+    pixels = images_module.decode_pixels(opened)
+    assert calls == [len(data)]
+    assert pixels.dtype == torch.uint8 and torch.equal(pixels, pillow_pixels(data))
+
+
+def test_jpegs_the_fast_decoder_cannot_match_are_left_to_pillow(monkeypatch):
+    """Truncated files keep Pillow's error (a bad sample), CMYK keeps Pillow's colour conversion, a
+    reduced-size decode keeps Pillow's DCT scaling, and a stream the fast decoder rejects is Pillow's to
+    judge."""
+    calls = counting_decoder(monkeypatch)
+    image = photo(160, 120)
+    whole = encoded(image)
+    with pytest.raises(BadSample, match="cannot decode image"):
+        images_module.decode_pixels(open_image(io.BytesIO(whole[: len(whole) * 2 // 3]), "cut.jpg"))
+    cmyk = encoded(image.convert("CMYK"))
+    decoded = images_module.decode_pixels(open_image(io.BytesIO(cmyk), "c.jpg"))
+    assert torch.equal(decoded, pillow_pixels(cmyk))
+    assert images_module.decode_pixels(open_image(io.BytesIO(whole), "a.jpg"), reduce=2).shape == (3, 60, 80)
+    assert calls == []
+
+    def rejects(data, mode):
+        raise RuntimeError("unsupported JPEG process")
+
+    monkeypatch.setattr(images_module, "_decode_jpeg", rejects)
+    decoded = images_module.decode_pixels(open_image(io.BytesIO(whole), "a.jpg"))
+    assert torch.equal(decoded, pillow_pixels(whole))
+
+
+def test_object_masks_are_cut_in_the_pixels_resize_channel_for_channel_as_alone():
+    """The built-in renderer draws pixels and mask as channels of one buffer, which the views cut in one
+    resize per crop, with no copy; a mask stored apart is copied beside the pixels; both give exactly
+    what resizing the mask alone gives."""
+    pixels, _, extras = SyntheticCaptions(size=4, image_size=64, object_masks=True)[1]
+    mask = extras["object_mask"]
+    assert _with_mask(pixels, mask).data_ptr() == pixels.data_ptr()  # a view of the renderer's buffer
+    apart = pixels.permute(1, 2, 0).contiguous().permute(2, 0, 1), mask.clone()
+    assert _with_mask(*apart).data_ptr() not in (apart[0].data_ptr(), apart[1].data_ptr())
+    transform = MultiViewTransform(32, num_views=2, ema_image_size=24)
+    crops = crops_of(transform, 0, 64, 64)
+    for inputs in [(pixels, mask), apart]:
+        torch.manual_seed(0)
+        out = transform(*inputs)
+        for view, crop in zip(out["object_masks"], crops, strict=True):
+            alone = F.resized_crop(mask[None], *crop, [32, 32], InterpolationMode.BICUBIC, antialias=True)
+            assert torch.equal(view, alone[0])
+        torch.manual_seed(0)
+        assert torch.equal(out["images"], transform(pixels)["images"])
+    with pytest.raises(ValueError, match="object_mask must have the image's size 64 x 64"):
+        transform(pixels, mask[:32])

@@ -373,9 +373,11 @@ def _object_coverage(obj: _Object, size: int) -> tuple[tuple[slice, slice], np.n
     return where, coverage
 
 
-def _render_with_mask(scene: _Scene, image_size: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
-    """Draw ``scene``: its pixels [3, size, size] uint8 and its objects' coverage [size, size] uint8
-    (255: fully the captioned objects'). ``rng`` only drives the background texture and noise."""
+def _draw(scene: _Scene, image_size: int, rng: np.random.Generator, channels: int) -> np.ndarray:
+    """Draw ``scene`` into an [H, W, channels] uint8 array: RGB, then (channels 4) the objects' coverage
+    (255: fully the captioned objects'). ``rng`` only drives the background texture and noise.
+
+    Channels last, as decoded images are stored: the views resize faster from it."""
     canvas = _background(scene.background, image_size, rng)
     for item in scene.clutter:
         _paint_clutter(canvas, item)
@@ -387,17 +389,26 @@ def _render_with_mask(scene: _Scene, image_size: int, rng: np.random.Generator) 
         where, coverage = covered
         raster.paint(canvas, where, coverage, np.asarray(obj.rgb, dtype=np.float32))
         np.maximum(objects[where], coverage, out=objects[where])
-    # Stored channels last ([H, W, 3] in memory), as decoded images are: the views resize faster from it.
-    pixels = np.ascontiguousarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8).transpose(1, 2, 0))
-    return torch.from_numpy(pixels).permute(2, 0, 1), torch.from_numpy(
-        np.rint(objects * 255).astype(np.uint8)
-    )
+    np.clip(np.rint(canvas, out=canvas), 0, 255, out=canvas)
+    layers = np.empty((image_size, image_size, channels), dtype=np.uint8)
+    layers[..., :3] = canvas.transpose(1, 2, 0)
+    if channels == 4:
+        layers[..., 3] = np.rint(objects * 255)
+    return layers
 
 
 def _render(scene: _Scene, image_size: int, rng: np.random.Generator) -> Tensor:
     """Draw ``scene`` as uint8 RGB pixels [3, size, size]; ``rng`` only drives the background texture
     and noise."""
-    return _render_with_mask(scene, image_size, rng)[0]
+    return torch.from_numpy(_draw(scene, image_size, rng, 3)).permute(2, 0, 1)
+
+
+def _render_with_mask(scene: _Scene, image_size: int, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+    """Draw ``scene``: its pixels [3, size, size] uint8 and its objects' coverage [size, size] uint8
+    (255: fully the captioned objects'), the channels of one [H, W, 4] buffer, which
+    `MultiViewTransform` cuts and resizes in one pass per crop."""
+    channels = torch.from_numpy(_draw(scene, image_size, rng, 4)).permute(2, 0, 1)
+    return channels[:3], channels[3]
 
 
 def _article(phrase: str) -> str:
@@ -576,8 +587,8 @@ class _SyntheticBase(Dataset):
         n_objects = n_objects if n_objects is not None else _num_objects(rng, self.max_objects)
         return _sample_scene(rng, self.image_size, n_objects, classes, self.variant)
 
-    def _render(self, scene: _Scene, index: int) -> tuple[Tensor, Tensor]:
-        return _render_with_mask(scene, self.image_size, self._rng(index, _STREAM_RENDER))
+    def _render(self, scene: _Scene, index: int) -> Tensor:
+        return _render(scene, self.image_size, self._rng(index, _STREAM_RENDER))
 
 
 class SyntheticCaptions(_SyntheticBase):
@@ -604,8 +615,10 @@ class SyntheticCaptions(_SyntheticBase):
         index = self._index(index)
         scene = self._scene(index)
         (caption,) = _sample_captions(scene, self._rng(index, _STREAM_CAPTION), 1, self.variant)
-        pixels, objects = self._render(scene, index)
-        return (pixels, caption, {"object_mask": objects}) if self.object_masks else (pixels, caption)
+        if not self.object_masks:
+            return self._render(scene, index), caption
+        pixels, objects = _render_with_mask(scene, self.image_size, self._rng(index, _STREAM_RENDER))
+        return pixels, caption, {"object_mask": objects}
 
 
 class SyntheticClassification(_SyntheticBase):
@@ -642,7 +655,7 @@ class SyntheticClassification(_SyntheticBase):
         scene = self._scene(index, 1, classes=(label,))
         if not self.clutter:
             scene = replace(scene, clutter=())
-        return self._render(scene, index)[0], label
+        return self._render(scene, index), label
 
 
 class SyntheticRetrieval(_SyntheticBase):
@@ -674,4 +687,4 @@ class SyntheticRetrieval(_SyntheticBase):
 
     def __getitem__(self, index: int) -> Tensor:
         index = self._index(index)
-        return self._render(self._scenes[index], index)[0]
+        return self._render(self._scenes[index], index)

@@ -114,6 +114,25 @@ class PhotometricAugment:
         return self.steps(pixels) if self.steps is not None else pixels
 
 
+def _with_mask(pixels: Tensor, mask: Tensor) -> Tensor:
+    """Pixels [3, H, W] and a mask [H, W] as the channels of one [4, H, W] uint8 tensor, channels last in
+    memory, so that each crop resizes both in one pass (channel for channel what separate resizes give):
+    a view where they already are such channels (the built-in renderer draws them so), else a copy."""
+    height, width = mask.shape
+    interleaved = (1, 4 * width, 4)
+    if (
+        pixels.stride() == interleaved
+        and mask.stride() == interleaved[1:]
+        and mask.untyped_storage().data_ptr() == pixels.untyped_storage().data_ptr()
+        and mask.storage_offset() == pixels.storage_offset() + 3
+    ):
+        return pixels.as_strided((4, height, width), interleaved)
+    layers = torch.empty(height, width, 4, dtype=torch.uint8)
+    layers[..., :3] = pixels.permute(1, 2, 0)
+    layers[..., 3] = mask
+    return layers.permute(2, 0, 1)
+
+
 class MultiViewTransform:
     """k random resized crops of one image, plus the clean enclosing crop the EMA encoder scores.
 
@@ -218,24 +237,27 @@ class MultiViewTransform:
         bottom = max(c[0] + c[2] for c in crops)
         right = max(c[1] + c[3] for c in crops)
         enclosing = (top, left, bottom - top, right - left)
+        if object_mask is not None and tuple(object_mask.shape) != (height, width):
+            raise ValueError(
+                f"object_mask must have the image's size {height} x {width}, got {tuple(object_mask.shape)}"
+            )
         if isinstance(image, Tensor):
             pixels = image
-        else:
-            pixels = decode_pixels(image, reduce=self._reduction(crops, enclosing))
+        else:  # with a mask, at full size: the mask is cut in the same resize as the pixels
+            reduce = self._reduction(crops, enclosing) if object_mask is None else 1
+            pixels = decode_pixels(image, reduce=reduce)
         scale = (pixels.shape[-2] / height, pixels.shape[-1] / width)
+        layers = pixels if object_mask is None else _with_mask(pixels, object_mask)
 
-        views = [self.augment(self._resized(pixels, crop, scale, self.image_size)) for crop in crops]
-        sample = {"images": torch.stack(views)}
-        if self.teacher_crop:
-            sample["ema_image"] = self._resized(pixels, enclosing, scale, self.ema_image_size)
+        views = [self._resized(layers, crop, scale, self.image_size) for crop in crops]
+        sample = {"images": torch.stack([self.augment(view[:3]) for view in views])}
+        teacher = self._resized(layers, enclosing, scale, self.ema_image_size) if self.teacher_crop else None
+        if teacher is not None:
+            sample["ema_image"] = teacher[:3]
         if object_mask is not None:
-            mask = object_mask[None]  # cut exactly where the pixels are (the image's own size)
-            unit = (mask.shape[-2] / height, mask.shape[-1] / width)
-            sample["object_masks"] = torch.cat(
-                [self._resized(mask, crop, unit, self.image_size) for crop in crops]
-            )
-            if self.teacher_crop:
-                sample["ema_object_mask"] = self._resized(mask, enclosing, unit, self.ema_image_size)[0]
+            sample["object_masks"] = torch.stack([view[3] for view in views])
+            if teacher is not None:
+                sample["ema_object_mask"] = teacher[3]
         sample["boxes"] = torch.tensor(
             [
                 [
