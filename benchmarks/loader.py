@@ -27,7 +27,6 @@ import pickle
 import pstats
 import statistics
 import tarfile
-import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +45,7 @@ from aclip.datamodules.images import decode_pixels, open_image
 from aclip.datamodules.yfcc15m import shard_member
 from aclip.modules.masking import build_policy
 from benchmarks.reporting import add_output_arguments, device_name, report_head, run_benchmark
+from benchmarks.timing import CLOCKS
 
 SOURCES = ("csv", "webdataset", "yfcc15m", "coco", "synthetic")
 METHODS = ("clip", "aclip", "aclip_eff")
@@ -230,14 +230,16 @@ def open_clip_reference(
     return run
 
 
-def run_interleaved(pipelines: Sequence[Pipeline], rounds: int) -> None:
-    """Each round, every pipeline in turn (rotated order): its rate in samples per second."""
+def run_interleaved(pipelines: Sequence[Pipeline], rounds: int, clock: str = "wall") -> None:
+    """Each round, every pipeline in turn (rotated order): its rate in samples per second of `clock`
+    (a key of `CLOCKS`)."""
+    now = CLOCKS[clock]
     for round_index in range(rounds):
         shift = round_index % len(pipelines)
         for pipeline in [*pipelines[shift:], *pipelines[:shift]]:
-            started = time.perf_counter()
+            started = now()
             done = pipeline.batches(round_index + 1)  # round 0 is the warm-up, below
-            pipeline.rates.append(done / (time.perf_counter() - started))
+            pipeline.rates.append(done / (now() - started))
 
 
 def profile(pipeline: Pipeline, rounds: int = 1, top: int = 12) -> str:
@@ -270,6 +272,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up round")
     parser.add_argument("--profile", default="csv:aclip", help="SOURCE:METHOD to profile ('none': skip)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: wall time; cpu: this process's CPU time (steadier on a machine shared with other jobs)",
+    )
     parser.add_argument("--fixture", type=Path, default=Path("logs/benchmarks/loader_fixture"))
     parser.add_argument("--quick", action="store_true", help="32 px, 16 images, a few samples")
     add_output_arguments(parser)
@@ -298,7 +306,7 @@ def measure(args: argparse.Namespace) -> tuple[list[Pipeline], str]:
                     pipelines.append(Pipeline(f"{source}:{method}:{stage}", run))
     for pipeline in pipelines:  # warm-up round: caches, lazy imports, first-touch allocations
         pipeline.batches(0)
-    run_interleaved(pipelines, args.rounds)
+    run_interleaved(pipelines, args.rounds, args.clock)
     profiled = next((p for p in pipelines if p.name == args.profile), None)
     return pipelines, (profile(profiled) if profiled else "")
 
@@ -361,7 +369,7 @@ def report(args: argparse.Namespace, command: str, pipelines: Sequence[Pipeline]
         ),
         f"- {args.image_size} px views; a fixture of {args.images} JPEGs (500 x 375, quality 90); "
         f"{args.rounds} rounds of {args.samples} samples per pipeline in batches of {args.batch_size}, "
-        "after a warm-up round; decoding, views, tokenisation and collation included",
+        f"after a warm-up round; decoding, views, tokenisation and collation included; {args.clock} clock",
         "",
         format_table(pipelines),
     ]
