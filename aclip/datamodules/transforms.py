@@ -224,9 +224,10 @@ class MultiViewTransform:
         )
 
     def __call__(self, image: Image.Image | Tensor, object_mask: Tensor | None = None) -> dict[str, Tensor]:
-        """The views (see the class) of `image`; with an `object_mask` [H, W] (uint8 coverage of the
-        captioned objects, as the built-in data provides), also each view's and the teacher crop's share
-        of it: `object_masks` [k, S, S] and `ema_object_mask` [E, E], uint8."""
+        """The views (see the class) of `image`; with an `object_mask` [H, W] at the image's size (uint8
+        coverage of the captioned objects, as the built-in data provides), also each view's and the
+        teacher crop's share of it, cut in the same resizes as the pixels: `object_masks` [k, S, S] and
+        `ema_object_mask` [E, E], uint8."""
         if isinstance(image, Tensor):
             height, width = image.shape[-2:]
         else:
