@@ -242,6 +242,11 @@ def test_object_masks_are_cut_in_the_pixels_resize_channel_for_channel_as_alone(
         for view, crop in zip(out["object_masks"], crops, strict=True):
             alone = F.resized_crop(mask[None], *crop, [32, 32], InterpolationMode.BICUBIC, antialias=True)
             assert torch.equal(view, alone[0])
+        top, left = min(c[0] for c in crops), min(c[1] for c in crops)
+        bottom, right = max(c[0] + c[2] for c in crops), max(c[1] + c[3] for c in crops)
+        enclosing = (top, left, bottom - top, right - left)
+        teacher = F.resized_crop(mask[None], *enclosing, [24, 24], InterpolationMode.BICUBIC, antialias=True)
+        assert torch.equal(out["ema_object_mask"], teacher[0])
         torch.manual_seed(0)
         assert torch.equal(out["images"], transform(pixels)["images"])
     with pytest.raises(ValueError, match="object_mask must have the image's size 64 x 64"):
