@@ -204,11 +204,18 @@ def test_whole_jpegs_are_decoded_by_torchcodec_pixel_for_pixel_as_pillow(monkeyp
 
 def test_jpegs_the_fast_decoder_cannot_match_are_left_to_pillow(monkeypatch):
     """Truncated files keep Pillow's error (a bad sample), CMYK keeps Pillow's colour conversion, a
-    reduced-size decode keeps Pillow's DCT scaling, and a stream the fast decoder rejects is Pillow's to
-    judge."""
+    photo with an EXIF orientation stays as stored (torchcodec would turn it upright, away from the
+    size its crops are drawn from), a reduced-size decode keeps Pillow's DCT scaling, and a stream the
+    fast decoder rejects is Pillow's to judge."""
     calls = counting_decoder(monkeypatch)
     image = photo(160, 120)
     whole = encoded(image)
+    for orientation in (3, 6):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        oriented = encoded(image, exif=exif.tobytes())
+        decoded = images_module.decode_pixels(open_image(io.BytesIO(oriented), "turned.jpg"))
+        assert torch.equal(decoded, pillow_pixels(oriented)) and decoded.shape == (3, 120, 160)
     with pytest.raises(BadSample, match="cannot decode image"):
         images_module.decode_pixels(open_image(io.BytesIO(whole[: len(whole) * 2 // 3]), "cut.jpg"))
     cmyk = encoded(image.convert("CMYK"))
@@ -249,5 +256,9 @@ def test_object_masks_are_cut_in_the_pixels_resize_channel_for_channel_as_alone(
         assert torch.equal(out["ema_object_mask"], teacher[0])
         torch.manual_seed(0)
         assert torch.equal(out["images"], transform(pixels)["images"])
-    with pytest.raises(ValueError, match="object_mask must have the image's size 64 x 64"):
+    with pytest.raises(ValueError, match="object_mask must be uint8 of the image's size 64 x 64"):
         transform(pixels, mask[:32])
+    with pytest.raises(ValueError, match=r"must be uint8 .* got torch\.float32"):
+        transform(pixels, mask.float() / 255)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        transform(pixels.float(), mask)

@@ -18,13 +18,16 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torch import Tensor
 
 try:  # the `fast` extra: libjpeg-turbo through torch, about 0.3 ms faster per web-size JPEG than Pillow
     from torchcodec.decoders import decode_jpeg as _decode_jpeg
 except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch: Pillow decodes
     _decode_jpeg = None
+
+# The first bytes of every JPEG file: the start-of-image marker and the next marker's 0xFF.
+_JPEG_START = b"\xff\xd8\xff"
 
 # Whole-file errors Pillow raises for unreadable data (UnidentifiedImageError and truncation are OSErrors).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -104,9 +107,10 @@ def open_image(file: str | Path | BinaryIO, name: str | None = None) -> Image.Im
     """Open `file` (a path or a binary file object) without decoding its pixels: Pillow reads the header
     only, so that the decoder can still be told to decode at a reduced size (`decode_pixels`).
 
-    A path's bytes are read into memory first: one read instead of Pillow's chunked ones, no file left
-    open until the pixels are decoded, and the encoded JPEG at hand for the faster decoder.
-    The image's `filename` is `name` (default: the path), which names it in later errors.
+    A JPEG file is read into memory whole: one read instead of Pillow's chunked ones, no file left open
+    until the pixels are decoded, and the encoded bytes at hand for the faster decoder; other files are
+    left to Pillow, which reads their header only. The image's `filename` is `name` (default: the
+    path), which names it in later errors.
 
     Raises:
         BadSample: the file is missing or is not an image.
@@ -114,7 +118,10 @@ def open_image(file: str | Path | BinaryIO, name: str | None = None) -> Image.Im
     name = name or str(file)
     with _decode_errors(name):
         if isinstance(file, (str, Path)):
-            file = io.BytesIO(Path(file).read_bytes())
+            with open(file, "rb") as handle:
+                start = handle.read(len(_JPEG_START))
+                if start == _JPEG_START:
+                    file = io.BytesIO(start + handle.read())
         image = Image.open(file)
     image.filename = name
     return image
@@ -122,10 +129,14 @@ def open_image(file: str | Path | BinaryIO, name: str | None = None) -> Image.Im
 
 def _whole_jpeg(image: Image.Image) -> bytes | None:
     """The encoded bytes of an opened, not yet decoded RGB or greyscale JPEG held in memory, when they
-    end with the end-of-image marker; None otherwise (truncated files, trailing bytes, other formats and
-    modes are left to Pillow, whose errors and colour conversions are the reference)."""
+    end with the end-of-image marker and no EXIF orientation is set; None otherwise. Truncated files,
+    trailing bytes, other formats and modes are left to Pillow, whose errors and colour conversions are
+    the reference, and so are oriented photos: torchcodec turns them upright, Pillow (like every crop
+    drawn from the stored size) does not."""
     file = getattr(image, "fp", None)
     if image.format != "JPEG" or image.mode not in ("RGB", "L") or not image.tile:
+        return None
+    if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         return None
     data = file.getvalue() if isinstance(file, io.BytesIO) else b""
     return data if data.endswith(b"\xff\xd9") else None

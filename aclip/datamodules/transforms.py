@@ -118,6 +118,10 @@ def _with_mask(pixels: Tensor, mask: Tensor) -> Tensor:
     """Pixels [3, H, W] and a mask [H, W] as the channels of one [4, H, W] uint8 tensor, channels last in
     memory, so that each crop resizes both in one pass (channel for channel what separate resizes give):
     a view where they already are such channels (the built-in renderer draws them so), else a copy."""
+    if pixels.dtype != torch.uint8 or pixels.shape[0] != 3:
+        raise ValueError(
+            f"pixels cut with a mask must be uint8 RGB [3, H, W], got {pixels.dtype} {tuple(pixels.shape)}"
+        )
     height, width = mask.shape
     interleaved = (1, 4 * width, 4)
     if (
@@ -238,9 +242,12 @@ class MultiViewTransform:
         bottom = max(c[0] + c[2] for c in crops)
         right = max(c[1] + c[3] for c in crops)
         enclosing = (top, left, bottom - top, right - left)
-        if object_mask is not None and tuple(object_mask.shape) != (height, width):
+        if object_mask is not None and (
+            tuple(object_mask.shape) != (height, width) or object_mask.dtype != torch.uint8
+        ):
             raise ValueError(
-                f"object_mask must have the image's size {height} x {width}, got {tuple(object_mask.shape)}"
+                f"object_mask must be uint8 of the image's size {height} x {width}, got "
+                f"{object_mask.dtype} of {tuple(object_mask.shape)}"
             )
         if isinstance(image, Tensor):
             pixels = image
