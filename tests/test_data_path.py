@@ -49,6 +49,13 @@ def pillow_reference(image: Image.Image, crop, size: int) -> torch.Tensor:
     return TF.pil_to_tensor(resized).float()
 
 
+def enclosing_of(crops) -> tuple[int, int, int, int]:
+    """The smallest (top, left, height, width) rectangle holding every crop: the teacher's crop."""
+    top, left = min(c[0] for c in crops), min(c[1] for c in crops)
+    bottom, right = max(c[0] + c[2] for c in crops), max(c[1] + c[3] for c in crops)
+    return top, left, bottom - top, right - left
+
+
 def crops_of(transform: MultiViewTransform, seed: int, height: int, width: int):
     torch.manual_seed(seed)
     return transform._crops(height, width)
@@ -65,9 +72,7 @@ def test_views_and_teacher_crop_equal_pillows_within_resampling_tolerance(num_vi
         for view, crop in zip(out["images"], crops, strict=True):
             difference = (view.float() - pillow_reference(image, crop, 64)).abs()
             assert difference.mean() < 0.1 and difference.max() <= 2, (difference.mean(), difference.max())
-        top, left = min(c[0] for c in crops), min(c[1] for c in crops)
-        bottom, right = max(c[0] + c[2] for c in crops), max(c[1] + c[3] for c in crops)
-        teacher = pillow_reference(image, (top, left, bottom - top, right - left), 48)
+        teacher = pillow_reference(image, enclosing_of(crops), 48)
         assert (out["ema_image"].float() - teacher).abs().mean() < 0.1
 
 
@@ -249,10 +254,9 @@ def test_object_masks_are_cut_in_the_pixels_resize_channel_for_channel_as_alone(
         for view, crop in zip(out["object_masks"], crops, strict=True):
             alone = F.resized_crop(mask[None], *crop, [32, 32], InterpolationMode.BICUBIC, antialias=True)
             assert torch.equal(view, alone[0])
-        top, left = min(c[0] for c in crops), min(c[1] for c in crops)
-        bottom, right = max(c[0] + c[2] for c in crops), max(c[1] + c[3] for c in crops)
-        enclosing = (top, left, bottom - top, right - left)
-        teacher = F.resized_crop(mask[None], *enclosing, [24, 24], InterpolationMode.BICUBIC, antialias=True)
+        teacher = F.resized_crop(
+            mask[None], *enclosing_of(crops), [24, 24], InterpolationMode.BICUBIC, antialias=True
+        )
         assert torch.equal(out["ema_object_mask"], teacher[0])
         torch.manual_seed(0)
         assert torch.equal(out["images"], transform(pixels)["images"])

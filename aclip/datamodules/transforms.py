@@ -122,7 +122,12 @@ def _with_mask(pixels: Tensor, mask: Tensor) -> Tensor:
         raise ValueError(
             f"pixels cut with a mask must be uint8 RGB [3, H, W], got {pixels.dtype} {tuple(pixels.shape)}"
         )
-    height, width = mask.shape
+    height, width = pixels.shape[-2:]
+    if tuple(mask.shape) != (height, width) or mask.dtype != torch.uint8:
+        raise ValueError(
+            f"object_mask must be uint8 of the image's size {height} x {width}, got "
+            f"{mask.dtype} of {tuple(mask.shape)}"
+        )
     interleaved = (1, 4 * width, 4)
     if (
         pixels.stride() == interleaved
@@ -242,13 +247,6 @@ class MultiViewTransform:
         bottom = max(c[0] + c[2] for c in crops)
         right = max(c[1] + c[3] for c in crops)
         enclosing = (top, left, bottom - top, right - left)
-        if object_mask is not None and (
-            tuple(object_mask.shape) != (height, width) or object_mask.dtype != torch.uint8
-        ):
-            raise ValueError(
-                f"object_mask must be uint8 of the image's size {height} x {width}, got "
-                f"{object_mask.dtype} of {tuple(object_mask.shape)}"
-            )
         if isinstance(image, Tensor):
             pixels = image
         else:  # with a mask, at full size: the mask is cut in the same resize as the pixels
