@@ -587,8 +587,12 @@ class _SyntheticBase(Dataset):
         n_objects = n_objects if n_objects is not None else _num_objects(rng, self.max_objects)
         return _sample_scene(rng, self.image_size, n_objects, classes, self.variant)
 
+    # Every dataset draws sample `index` with its render stream, with or without the objects' coverage.
     def _render(self, scene: _Scene, index: int) -> Tensor:
         return _render(scene, self.image_size, self._rng(index, _STREAM_RENDER))
+
+    def _render_with_mask(self, scene: _Scene, index: int) -> tuple[Tensor, Tensor]:
+        return _render_with_mask(scene, self.image_size, self._rng(index, _STREAM_RENDER))
 
 
 class SyntheticCaptions(_SyntheticBase):
@@ -617,7 +621,7 @@ class SyntheticCaptions(_SyntheticBase):
         (caption,) = _sample_captions(scene, self._rng(index, _STREAM_CAPTION), 1, self.variant)
         if not self.object_masks:
             return self._render(scene, index), caption
-        pixels, objects = _render_with_mask(scene, self.image_size, self._rng(index, _STREAM_RENDER))
+        pixels, objects = self._render_with_mask(scene, index)
         return pixels, caption, {"object_mask": objects}
 
 
