@@ -26,8 +26,9 @@ try:  # the `fast` extra: libjpeg-turbo through torch, about 0.3 ms faster per w
 except (ImportError, OSError, RuntimeError):  # not installed, or built for another torch: Pillow decodes
     _decode_jpeg = None
 
-# The first bytes of every JPEG file: the start-of-image marker and the next marker's 0xFF.
-_JPEG_START = b"\xff\xd8\xff"
+# The first bytes of every JPEG file (the start-of-image marker and the next marker's 0xFF), and the
+# end-of-image marker that a complete file ends with.
+_JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
 
 # Whole-file errors Pillow raises for unreadable data (UnidentifiedImageError and truncation are OSErrors).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -139,7 +140,7 @@ def _whole_jpeg(image: Image.Image) -> bytes | None:
     if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         return None
     data = file.getvalue() if isinstance(file, io.BytesIO) else b""
-    return data if data.endswith(b"\xff\xd9") else None
+    return data if data.endswith(_JPEG_END) else None
 
 
 def decode_pixels(image: Image.Image, reduce: int = 1) -> Tensor:
