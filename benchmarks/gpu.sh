@@ -4,6 +4,7 @@
 #
 #     bash benchmarks/gpu.sh                      # report: logs/benchmarks/gpu_report.md
 #     bash benchmarks/gpu.sh path/to/report.md
+#     PYTHON=python3 bash benchmarks/gpu.sh       # another interpreter that holds the dependencies
 #
 # Each part has its own time limit; a part that fails or runs out of time is recorded as such and the
 # script goes on, so that one failure does not cost the others. The exit status is the number of parts
