@@ -85,9 +85,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--breakdown",
         nargs="*",
-        choices=sorted(VARIANTS),
+        choices=[*sorted(VARIANTS), "none"],
         default=["aclip", "aclip_eff"],
-        help="variants whose step is split into phases with the profiler (none: skip)",
+        help="variants whose step is split into phases with the profiler (no name: every timed variant; "
+        "none: skip)",
     )
     parser.add_argument(
         "--clock",
@@ -112,6 +113,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, name, getattr(defaults, name))
     if BASELINE not in args.variants:
         parser.error(f"--variants must include the baseline {BASELINE!r}")
+    if "none" in args.breakdown:
+        if len(args.breakdown) > 1:
+            parser.error("--breakdown none names no other variant")
+        args.breakdown = []
+    elif not args.breakdown:
+        args.breakdown = list(args.variants)
     if args.warmup < 1 or args.steps < 1 or args.rounds < 1:
         parser.error("--warmup, --steps and --rounds must be >= 1")
     check_compile_warmup(parser, args.overrides, args.warmup)

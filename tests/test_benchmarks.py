@@ -53,12 +53,27 @@ def test_step_cost_against_open_clip_pairs_steps_on_equal_towers() -> None:
     }
     # open_clip's steps were timed in the same rotation; its patch dropout keeps half the patches.
     assert rows["open_clip"][3].strip() == "1 x 64/64" and rows["open_clip_pd50"][3].strip() == "1 x 32/64"
-    pairs = text.split("Against open_clip")[1]
+    # A bare --breakdown profiles every timed variant of this project (the references are not AClip steps).
+    assert re.findall(r"Phase breakdown of `(\w+)`", text) == ["clip", "random_1x50"]
+    pairs = text.split("Against open_clip")[1].split("Phase breakdown")[0]
     assert "`clip` | `open_clip` (patch_dropout 0.0)" in pairs
     assert "`random_1x50` | `open_clip_pd50` (patch_dropout 0.5)" in pairs
     # The towers are the same sizes: the trainable parameter counts agree to within 0.01 %.
     shares = [float(share) for share in re.findall(r"\(([-+]\d+\.\d+)%\)", pairs)]
     assert len(shares) == 2 and all(abs(share) < 0.01 for share in shares)
+
+
+@pytest.mark.parametrize(
+    ("argv", "profiled"),
+    [([], ["aclip", "aclip_eff"]), (["--breakdown", "none"], []), (["--breakdown", "resize"], ["resize"])],
+)
+def test_step_cost_breakdown_names_variants_or_none(argv: list[str], profiled: list[str]) -> None:
+    assert step_cost.parse_args(["--quick", *argv]).breakdown == profiled
+
+
+def test_step_cost_breakdown_none_stands_alone() -> None:
+    with pytest.raises(SystemExit):
+        step_cost.parse_args(["--quick", "--breakdown", "none", "clip"])
 
 
 def test_loader_quick_times_every_source_and_method(tmp_path: Path) -> None:
