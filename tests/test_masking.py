@@ -308,6 +308,30 @@ def test_resize_image_size(scale: float, size: int, patch_size: int, expected: i
     assert ResizeMasking(scale=scale).view_size(size, patch_size) == expected
 
 
+def _pixels(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+
+def test_resize_keeps_uint8_views_uint8_and_matches_a_float_resize() -> None:
+    views = _pixels((2, 3, 32, 32))
+    resized = ResizeMasking(scale=0.5).prepare_views(views, 8)
+    in_float = ResizeMasking(scale=0.5).prepare_views(views.float(), 8)
+    assert resized.dtype == torch.uint8 and resized.shape == (2, 3, 16, 16)
+    assert in_float.dtype == torch.float32
+    assert (resized.float() - in_float.clamp(0, 255)).abs().max() <= 2  # the uint8 kernel's fixed point
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resize_of_uint8_views_on_cuda_matches_the_cpu() -> None:
+    # torch has no uint8 antialiased bicubic kernel on CUDA: the views must not reach it as uint8.
+    views = _pixels((2, 3, 32, 32))
+    on_cpu = ResizeMasking(scale=0.5).prepare_views(views, 8)
+    on_cuda = ResizeMasking(scale=0.5).prepare_views(views.cuda(), 8)
+    assert on_cuda.dtype == torch.uint8 and on_cuda.device.type == "cuda"
+    assert (on_cuda.cpu().int() - on_cpu.int()).abs().max() <= 2
+
+
 def test_resize_flags() -> None:
     assert ResizeMasking().view_size(224, 16) == 112 and ResizeMasking().scale == 0.5
     others = [NoMasking(), GridMasking(), AttentiveLow(), *(f(0.5, 1) for f in CELL_STRATEGIES.values())]

@@ -36,8 +36,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2.functional import resize
 
 # Re-exported: `aclip.modules.masking.map_scores_to_views` is public API (the design's section 4).
 from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views  # noqa: F401
@@ -165,11 +166,12 @@ class TokenMasking:
 
     def prepare_views(self, views: Tensor, patch_size: int) -> Tensor:
         """The views [N, 3, H, W] as the online encoder takes them, resized to `view_size` where it differs
-        (bicubic, antialiased)."""
-        size = tuple(self.view_size(side, patch_size) for side in views.shape[-2:])
-        if size == tuple(views.shape[-2:]):
+        (bicubic, antialiased). torchvision's resize keeps uint8 pixels uint8 on every device: torch has a
+        uint8 kernel on the CPU only, and torchvision resizes in float elsewhere, then rounds and clamps."""
+        size = [self.view_size(side, patch_size) for side in views.shape[-2:]]
+        if size == list(views.shape[-2:]):
             return views
-        return F.interpolate(views, size=size, mode="bicubic", antialias=True, align_corners=False)
+        return resize(views, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
 
     def num_kept_cells(self, cells: tuple[int, int]) -> int:
         """Cells kept of a (rows, cols) cell grid: round(keep_ratio * cells), halves up, at least one."""
