@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
+from aclip.callbacks import mask_vis
 from aclip.tasks import train
 from tests.helpers import compose_config
 
@@ -45,8 +49,6 @@ def test_a_short_name_is_the_paper_scale_with_its_method(tmp_path, name):
 @pytest.mark.parametrize(("method", "losses"), [("aclip", {"simclr", "byol"}), ("attentive_3x33", set())])
 def test_multi_view_steps_log_every_loss(train_config, tmp_path, method, losses):
     """A-CLIP's step (k = 2, SimCLR + BYOL) and a k = 3 step run and log each loss component."""
-    import csv
-
     train(
         train_config(
             f"method={method}", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "evaluate=false"
@@ -60,6 +62,21 @@ def test_multi_view_steps_log_every_loss(train_config, tmp_path, method, losses)
     assert logged == {"clip", *losses}
     total = float(row["train/clip_loss"]) + sum(float(row[f"train/{name}_loss"]) for name in losses)
     assert float(row["train/loss"]) == pytest.approx(total, rel=1e-5)
+
+
+def test_mask_pictures_are_drawn_once_per_accumulated_step(train_config, monkeypatch):
+    drawn = []
+    monkeypatch.setattr(mask_vis, "save_image", lambda picture, path: drawn.append(Path(path).name))
+    train(
+        train_config(
+            "method=aclip",
+            "trainer.max_steps=2",
+            "trainer.accumulate_grad_batches=2",
+            "callbacks.mask_pictures.every_n_steps=2",
+            "evaluate=false",
+        )
+    )
+    assert drawn == ["step0000000.png"]  # step 0's first micro-batch, not its second
 
 
 def test_mask_pictures_written(train_config, tmp_path):

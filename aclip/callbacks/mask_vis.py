@@ -116,10 +116,12 @@ class MaskVisualization(Callback):
             )
         self.every_n_steps, self.num_samples, self.dirname = every_n_steps, num_samples, dirname
         self._recorded_step: int | None = None
+        self._drawn_step: int | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        drawing = trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero
-        self._recorded_step = trainer.global_step if drawing else None
+        step = trainer.global_step  # the same for every micro-batch of an accumulated step: draw its first
+        drawing = step % self.every_n_steps == 0 and step != self._drawn_step and trainer.is_global_zero
+        self._recorded_step = step if drawing else None
 
     def on_train_batch_end(
         self,
@@ -136,6 +138,7 @@ class MaskVisualization(Callback):
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"step{self._recorded_step:07d}.png"
         save_image(picture, path)
+        self._drawn_step = self._recorded_step
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image("train/masking", [str(path)], step=trainer.global_step)
