@@ -45,7 +45,7 @@ from aclip.datamodules.images import decode_pixels, open_image
 from aclip.datamodules.yfcc15m import shard_member
 from aclip.modules.masking import build_policy
 from benchmarks.reporting import add_output_arguments, device_name, report_head, run_benchmark
-from benchmarks.timing import CLOCKS
+from benchmarks.timing import CLOCKS, add_clock_argument
 
 SOURCES = ("csv", "webdataset", "yfcc15m", "coco", "synthetic")
 METHODS = ("clip", "aclip", "aclip_eff")
@@ -272,12 +272,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up round")
     parser.add_argument("--profile", default="csv:aclip", help="SOURCE:METHOD to profile ('none': skip)")
-    parser.add_argument(
-        "--clock",
-        choices=sorted(CLOCKS),
-        default="wall",
-        help="wall: wall time; cpu: this process's CPU time (steadier on a machine shared with other jobs)",
-    )
+    add_clock_argument(parser)
     parser.add_argument("--fixture", type=Path, default=Path("logs/benchmarks/loader_fixture"))
     parser.add_argument("--quick", action="store_true", help="32 px, 16 images, a few samples")
     add_output_arguments(parser)

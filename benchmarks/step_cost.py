@@ -39,7 +39,7 @@ from benchmarks.reporting import (
     resolve_device,
     run_benchmark,
 )
-from benchmarks.timing import CLOCKS, RunSettings, quiet_lightning, run_interleaved
+from benchmarks.timing import RunSettings, add_clock_argument, quiet_lightning, run_interleaved
 from benchmarks.variants import PRECISIONS, VARIANTS, Variant, build_variant
 
 BASELINE = "clip"
@@ -90,13 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="variants whose step is split into phases with the profiler (no name: every timed variant; "
         "none: skip)",
     )
-    parser.add_argument(
-        "--clock",
-        choices=sorted(CLOCKS),
-        default="wall",
-        help="wall: wall time, device synchronised; cpu: this process's CPU time (CPU device only: "
-        "steadier on a machine shared with other jobs)",
-    )
+    add_clock_argument(parser, wall="wall time, device synchronised")
     parser.add_argument(
         "--against",
         choices=["open_clip"],

@@ -3,6 +3,7 @@ variant's fixed batch, steps timed after a warm-up, variants interleaved in roun
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import logging
@@ -33,6 +34,17 @@ def synchronize(device: torch.device) -> None:
 # How step times are read: the wall clock (the device synchronised), or the CPU time of this process,
 # which on a CPU shared with other jobs counts only the work of this one.
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def add_clock_argument(parser: argparse.ArgumentParser, wall: str = "wall time") -> None:
+    """`--clock wall|cpu` (a key of `CLOCKS`, default wall); `wall` says what the wall clock times."""
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help=f"wall: {wall}; cpu: this process's CPU time (CPU work only: steadier on a machine shared "
+        "with other jobs)",
+    )
 
 
 @dataclass(frozen=True)
