@@ -4,12 +4,14 @@ group. (`conftest.py` holds only the fixtures.)"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +135,24 @@ def _gloo_rank(
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+class DeadlineExceeded(AssertionError):
+    """Raised in the main thread when a `deadline` passes: a test of something that must end, ending."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Fail the enclosed code if it runs longer than `seconds` (a hang becomes a test failure, not a CI
+    timeout). Main thread only (SIGALRM)."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise DeadlineExceeded(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

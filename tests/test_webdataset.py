@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import random
@@ -19,6 +20,7 @@ from aclip.callbacks.data_quality import BadDataError
 from aclip.datamodules.images import decode_pixels
 from aclip.datamodules.webdataset_source import WebDatasetSource
 from aclip.tasks import train
+from tests.helpers import deadline
 
 
 def encoded(image_format: str, mode: str = "RGB") -> bytes:
@@ -267,3 +269,43 @@ def test_training_runs_from_shards(train_config, tmp_path):
     train(cfg)
     timing = json.loads((tmp_path / "run" / "timing.json").read_text())
     assert timing["optimizer_steps"] == 4  # 32 samples in batches of 8
+
+
+def test_resampled_garbage_shards_stop_the_run_warning_once_per_shard(train_config, tmp_path, caplog):
+    """The multi-node mode with every shard corrupt ends as the default mode does (a bad-data error), in
+    bounded time, naming each shard once, not once per draw."""
+    pattern = write_shards(tmp_path / "shards", num_shards=4, per_shard=8)
+    for shard in (tmp_path / "shards").glob("*.tar"):
+        shard.write_bytes(b"\x00garbage" * 100)
+    cfg = train_config(
+        "data=webdataset",
+        f"data.train.urls='{pattern}'",
+        "data.train.num_samples=32",
+        "data.train.resampled=true",
+    )
+    # The run used to draw the broken shards forever, its memory growing: now it must end within a minute.
+    with caplog.at_level(logging.WARNING), pytest.raises(BadDataError, match="planned batches"), deadline(60):
+        train(cfg)
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):
+        assert caplog.text.count(f"webdataset shard {shard}:") <= 1
+    assert "samples in a row could not be used" in caplog.text
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_a_long_run_of_bad_samples_is_counted_exactly_in_bounded_memory(tmp_path):
+    """Thousands of bad samples before a good one: all counted, 20 named, the rest summed in one entry."""
+    source = WebDatasetSource(write_shards(tmp_path, num_shards=1, per_shard=1), num_samples=1)
+    bad = ({"__url__": "s.tar", "__key__": f"{i:06d}", "txt": b"no image"} for i in range(5000))
+    good = {"__url__": "s.tar", "__key__": "good", "jpg": JPEG, "txt": b"sample 7"}
+    samples = list(source._prepared([*bad, good], prepare=sample_id, give_up_after=10_000))
+    assert len(samples) == 1 and samples[0]["bad_samples"] == 5000 and samples[0]["samples_read"] == 5001
+    names = samples[0]["bad_names"].split("\n")
+    assert len(names) == 21 and names[-1].startswith("(more) (") and "s.tar/000019" in names[19]
+
+
+def test_an_endless_stream_of_bad_samples_ends_after_an_epochs_worth(tmp_path, caplog):
+    source = WebDatasetSource(write_shards(tmp_path, num_shards=1, per_shard=1), num_samples=1)
+    endless = ({"__url__": "s.tar", "__key__": str(i), "txt": b"no image"} for i in itertools.count())
+    with caplog.at_level(logging.WARNING):
+        assert list(source._prepared(endless, prepare=sample_id, give_up_after=64)) == []
+    assert "64 samples in a row could not be used" in caplog.text

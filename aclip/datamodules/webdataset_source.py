@@ -32,9 +32,12 @@ class WebDatasetSource:
     `000123.txt` are one sample). A sample's image is its first member with one of `image_keys`, its
     caption the first with one of `caption_keys` (from a `.json` member, its `caption_field`). Samples
     whose image or caption is missing or unreadable are skipped and counted (`skip_record`). A shard
-    that cannot be opened or read to its end (truncated, corrupt) is logged by name, and the samples it
-    did not deliver are counted as bad: its expected size is the `successes` of img2dataset's
-    `<shard>_stats.json` beside it, else `num_samples` over the number of shards.
+    that cannot be opened or read to its end (truncated, corrupt) is logged by name, once per process, and
+    the samples it did not deliver are counted as bad every time it is read: its expected size is the
+    `successes` of img2dataset's `<shard>_stats.json` beside it, else `num_samples` over the number of
+    shards. A dataloader worker that meets its share of a whole epoch in bad samples without one good
+    sample ends its epoch, so that a stream of broken shards stops with `BadSampleMonitor`'s error in
+    either mode below instead of drawing them forever.
 
     An epoch is read in one of two ways:
 
@@ -95,6 +98,8 @@ class WebDatasetSource:
         self.shard_shuffle, self.shuffle_buffer, self.seed = shard_shuffle, shuffle_buffer, seed
         self.image_keys, self.caption_keys = tuple(image_keys), tuple(caption_keys)
         self.caption_field = caption_field
+        # Shards already reported unreadable (by this process: each dataloader worker keeps its own copy).
+        self._warned: set[str] = set()
 
     @property
     def shards(self) -> list[str]:
@@ -110,7 +115,9 @@ class WebDatasetSource:
         return _SizedPipeline(
             self._samples(rank, world_size),
             _shuffle(self.shuffle_buffer, wds.utils.make_seed(self.seed, rank)),
-            partial(self._prepared, prepare=prepare),
+            partial(
+                self._prepared, prepare=prepare, give_up_after=max(per_worker * batch_size, _GIVE_UP_FLOOR)
+            ),
             wds.batched(batch_size, collation_fn=default_collate, partial=False),
             wds.slice(per_worker),  # each worker's share of the epoch: resampled streams are endless
             length=per_worker * workers,
@@ -147,7 +154,7 @@ class WebDatasetSource:
             # The trainer's rank, where webdataset's split_by_node would read it from the environment.
             wds.slice(rank, None, world_size),
             wds.split_by_worker,
-            partial(_read_shards, expected=self._expected_samples),
+            partial(_read_shards, expected=self._expected_samples, warned=self._warned),
         )
 
     def _resampled(self, urls: list[str], rank: int, source: int) -> IterableDataset:
@@ -157,7 +164,9 @@ class WebDatasetSource:
             worker_seed=partial(_worker_seed, rank),
             deterministic=True,
         )
-        return wds.DataPipeline(shards, partial(_read_shards, expected=self._expected_samples))
+        return wds.DataPipeline(
+            shards, partial(_read_shards, expected=self._expected_samples, warned=self._warned)
+        )
 
     def _expected_samples(self, url: str) -> int:
         """How many samples the shard `url` holds: img2dataset's count for it, else the average."""
@@ -169,10 +178,18 @@ class WebDatasetSource:
                 pass
         return max(1, round(self.num_samples / len(self.shards)))
 
-    def _prepared(self, samples: Iterable[dict[str, Any]], prepare: Prepare) -> Iterator[dict[str, Any]]:
+    def _prepared(
+        self, samples: Iterable[dict[str, Any]], prepare: Prepare, give_up_after: int
+    ) -> Iterator[dict[str, Any]]:
         """`prepare`d pairs; bad samples (and the lost part of a broken shard) are skipped and recorded in
-        the next good one (`skip_record`), or, at the end of the stream, in the last one."""
-        skipped: list[BadSample] = []
+        the next good one (`skip_record`), or, at the end of the stream, in the last one.
+
+        A worker that meets `give_up_after` bad samples in a row (its share of a whole epoch, at least
+        `_GIVE_UP_FLOOR`) without a good one ends its stream: a resampled stream of broken shards would
+        otherwise draw them forever. The epoch then yields too few batches, which `BadSampleMonitor`
+        reports, as in the default mode.
+        """
+        skipped = _SkippedSamples()
         held: tuple[dict[str, Any], list[BadSample]] | None = None  # yielded once the next one is known
         for sample in samples:
             try:
@@ -180,13 +197,21 @@ class WebDatasetSource:
                     raise sample[_LOST]
                 prepared = prepare(*self._pair(sample))  # `prepare` decodes the image
             except BadSample as bad:
-                skipped.append(bad)
+                skipped.add(bad)
+                if skipped.count >= give_up_after:
+                    log.warning(
+                        "webdataset: %d samples in a row could not be used (this worker's share of an "
+                        "epoch), the last %s; ending this worker's epoch. Check data.train.urls",
+                        skipped.count,
+                        bad,
+                    )
+                    break
                 continue
             if held is not None:
                 yield _recorded(*held)
-            held, skipped = (prepared, skipped), []
+            held, skipped = (prepared, skipped.record()), _SkippedSamples()
         if held is not None:
-            yield _recorded(held[0], held[1] + skipped)
+            yield _recorded(held[0], held[1] + skipped.record())
 
     def _pair(self, sample: dict[str, Any]) -> tuple[Image.Image, str]:
         name = f"{sample['__url__']}/{sample['__key__']}"
@@ -204,6 +229,37 @@ class WebDatasetSource:
         except ValueError as error:  # invalid UTF-8 or JSON
             raise BadSample(name, f"cannot read the caption ({type(error).__name__}: {error})") from None
         return clean_caption(text if isinstance(text, str) else None, name)
+
+
+class _SkippedSamples:
+    """The bad samples skipped since the last good one, in bounded memory: the count of all of them and
+    the first `_MAX_NAMED` by name (the rest stand as one entry with their count)."""
+
+    def __init__(self) -> None:
+        self.named: list[BadSample] = []
+        self.count = 0
+        self._unnamed = 0
+
+    def add(self, bad: BadSample) -> None:
+        self.count += bad.count
+        if len(self.named) < _MAX_NAMED:
+            self.named.append(bad)
+        else:
+            self._unnamed += bad.count
+
+    def record(self) -> list[BadSample]:
+        """What `skip_record` takes: the named samples, and one entry counting the others."""
+        if not self._unnamed:
+            return self.named
+        return [*self.named, BadSample("(more)", "further bad samples, not named", count=self._unnamed)]
+
+
+# Bad samples named in the record of one good sample; the others are counted only.
+_MAX_NAMED = 20
+# The fewest bad samples in a row after which a worker ends its epoch, whatever the epoch's length: a tiny
+# epoch may still be surrounded by runs of bad files, and data with bad samples scattered at the 1 % that
+# `BadSampleMonitor` tolerates never shows a run this long.
+_GIVE_UP_FLOOR = 1000
 
 
 def _recorded(sample: dict[str, Any], skipped: list[BadSample]) -> dict[str, Any]:
@@ -270,10 +326,11 @@ _LOST = "__lost__"
 
 
 def _read_shards(
-    shards: Iterable[dict[str, Any]], expected: Callable[[str], int]
+    shards: Iterable[dict[str, Any]], expected: Callable[[str], int], warned: set[str]
 ) -> Iterator[dict[str, Any]]:
     """The samples of each shard (`{"url": ...}` items) in order. A shard that cannot be opened or read to
-    its end-of-archive marker yields what it could, then one `_LOST` item counting what it did not."""
+    its end-of-archive marker yields what it could, then one `_LOST` item counting what it did not; it is
+    logged the first time only (its URL joins `warned`), since a resampled stream may draw it again."""
     for shard in shards:
         url, delivered = shard["url"], 0
         try:
@@ -285,7 +342,11 @@ def _read_shards(
             reason = (
                 f"unreadable after {delivered} samples, about {lost} lost ({type(error).__name__}: {error})"
             )
-            log.warning("webdataset shard %s: %s", url, reason)
+            if url not in warned:
+                warned.add(url)
+                log.warning(
+                    "webdataset shard %s: %s (reported once; its samples are counted each time)", url, reason
+                )
             yield {_LOST: BadSample(url, reason, count=lost)}
 
 
