@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from aclip.export import CONFIG_FILE
+from aclip.export import CONFIG_FILE, check_export_config, read_export_config
 
 
 def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callable, Callable[..., Tensor]]:
@@ -33,6 +33,8 @@ def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callab
     path = Path(path)
     if (path / CONFIG_FILE).is_file():
         import open_clip
+
+        check_export_config(read_export_config(path), path)
 
         name = f"local-dir:{path}"
         clip, _, preprocess = open_clip.create_model_and_transforms(name)

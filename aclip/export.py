@@ -23,8 +23,10 @@ from typing import Any
 from open_clip.transformer import QuickGELU
 from torch import Tensor
 
+from aclip.checkpointing import CheckpointError
 from aclip.modules.model import ClipModel
 from aclip.modules.vision import NORMALIZATIONS
+from aclip.specs import SpecError, check_plain
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -78,6 +80,56 @@ def open_clip_config(model: ClipModel, interpolation: str = "bicubic") -> dict[s
             "resize_mode": "shortest",
         },
     }
+
+
+# The keys `open_clip_config` writes, nested as it nests them: the only ones `check_export_config` accepts.
+_CONFIG_KEYS: dict[str, Any] = {
+    "model_cfg": {
+        "embed_dim": None,
+        "vision_cfg": {
+            **dict.fromkeys(("image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio")),
+            **dict.fromkeys(("no_ln_pre", "pool_type", "final_ln_after_pool")),
+            "norm_kwargs": {"eps": None},
+        },
+        "text_cfg": dict.fromkeys(("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")),
+    },
+    "preprocess_cfg": dict.fromkeys(("size", "mean", "std", "interpolation", "resize_mode")),
+}
+
+
+def check_export_config(
+    config: Any, path: Path, keys: dict[str, Any] = _CONFIG_KEYS, prefix: str = ""
+) -> None:
+    """Raise `CheckpointError` unless `config` (an export folder's `open_clip_config.json`) holds only the
+    keys `open_clip_config` writes, with plain values. open_clip acts on other keys of its own schema
+    (`hf_model_name` and `timm_model_pretrained` download weights, `custom_text` builds other towers): a
+    folder is data, and must not choose what runs or what is fetched."""
+    if not isinstance(config, dict):
+        what = prefix.rstrip(".") or "the config"
+        raise CheckpointError(f"{path}: {what} must be a mapping, got {type(config).__name__}")
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if key not in keys:
+            raise CheckpointError(
+                f"{path} has {name}, which aclip's exports never write (open_clip would act on it); load a "
+                "folder written by `python -m aclip.export`, or other open_clip folders with open_clip itself"
+            )
+        if keys[key] is not None:
+            check_export_config(value, path, keys[key], f"{name}.")
+            continue
+        try:
+            check_plain(value, name)
+        except SpecError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+
+
+def read_export_config(directory: Path) -> Any:
+    """The parsed `open_clip_config.json` of an export folder (`CheckpointError` if it is not JSON)."""
+    path = directory / CONFIG_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path} is not a JSON config written by aclip.export: {error}") from None
 
 
 # A timm ViT block's parts and their open_clip names (timm's `attn.qkv` is open_clip's packed in_proj).

@@ -21,6 +21,7 @@ from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkp
 from aclip.config import resolved_job_config, validate_config
 from aclip.console import print_model_summary, print_run_header, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
+from aclip.datamodules.transforms import INTERPOLATIONS
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
 from aclip.evaluation.report import flatten_metrics
 from aclip.modules.aclip import AClip
@@ -252,8 +253,25 @@ def load_trained(path: str | Path) -> tuple[AClip, str]:
             f"{path} is not a checkpoint of aclip's model (or was written by an incompatible "
             f"version): {error}"
         ) from None
-    run_config = checkpoint.get(RUN_CONFIG_KEY) or {}
-    return module, (run_config.get("eval_loader") or {}).get("interpolation", "bicubic")
+    return module, stored_interpolation(checkpoint, path)
+
+
+def stored_interpolation(checkpoint: dict[str, Any], path: Path) -> str:
+    """The resize filter the checkpoint's run evaluated with, from its run config record (bicubic for a
+    checkpoint without one), checked to be one of `INTERPOLATIONS`: the record is data, and what is read
+    from it reaches the evaluation's loader and the export's preprocessing."""
+    record = checkpoint.get(RUN_CONFIG_KEY)
+    if record is None:
+        return "bicubic"
+    loader = record.get("eval_loader") if isinstance(record, dict) else None
+    interpolation = loader.get("interpolation", "bicubic") if isinstance(loader, dict) else loader
+    if not (isinstance(interpolation, str) and interpolation in INTERPOLATIONS):
+        raise CheckpointError(
+            f"{path} records {RUN_CONFIG_KEY}.eval_loader.interpolation={interpolation!r}, which is not one "
+            f"of {sorted(INTERPOLATIONS)}: the file was altered or written by another program. Use a "
+            "checkpoint written by aclip"
+        )
+    return interpolation
 
 
 def load_for_evaluation(cfg: DictConfig) -> tuple[AClip, Evaluation]:
@@ -262,7 +280,7 @@ def load_for_evaluation(cfg: DictConfig) -> tuple[AClip, Evaluation]:
     module, interpolation = load_trained(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    cfg.eval_loader.image_size = module.hparams.vision["image_size"]
+    cfg.eval_loader.image_size = module.model.vision.image_size
     if cfg.eval_loader.get("interpolation") is None:
         cfg.eval_loader.interpolation = interpolation
     evaluation = build_evaluation(cfg)

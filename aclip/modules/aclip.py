@@ -145,10 +145,22 @@ class AClip(pl.LightningModule):
 
     @staticmethod
     def check_hparams(hparams: Any) -> None:
-        """Reject a description (a checkpoint's `hyper_parameters`) that is not plain data or names a
-        masking policy this project does not define (`SpecError`), without building anything large."""
+        """Reject a description (a checkpoint's `hyper_parameters`) that is not plain data, names a
+        masking policy this project does not define, or names files to read weights from (`init_from`:
+        a checkpoint holds its weights, never where they came from) with a `SpecError`, without building
+        anything large."""
         if not isinstance(hparams, Mapping):
             raise SpecError(f"the hyper-parameters must be a mapping, got {type(hparams).__name__}")
+        for key, node in (
+            ("init_from", hparams),
+            *((f"{tower}.init_from", hparams.get(tower)) for tower in ("vision", "text")),
+        ):
+            source = node.get("init_from") if isinstance(node, Mapping) else None
+            if source is not None:
+                raise SpecError(
+                    f"{key}={source!r}: a checkpoint's description names a file to read weights from, which "
+                    "aclip never writes there (the checkpoint holds its weights)"
+                )
         components = ("masking", "optimizer", "scheduler")
         check_plain(
             {key: value for key, value in hparams.items() if key not in components}, "hyper_parameters"
