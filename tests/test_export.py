@@ -15,7 +15,7 @@ from PIL import Image
 
 import aclip
 from aclip import export
-from aclip.tasks import train
+from aclip.tasks import load_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +81,37 @@ def test_a_quick_gelu_text_tower_is_refused_with_the_reason(train_config):
     module = instantiate(train_config("model.text.activation=quick_gelu").model)
     with pytest.raises(ValueError, match="QuickGELU and its image tower GELU"):
         export.open_clip_config(module.model)
+
+
+def test_a_convolutional_stem_is_refused_by_the_export_and_by_weights_without_one(
+    trained, tmp_path, train_config
+):
+    conv = train_config("model.vision.stem=conv")
+    with pytest.raises(ValueError, match=r"convolutional stem .* cannot express it"):
+        export.open_clip_config(instantiate(conv.model).model)
+    export.main([str(trained), str(tmp_path / "out")])
+    for key, source in (
+        ("model.init_from", tmp_path / "out"),
+        ("model.vision.init_from", tmp_path / "vit.pt"),
+    ):
+        if key == "model.vision.init_from":  # a timm ViT's state dict, with its linear patch embedding
+            torch.save(instantiate(train_config().model).model.vision.trunk.state_dict(), source)
+        with pytest.raises(InstantiationException, match=r"linear (patch embedding|projection)") as error:
+            instantiate(train_config("model.vision.stem=conv", f"{key}={source}").model)
+        assert "model.vision.stem=patch" in str(error.value)
+
+
+def test_a_convolutional_stem_survives_its_checkpoint_batch_norm_statistics_included(tmp_path, train_config):
+    cfg = train_config("model.vision.stem=conv", "trainer.max_steps=2", "evaluate=false")
+    train(cfg)
+    loaded, _, _ = aclip.load(tmp_path / "run")
+    stem = loaded.vision.trunk.patch_embed.proj
+    # The teacher's batch-norm statistics, copied from the student at every step, are saved and restored.
+    assert stem[1].num_batches_tracked.item() == 2 and stem[1].running_mean.abs().sum() > 0
+    module = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    pixels, _ = images_and_texts(loaded.vision.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(pixels), module.ema_model.encode_image(pixels))
 
 
 def test_the_readme_lines_run_as_written(trained, tmp_path, monkeypatch):
