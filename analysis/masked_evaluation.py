@@ -12,6 +12,7 @@ the held-out set three ways, at the same budget and cell size for every run:
 
     python -m analysis.masked_evaluation logs/train/multiruns/<timestamp>/*/      # one row per run
     python -m analysis.masked_evaluation <run> --keep-ratio 0.25 --unit 1
+    python -m analysis.masked_evaluation <run> --eval segments --unit 1     # another built-in variant
 """
 
 from __future__ import annotations
@@ -30,8 +31,6 @@ from aclip.modules.model import ClipModel
 from aclip.modules.vision import VisionTower
 from aclip.tasks import load_for_evaluation
 from analysis.report import command_and_table
-
-REPORTED = "zeroshot/synthetic/top1"
 
 
 class MaskedViews(nn.Module):
@@ -63,9 +62,15 @@ class MaskedViews(nn.Module):
         return self.model.encode_text(tokens)
 
 
-def measure(run: Path, keep_ratio: float, unit: int) -> dict[str, float]:
-    """Zero-shot top-1 on the built-in held-out set of `run`'s EMA and online models, full and masked."""
-    module, evaluation = load_for_evaluation(compose("eval", [f"ckpt_path={run}"]))
+def reported_metric(eval_set: str) -> str:
+    """The zero-shot top-1 of a built-in variant's held-out set (`eval=[<eval_set>]`)."""
+    return f"zeroshot/{eval_set}/top1"
+
+
+def measure(run: Path, keep_ratio: float, unit: int, eval_set: str = "synthetic") -> dict[str, float]:
+    """Zero-shot top-1 on the built-in held-out set `eval_set` (a conf/eval option) of `run`'s EMA and
+    online models, full and masked."""
+    module, evaluation = load_for_evaluation(compose("eval", [f"ckpt_path={run}", f"eval=[{eval_set}]"]))
     teacher = module.ema_model.vision
     policies = {"random": RandomMasking(keep_ratio, unit), "attentive": AttentiveLow(keep_ratio, unit)}
     models: dict[str, nn.Module] = {}
@@ -73,7 +78,7 @@ def measure(run: Path, keep_ratio: float, unit: int) -> dict[str, float]:
         models[f"{name} full"] = model
         models |= {f"{name} {view}": MaskedViews(model, policy, teacher) for view, policy in policies.items()}
     metrics = evaluation.run(models, module.tokenizer)
-    return {name: values[REPORTED] for name, values in metrics.items()}
+    return {name: values[reported_metric(eval_set)] for name, values in metrics.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> str:
@@ -85,10 +90,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument(
         "--unit", type=int, default=2, help="cell side in patches (the tiny attentive presets': 2)"
     )
+    parser.add_argument(
+        "--eval", dest="eval_set", default="synthetic", help="the built-in variant's held-out set (conf/eval)"
+    )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    rows = {run: measure(run, args.keep_ratio, args.unit) for run in args.runs}
-    text = f"{REPORTED} (%) on full and masked views\n\n" + command_and_table(
+    rows = {run: measure(run, args.keep_ratio, args.unit, args.eval_set) for run in args.runs}
+    text = f"{reported_metric(args.eval_set)} (%) on full and masked views\n\n" + command_and_table(
         "analysis.masked_evaluation", argv, "run", rows, digits=1
     )
     print(text)
