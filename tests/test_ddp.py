@@ -246,8 +246,14 @@ def sampler_order(rank: int, world: int, seed: int) -> list[int]:
     )
 
 
+# The tiny default's convolutional stem has batch norms: trainer=ddp_cpu cannot synchronise them (rejected at
+# start-up, tested below), and each process's own statistics would part the ranks from the single process.
+# These tests run the DDP code path with ViT's patch projection.
+PATCH_STEM = "model.vision.stem=patch"
+
+
 def compose(tmp: Path, *overrides: str) -> DictConfig:
-    return compose_config("train", [*TINY_OVERRIDES, *overrides], tmp / "run")
+    return compose_config("train", [*TINY_OVERRIDES, PATCH_STEM, *overrides], tmp / "run")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,6 +310,16 @@ def test_batch_statistics_across_cpu_processes_are_rejected_at_start_up(tmp_path
     validate_config(compose(tmp_path, "trainer=ddp_cpu", "method=aclip", "model.self_supervision.norm=layer"))
     if norm == "batch":  # per-process statistics are allowed when asked for
         validate_config(compose(tmp_path, "trainer=ddp_cpu", *overrides, "trainer.sync_batchnorm=false"))
+
+
+def test_a_convolutional_stem_across_cpu_processes_is_rejected_at_start_up(tmp_path):
+    """Its batch norms would be SyncBatchNorm, which torch runs only on GPU: the run would fail at step 1."""
+    with pytest.raises(ConfigError, match="stem's batch norms SyncBatchNorm"):
+        validate_config(compose(tmp_path, "trainer=ddp_cpu", "model.vision.stem=conv"))
+    validate_config(compose(tmp_path, "trainer=ddp", "model.vision.stem=conv"))
+    validate_config(
+        compose(tmp_path, "trainer=ddp_cpu", "model.vision.stem=conv", "trainer.sync_batchnorm=false")
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -523,6 +539,7 @@ def train_py_run(tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("train_py")
     run_train_py(
         *TINY_OVERRIDES,
+        PATCH_STEM,
         "trainer=ddp_cpu",
         "method=aclip",
         "masking=random",  # seeded per rank: the masks must differ between the ranks

@@ -40,7 +40,11 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 class ConvStem(nn.Sequential):
     """A convolutional stem in place of ViT's patch projection (Xiao et al. 2021, "Early Convolutions Help
     Transformers See Better"): log2(`patch_size`) 3 x 3 convolutions of stride 2, each followed by batch
-    norm and a ReLU, their channels doubling up to `width`, then a 1 x 1 convolution to `width`.
+    norm and a ReLU, their channels doubling up to `width`, then a 1 x 1 convolution to `width`. The batch
+    norms are what makes it learn fine strokes at once (docs/attentive_stability.md, section 7: per-image
+    norms, or none, do not): in training they normalise over the batch's whole views, before any token
+    is removed, with each process's own statistics unless `trainer.sync_batchnorm` makes them
+    SyncBatchNorm (GPU only); evaluation and the EMA teacher use the running statistics.
 
     It maps an image to the same grid of tokens as the patch projection, one per `patch_size` patch, so
     token removal keeps and drops the same patches; a token's receptive field reaches a few pixels into
