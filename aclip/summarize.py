@@ -291,6 +291,21 @@ def markdown(summary: Summary) -> str:
             _markdown_table(*_seed_table_cells(*summary.seed_groups(headline=True))),
             "",
         ]
+    never = [job for job in summary.jobs if "teacher_handover_step" in (job.timing or {})]
+    never = [job for job in never if job.timing["teacher_handover_step"] is None]
+    if never:
+        parts += [
+            "## Jobs whose teacher never took over",
+            "",
+            "Their attentive policy kept random cells for the whole run (the teacher warm-up never ended: "
+            "the run was too short, or its CLIP loss never left the plateau), so they trained as random "
+            "masking of the same budget.",
+            "",
+        ]
+        parts += [
+            f"- job {job.number}: " + " ".join(f"{k}={v}" for k, v in job.overrides.items()) for job in never
+        ]
+        parts.append("")
     if summary.missing:
         parts += ["## Jobs without a result", ""]
         parts += [

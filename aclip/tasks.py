@@ -24,7 +24,8 @@ from aclip.datamodules.datamodule import ClipDataModule
 from aclip.datamodules.transforms import INTERPOLATIONS
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
 from aclip.evaluation.report import flatten_metrics
-from aclip.modules.aclip import AClip
+from aclip.modules.aclip import TEACHER_WARMUP_KEY, AClip
+from aclip.modules.teacher_warmup import check_state as check_warmup_state
 from aclip.specs import SpecError
 
 log = logging.getLogger(__name__)
@@ -96,11 +97,18 @@ def report(
 
 
 def write_timing(
-    fit_seconds: float, validation_seconds: float, steps: int, kept_tokens: int, num_views: int, path: Path
+    fit_seconds: float,
+    validation_seconds: float,
+    steps: int,
+    kept_tokens: int,
+    num_views: int,
+    path: Path,
+    token_choice: dict[str, Any] | None = None,
 ) -> None:
     """Record the wall time of this process's `trainer.fit` (data loading included), the part of it spent
-    on validation, the training time per optimizer step it took (validation left out), and the patch
-    tokens per view that the online image encoder saw."""
+    on validation, the training time per optimizer step it took (validation left out), the patch tokens
+    per view that the online image encoder saw, and how they were chosen (`token_choice`, e.g. the step
+    the teacher took over, `AClip.token_choice`)."""
     timing = {
         "fit_seconds": fit_seconds,
         "validation_seconds": validation_seconds,
@@ -108,6 +116,7 @@ def write_timing(
         "seconds_per_step": (fit_seconds - validation_seconds) / max(steps, 1),
         "kept_tokens": kept_tokens,
         "num_views": num_views,
+        **(token_choice or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(timing, indent=2) + "\n")
@@ -138,6 +147,8 @@ def inspect_resumed(ckpt_path: Path, run_config: dict[str, Any]) -> int:
     checkpoint = read_checkpoint(ckpt_path)
     try:
         AClip.check_hparams(checkpoint.get("hyper_parameters", {}))
+        if TEACHER_WARMUP_KEY in checkpoint:
+            check_warmup_state(checkpoint[TEACHER_WARMUP_KEY])
     except SpecError as error:
         raise CheckpointError(f"{ckpt_path} cannot be resumed: {error}") from None
     check_resumed_config(checkpoint.get(RUN_CONFIG_KEY), run_config, str(ckpt_path))
@@ -210,6 +221,7 @@ def train(cfg: DictConfig) -> Metrics:
             module.kept_tokens,
             datamodule.view_transform.num_views,
             output_dir / "timing.json",
+            module.token_choice(),
         )
 
     metrics: Metrics = {}

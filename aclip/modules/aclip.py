@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from aclip.evaluation.report import flatten_metrics
@@ -25,10 +27,16 @@ from aclip.modules.object_metrics import object_diagnostics
 from aclip.modules.schedule import build_optimizer, check_recipe, configure_optimization
 from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views
 from aclip.modules.self_supervision import SelfSupervision
+from aclip.modules.teacher_warmup import TeacherWarmup
 from aclip.modules.text import TextTower
 from aclip.modules.vision import VisionTower
-from aclip.specs import SpecError, check_plain, is_integer
+from aclip.specs import SpecError, check_plain
 from aclip.tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Where a checkpoint keeps the teacher warm-up's state (its running loss and hand-over step).
+TEACHER_WARMUP_KEY = "aclip_teacher_warmup"
 
 
 def _plain(value: Any) -> Any:
@@ -78,6 +86,8 @@ class AClip(pl.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool = False,
         teacher_warmup_steps: int = 0,
+        teacher_warmup_until_loss: float | None = None,
+        teacher_warmup_max_steps: int | None = None,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -110,11 +120,12 @@ class AClip(pl.LightningModule):
         # Reject a policy that cannot work on this tower now, not at the first training step.
         if self.masking.needs_scores:
             self.model.vision.resolve_layers(self.masking.layers)
-        if not is_integer(teacher_warmup_steps) or teacher_warmup_steps < 0:
-            raise ValueError(f"teacher_warmup_steps must be an integer >= 0, got {teacher_warmup_steps!r}")
-        # While the teacher is still forming, a policy it scores may keep random cells of the same budget.
+        # While the teacher is still forming, a policy it scores keeps random cells of the same budget.
+        self.teacher_warmup = TeacherWarmup(
+            teacher_warmup_steps, teacher_warmup_until_loss, teacher_warmup_max_steps
+        )
         self._warmup_masking = None
-        if teacher_warmup_steps and self.masking.needs_scores:
+        if self.masking.needs_scores:
             self._warmup_masking = RandomMasking(keep_ratio=self.masking.keep_ratio, unit=self.masking.unit)
         vision_size, patch_size = self.model.vision.image_size, self.model.vision.patch_size
         self.kept_tokens = self.masking.num_keep(
@@ -188,6 +199,25 @@ class AClip(pl.LightningModule):
         for group, lr in zip(optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         scheduler._last_lr = lrs
+        if self._warmup_masking is not None:
+            self._report(self.teacher_warmup.inside_warmup(int(self.trainer.estimated_stepping_batches)))
+
+    def on_train_end(self) -> None:
+        if self._warmup_masking is not None:
+            self._report(self.teacher_warmup.never_handed_over(self.global_step))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TEACHER_WARMUP_KEY] = self.teacher_warmup.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if TEACHER_WARMUP_KEY in checkpoint:  # checkpoints written before the adaptive warm-up have none
+            self.teacher_warmup.load_state_dict(checkpoint[TEACHER_WARMUP_KEY])
+
+    @staticmethod
+    def _report(warning: str | None) -> None:
+        """Log `warning` (on rank zero) to the console and the run's log file."""
+        if warning is not None:
+            rank_zero_only(log.warning)(warning)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Any]:
         images, text = batch["images"], batch["text"]  # [B, k, 3, H, W], [B, L]
@@ -221,6 +251,10 @@ class AClip(pl.LightningModule):
         loss = clip_loss + sum(auxiliary.values())
 
         self._log_step(loss, clip_loss, auxiliary, keep, scores, batch_size)
+        if self._warmup_masking is not None:  # the loss tells when the teacher may take over
+            self._report(
+                self.teacher_warmup.observe(self.global_step, clip_loss, batch_size * self.trainer.world_size)
+            )
         if "object_masks" in batch:  # the built-in data knows where its objects are
             self._log_object_diagnostics(batch, keep, grid, score_map, batch_size)
         # The loss, and what the step showed the encoders, for callbacks (the mask pictures).
@@ -228,11 +262,27 @@ class AClip(pl.LightningModule):
 
     @property
     def masking_policy(self) -> TokenMasking:
-        """The policy of this step: `masking`, or random cells of its budget for the first
-        `teacher_warmup_steps` optimizer steps when `masking` reads the teacher's scores."""
-        if self._warmup_masking is not None and self.global_step < self.hparams.teacher_warmup_steps:
-            return self._warmup_masking
-        return self.masking
+        """The policy of this step: `masking`, or, while the teacher warm-up lasts, random cells of its
+        budget when `masking` reads the teacher's scores (`aclip.modules.teacher_warmup`)."""
+        return self._warmup_masking if self.in_teacher_warmup else self.masking
+
+    @property
+    def in_teacher_warmup(self) -> bool:
+        """Whether this step's cells are random instead of the teacher's: during the warm-up of a policy the
+        teacher scores (never for others)."""
+        return self._warmup_masking is not None and not self.teacher_warmup.teacher_active(self.global_step)
+
+    def token_choice(self) -> dict[str, int | None]:
+        """For a policy the teacher scores: `teacher_handover_step`, the first optimizer step whose kept
+        cells the teacher chose (None if it never did before the run's last step); else nothing."""
+        if self._warmup_masking is None:
+            return {}
+        handover = self.teacher_warmup.handover_step
+        return {
+            "teacher_handover_step": handover
+            if handover is not None and handover < self.global_step
+            else None
+        }
 
     @property
     def needs_teacher_crop(self) -> bool:
@@ -278,6 +328,8 @@ class AClip(pl.LightningModule):
         }
         if scores is not None:
             logs["train/kept_score_mass"] = kept_score_mass(scores, keep).mean()
+        if self._warmup_masking is not None:
+            logs["train/teacher_active"] = float(not self.in_teacher_warmup)
         self.log_dict(progress, prog_bar=True, batch_size=batch_size)
         self.log_dict(logs, batch_size=batch_size)
 
