@@ -6,12 +6,16 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from PIL import Image
 
 from aclip.checkpointing import CheckpointError, read_checkpoint
@@ -69,12 +73,39 @@ def test_a_checkpoint_cannot_choose_what_code_runs(
     assert not created.exists()
 
 
-def test_a_checkpoint_holding_pickled_objects_is_refused_without_advice_to_unpickle(tmp_path):
+# Pickled objects in both of torch's wordings: a global of a module torch blocks (os), and one it does not
+# allow by default.
+PAYLOADS = [(os.getcwd, f"{os.getcwd.__module__}.getcwd"), (datetime.date(2026, 1, 1), "datetime.date")]
+
+
+@pytest.mark.parametrize(("payload", "named"), PAYLOADS, ids=["blocked-module", "not-allowed"])
+def test_a_checkpoint_holding_pickled_objects_is_refused_without_advice_to_unpickle(tmp_path, payload, named):
     path = tmp_path / "objects.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"vision": datetime.date(2026, 1, 1)}}, path)
-    with pytest.raises(CheckpointError, match=r"pickled Python object \(datetime\.date\)") as raised:
+    torch.save({"state_dict": {}, "hyper_parameters": {"vision": payload}}, path)
+    with pytest.raises(CheckpointError, match=rf"pickled Python object \({re.escape(named)}\)") as raised:
         load_checkpoint(path)
     assert "weights_only" not in str(raised.value)
+
+
+@pytest.mark.parametrize("key", ["model.vision.init_from", "model.text.init_from"])
+def test_init_from_a_file_holding_pickled_objects_names_it_without_advice_to_unpickle(
+    tmp_path, train_config, key
+):
+    payload, named = PAYLOADS[0]
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(1)}, "extra": payload}, path)
+    with pytest.raises(InstantiationException) as raised:
+        instantiate(train_config(f"{key}={path}").model)
+    message = str(raised.value)
+    assert f"{key}={path} cannot be read as weights" in message
+    assert f"pickled Python object ({named})" in message
+    assert "weights_only" not in message
+    not_weights = tmp_path / "weights.safetensors"
+    not_weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(
+        InstantiationException, match=rf"{key}=.*weights\.safetensors cannot be read as weights"
+    ):
+        instantiate(train_config(f"{key}={not_weights}").model)
 
 
 def test_a_truncated_checkpoint_is_named_with_the_ones_beside_it(train_config, tmp_path, monkeypatch):
