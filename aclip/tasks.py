@@ -68,17 +68,26 @@ def validation_schedule(cfg: DictConfig) -> dict[str, Any]:
     return whole_sets | {"check_val_every_n_epoch": epochs}
 
 
-def optimized_value(metrics: Metrics, key: str | None) -> float | None:
-    """The reported model's `key` metric (`optimized_metric`), which `train.py` returns to the sweeper."""
+def optimized_value(metrics: Metrics, key: str | None, required: bool = True) -> float | None:
+    """The reported model's `key` metric (`optimized_metric`), which `train.py` returns to the sweeper.
+
+    A `key` the evaluation lacks is an error where the value is `required` (a sweeper maximises it);
+    otherwise it is logged and None returned, since nothing reads the value of a single run.
+    """
     if not key or not metrics:
         return None
     reported = next(iter(metrics.values()))
-    if key not in reported:
-        raise KeyError(
-            f"optimized_metric={key} is not among the evaluation's metrics {sorted(reported)}; set "
-            "optimized_metric to one of them (or null)"
-        )
-    return reported[key]
+    if key in reported:
+        return reported[key]
+    missing = f"optimized_metric={key} is not among the evaluation's metrics {sorted(reported)}"
+    if required:
+        raise KeyError(f"{missing}; set optimized_metric to one of them (or null)")
+    log.warning(
+        "%s: nothing to return. Only a sweeper that optimises reads it: set optimized_metric to one of "
+        "them before such a sweep",
+        missing,
+    )
+    return None
 
 
 def report(
