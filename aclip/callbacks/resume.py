@@ -1,5 +1,6 @@
-"""What Lightning leaves out of a resume: the global random states, and (Lightning issue #20550) the
-dataloader position when `configure_optimizers` reads `trainer.estimated_stepping_batches`."""
+"""What Lightning leaves out of a resume: the global random states, (Lightning issue #20550) the
+dataloader position when `configure_optimizers` reads `trainer.estimated_stepping_batches`, and the rest
+of an epoch that `trainer.max_steps` cut short."""
 
 from __future__ import annotations
 
@@ -56,6 +57,37 @@ def restore_random_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def continue_cut_short_epoch(loops: dict[str, Any]) -> tuple[int, int] | None:
+    """Make the loop progress of a checkpoint written after training stopped part way through an epoch
+    (`trainer.max_steps` reached, or a stop) resume inside that epoch; that epoch's number and the batches
+    it trained on, or None for another checkpoint.
+
+    Lightning counts such an epoch as processed (and, in a checkpoint saved when training ended, as
+    completed), so a resume with a higher `max_steps` would start the next epoch and skip the rest of
+    this one, or, at `max_epochs`, take no step at all. The progress becomes that of a checkpoint saved
+    after the same batch in the middle of the epoch, which Lightning resumes at the next batch (and
+    `ResumableDataLoader`, whose position the checkpoint holds, reads the epoch on from there).
+    """
+    fit = loops.get("fit_loop") or {}
+    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
+    if not epochs or not batches or batches.get("is_last_batch", True):
+        return None  # the epoch ran to its last batch (or the checkpoint is not Lightning's)
+    epoch, batch = epochs["current"], batches["current"]
+    epoch_ended = epoch["ready"] == epoch["started"] == epoch["processed"] > 0
+    if not epoch_ended or epoch["completed"] < epoch["processed"] - 1:
+        return None  # saved in the middle of the epoch, where Lightning resumes on its own
+    if not 0 < batch["completed"] == batch["processed"]:
+        return None
+    for progress in (epochs["total"], epoch):
+        progress["processed"] -= 1
+        progress["completed"] = progress["processed"]
+    for progress in (batches["total"], batch):
+        progress["completed"] -= 1
+    # Lightning adds the batch back when it resumes after a batch's end (it saves this count one short).
+    fit["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    return epoch["processed"], batch["processed"]
+
+
 class ResumeState(Callback):
     """Makes a resumed run continue exactly where its checkpoint left off.
 
@@ -67,6 +99,8 @@ class ResumeState(Callback):
     * Hands the dataloader states of the checkpoint to the training dataloaders (`ResumableDataLoader`
       positions) when Lightning has not: it loads them only if it builds the dataloader after restoring
       the checkpoint, and `AClip.configure_optimizers` makes it build it before (Lightning #20550).
+    * Continues an epoch that `trainer.max_steps` cut short where it stopped
+      (`continue_cut_short_epoch`), so that raising `max_steps` trains on the rest of that epoch.
     """
 
     def __init__(self) -> None:
@@ -87,6 +121,17 @@ class ResumeState(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict.get("ranks") or None
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Called with the checkpoint that Lightning restores its loops from next.
+        cut_short = continue_cut_short_epoch(checkpoint.get("loops") or {})
+        if cut_short is not None:
+            epoch, batches = cut_short
+            _info(
+                f"The checkpoint stopped after {batches} batches of epoch {epoch}: training continues there"
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fit_loop = trainer.fit_loop
