@@ -40,17 +40,20 @@ def compose(config_name: str, overrides: Sequence[str] = (), output_dir: Path | 
 
 
 def run_training(cfg: DictConfig) -> float | None:
-    """Train and evaluate as `cfg` says; the value of `optimized_metric`, which sweepers that optimise
-    (hparams_search=optuna_lr) maximise. Under such a sweeper the metric is checked before training; a
-    single run whose evaluation lacks it finishes with a warning instead."""
+    """Train and evaluate as `cfg` says (with `ckpt_path=<run>`, the run's own config composed again, then
+    this command's overrides: `aclip.recompose`); the value of `optimized_metric`, which sweepers that
+    optimise (hparams_search=optuna_lr) maximise. Under such a sweeper the metric is checked before
+    training; a single run whose evaluation lacks it finishes with a warning instead."""
     # Imported here, so that `--help` and shell completion need not load torch and Lightning.
     from aclip.config import check_optimized_metric
+    from aclip.recompose import compose_resumed
     from aclip.tasks import optimized_value, train
 
+    cfg, overrides = compose_resumed(cfg, config_dir())
     optimising = sweeper_optimises()
     if optimising:
         check_optimized_metric(cfg)
-    return optimized_value(train(cfg), cfg.get("optimized_metric"), required=optimising)
+    return optimized_value(train(cfg, overrides), cfg.get("optimized_metric"), required=optimising)
 
 
 def sweeper_optimises() -> bool:

@@ -18,11 +18,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
+from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY, check_resumed_config
 from aclip.checkpointing import CheckpointError, read_checkpoint
+from aclip.cli import run_training
 from aclip.datamodules.csv_source import CsvCaptions
 from aclip.modules.aclip import AClip
+from aclip.recompose import compose_resumed
 from aclip.tasks import TrainingError, evaluate_checkpoint, load_checkpoint, train
-from tests.helpers import SYNTHETIC_EVAL_OVERRIDES, compose_config
+from tests.helpers import CONF_DIR, SYNTHETIC_EVAL_OVERRIDES, compose_config
 from tests.test_train import read_csv_metrics
 
 QUICK = ["trainer.limit_train_batches=2", "evaluate=false", "evaluation.every_n_steps=null"]
@@ -208,3 +211,58 @@ def test_non_utf8_csv_names_the_line_and_the_fix(tmp_path):
 def test_checkpoint_metadata_is_read_without_loading_the_weights_eagerly(trained):
     checkpoint = read_checkpoint(trained / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2 and "aclip_run_config" in checkpoint
+
+
+# A run with overrides that the resumes below do not type: a refused key (the tower's depth), a config
+# group's option and a value under it. (The data size as an override, where the record holds it; the
+# `train_config` fixture would set it in the composed config.)
+OWN_RUN = ["model.vision.depth=1", "masking=random", "masking.keep_ratio=0.5", "data.train.size=32"]
+
+
+@pytest.fixture
+def own_run(train_config, tmp_path) -> Path:
+    """The run directory of a two-step tiny run with the overrides OWN_RUN."""
+    train(train_config(*QUICK, *OWN_RUN, output_dir=tmp_path / "own"))
+    return tmp_path / "own"
+
+
+def test_a_run_resumes_from_its_directory_alone_with_its_own_config(own_run, train_config, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        run_training(train_config(f"ckpt_path={own_run}", "trainer.max_epochs=2", output_dir=tmp_path / "on"))
+    resumed = torch.load(tmp_path / "on" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4  # two more steps of the run's two per epoch
+    config = resumed[RUN_CONFIG_KEY]
+    assert config["model"]["vision"]["depth"] == 1 and config["masking"]["keep_ratio"] == 0.5
+    assert config["trainer"]["limit_train_batches"] == 2 and config["trainer"]["max_epochs"] == 2
+    assert "differs from the run's" not in caplog.text
+    # The resumed run records the overrides it was composed with: resuming it needs nothing retyped either.
+    assert {*QUICK, *OWN_RUN, "trainer.max_epochs=2"} <= set(resumed[RUN_OVERRIDES_KEY])
+
+
+@pytest.mark.parametrize("records_overrides", [True, False])
+def test_a_refused_resume_lists_what_differs_without_blaming_overrides_nobody_typed(records_overrides):
+    saved, current = {"model": {"vision": {"depth": 1}}}, {"model": {"vision": {"depth": 2}}}
+    with pytest.raises(ValueError, match=r"model\.vision\.depth: 1 -> 2") as raised:
+        check_resumed_config(saved, current, "run/last.ckpt", records_overrides)
+    message = str(raised.value)
+    assert "revert" not in message and "give these keys the run's values" in message
+    assert ("does not record its run's command line" in message) != records_overrides
+
+
+def test_a_checkpoints_recorded_overrides_choose_no_code(train_config, tmp_path, caplog):
+    planted = [
+        "+callbacks.planted._target_=builtins.exec",  # an addition naming code
+        "model.optimizer._target_=builtins.eval",  # a value of a _target_
+        "data=../eval/synthetic",  # a path out of the config group
+        "data.train.size=${oc.create:{_target_:builtins.exec}}",  # an interpolation building a node
+    ]
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({RUN_OVERRIDES_KEY: [*OWN_RUN, *planted, "hydra.run.dir=/elsewhere"]}, path)
+    with caplog.at_level(logging.WARNING):
+        cfg, overrides = compose_resumed(train_config(f"ckpt_path={path}"), str(CONF_DIR))
+    assert cfg.model.vision.depth == 1 and cfg.masking.keep_ratio == 0.5  # the run's own values
+    assert "planted" not in cfg.callbacks and cfg.model.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.data._target_ == "aclip.datamodules.datamodule.ClipDataModule" and cfg.data.train.size == 32
+    assert not any(line in overrides for line in planted) and "hydra.run.dir=/elsewhere" not in overrides
+    assert all(line in caplog.text for line in planted)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -151,10 +152,16 @@ class ResumeState(Callback):
 
 # The run's resolved config, saved in every checkpoint under this key, so that a resume can compare.
 RUN_CONFIG_KEY = "aclip_run_config"
+# The command-line overrides the run's config was composed with, saved beside it, so that
+# `ckpt_path=<run>` alone composes the same config again (`aclip.recompose`).
+RUN_OVERRIDES_KEY = "aclip_run_overrides"
 # Keys a resumed run may change without comment: where it writes, how it logs, evaluates and reports,
 # and how long it trains.
 MAY_CHANGE = (
     "paths",
+    "trainer.default_root_dir",
+    "callbacks.model_checkpoint.dirpath",
+    "callbacks.interrupt_checkpoint.dirpath",
     "logger",
     "eval",
     "evaluate",
@@ -187,15 +194,17 @@ REFUSED = (
 
 
 class RunConfigRecord(Callback):
-    """Saves the run's resolved config in every checkpoint (`RUN_CONFIG_KEY`)."""
+    """Saves the run's resolved config (`RUN_CONFIG_KEY`) and the command-line overrides it was composed
+    with (`RUN_OVERRIDES_KEY`) in every checkpoint."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
+    def __init__(self, config: dict[str, Any], overrides: Sequence[str] = ()) -> None:
+        self.config, self.overrides = config, list(overrides)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[RUN_CONFIG_KEY] = self.config
+        checkpoint[RUN_OVERRIDES_KEY] = self.overrides
 
 
 @rank_zero_only
@@ -232,9 +241,12 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
     }
 
 
-def check_resumed_config(saved: dict[str, Any] | None, current: dict[str, Any], ckpt_path: str) -> None:
+def check_resumed_config(
+    saved: dict[str, Any] | None, current: dict[str, Any], ckpt_path: str, records_overrides: bool = True
+) -> None:
     """Compare the config of the run being resumed with this one's: refuse changes to the model's shape,
-    say which optimizer settings now apply, and list every other difference."""
+    say which optimizer settings now apply, and list every other difference. `records_overrides`: the
+    checkpoint holds the run's command-line overrides (`RUN_OVERRIDES_KEY`)."""
     if saved is None:
         rank_zero_warn(
             f"{ckpt_path} holds no run config (an older checkpoint): the resumed config is not compared"
@@ -246,11 +258,18 @@ def check_resumed_config(saved: dict[str, Any] | None, current: dict[str, Any], 
     lines = {key: f"  {key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()}
     refused = [line for key, line in lines.items() if _under(key, REFUSED)]
     if refused:
+        composed = (
+            "`ckpt_path=<run>` alone composes the run's own config"
+            if records_overrides
+            else f"{ckpt_path} does not record its run's command line (an older checkpoint), so this "
+            "config holds the defaults where the run had overrides: give them again (its run "
+            "directory's .hydra/overrides.yaml lists them)"
+        )
         raise ValueError(
-            f"resuming {ckpt_path} with a different model or optimizer: the checkpoint's weights and "
-            "optimizer state cannot fit\n"
+            f"resuming {ckpt_path} with a different model or optimizer than its run's: the checkpoint's "
+            "weights and optimizer state cannot fit (the run's value -> this config's)\n"
             + "\n".join(refused)
-            + "\nrevert these overrides to resume, or start a new run"
+            + f"\nTo resume, give these keys the run's values ({composed}), or start a new run."
         )
     applied = [line for key, line in lines.items() if _under(key, APPLIED)]
     other = [line for key, line in lines.items() if not _under(key, APPLIED)]
