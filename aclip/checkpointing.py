@@ -130,17 +130,26 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: unreadable, truncated, foreign, or holding code."""
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch's refusal of a pickled object, in both of its wordings: "Trying to load unsupported GLOBAL
+# posix.system whose module posix is blocked." and "Unsupported global: GLOBAL mod.Class was not an
+# allowed global by default."
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported global:? (?:global )?([\w.]+)", re.IGNORECASE)
+# Lines of torch's message that advise loading the file unsafely or point at its documentation.
+_ADVICE = re.compile(r"weights[_ ]only|check the documentation|file an issue", re.IGNORECASE)
 
 
-def _reason(error: Exception) -> str:
-    """Why torch could not load a checkpoint, in a line (never torch's advice to load it unsafely)."""
+def load_failure_reason(error: Exception) -> str:
+    """Why torch (or safetensors) could not read a file as data, in a line that names a pickled object's
+    type and never passes on torch's advice to load the file unsafely."""
     text = str(error)
     found = _UNSUPPORTED_GLOBAL.search(text)
     if found:
-        return f"it holds a pickled Python object ({found.group(1)}), which aclip's checkpoints never hold"
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return first if "weights_only" not in first else type(error).__name__
+        return (
+            f"it holds a pickled Python object ({found.group(1)}), which is code, not data: aclip never "
+            "loads one"
+        )
+    lines = (line.strip() for line in text.splitlines())
+    return next((line for line in lines if line and not _ADVICE.search(line)), type(error).__name__)
 
 
 def _siblings(path: Path) -> str:
@@ -168,7 +177,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise
     except Exception as error:
         raise CheckpointError(
-            f"{path} is not a checkpoint of aclip's model, or is truncated: {_reason(error)}. "
+            f"{path} is not a checkpoint of aclip's model, or is truncated: {load_failure_reason(error)}. "
             f"{_siblings(path)}"
         ) from None
     if not isinstance(checkpoint, dict):

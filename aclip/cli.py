@@ -9,6 +9,7 @@ from pathlib import Path
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 import aclip  # noqa: F401  (registers the config resolvers before Hydra resolves any path)
@@ -39,12 +40,31 @@ def compose(config_name: str, overrides: Sequence[str] = (), output_dir: Path | 
 
 
 def run_training(cfg: DictConfig) -> float | None:
-    """Train and evaluate as `cfg` says; the value of `optimized_metric`, which sweepers that optimise
-    (hparams_search=optuna_lr) maximise."""
+    """Train and evaluate as `cfg` says (with `ckpt_path=<run>`, the run's own config composed again, then
+    this command's overrides: `aclip.recompose`); the value of `optimized_metric`, which sweepers that
+    optimise (hparams_search=optuna_lr) maximise. Under such a sweeper the metric is checked before
+    training; a single run whose evaluation lacks it finishes with a warning instead."""
     # Imported here, so that `--help` and shell completion need not load torch and Lightning.
+    from aclip.config import check_optimized_metric
+    from aclip.recompose import compose_resumed
     from aclip.tasks import optimized_value, train
 
-    return optimized_value(train(cfg), cfg.get("optimized_metric"))
+    cfg, overrides = compose_resumed(cfg, config_dir())
+    optimising = sweeper_optimises()
+    if optimising:
+        check_optimized_metric(cfg)
+    return optimized_value(train(cfg, overrides), cfg.get("optimized_metric"), required=optimising)
+
+
+def sweeper_optimises() -> bool:
+    """Whether this job runs under a sweeper that reads its return value (Optuna's, not Hydra's basic
+    sweeper, which only lists jobs)."""
+    if not HydraConfig.initialized():
+        return False
+    hydra_config = HydraConfig.get()
+    return hydra_config.mode == RunMode.MULTIRUN and not hydra_config.sweeper._target_.endswith(
+        ".BasicSweeper"
+    )
 
 
 def run_evaluation(cfg: DictConfig) -> None:

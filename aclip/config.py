@@ -115,6 +115,37 @@ def validate_config(cfg: DictConfig) -> None:
         )
 
 
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """For a sweeper that maximises `optimized_metric`: the run must report it, i.e. evaluate, and the
+    metric must be one of an `eval` set (`<kind>/<set>/<metric>`, e.g. zeroshot/imagenet/top1)."""
+    from hydra.utils import get_class
+
+    key = cfg.get("optimized_metric")
+    sets = [
+        f"{kind}/{node.get('name', name)}"
+        for name, node in (cfg.get("eval") or {}).items()
+        if node and "_target_" in node and (kind := getattr(get_class(node._target_), "kind", None))
+    ]
+    if sum(name.startswith("zeroshot/") for name in sets) >= 2:
+        sets.append("zeroshot/average")  # the mean of the zero-shot sets' reported figures
+    choose = (
+        f"set optimized_metric=<set>/<metric> for one of this run's sets {sets}"
+        if sets
+        else "give the run an evaluation set (eval=...)"
+    )
+    if not key:
+        raise ConfigError(f"the sweeper maximises optimized_metric, which is null: {choose}")
+    if not cfg.get("evaluate"):
+        raise ConfigError(
+            f"the sweeper maximises optimized_metric={key}, but evaluate=false reports no metric: set "
+            "evaluate=true"
+        )
+    if not any(key.startswith(f"{name}/") for name in sets):
+        raise ConfigError(
+            f"the sweeper maximises optimized_metric={key}, which no eval set reports: {choose}"
+        )
+
+
 def _check_required(cfg: DictConfig) -> None:
     """Name a value a preset leaves to the command line (`${aclip.required:...}`) before anything starts."""
 

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 
-from aclip.callbacks.resume import RUN_CONFIG_KEY, RunConfigRecord, check_resumed_config
+from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY, RunConfigRecord, check_resumed_config
 from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, resolve_ckpt_path
 from aclip.config import resolved_job_config, validate_config
 from aclip.console import print_model_summary, print_run_header, quiet_known_noise
@@ -26,6 +27,7 @@ from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, for
 from aclip.evaluation.report import flatten_metrics
 from aclip.modules.aclip import TEACHER_WARMUP_KEY, AClip
 from aclip.modules.teacher_warmup import check_state as check_warmup_state
+from aclip.recompose import job_overrides
 from aclip.specs import SpecError
 
 log = logging.getLogger(__name__)
@@ -70,17 +72,26 @@ def validation_schedule(cfg: DictConfig) -> dict[str, Any]:
     return whole_sets | {"check_val_every_n_epoch": epochs}
 
 
-def optimized_value(metrics: Metrics, key: str | None) -> float | None:
-    """The reported model's `key` metric (`optimized_metric`), which `train.py` returns to the sweeper."""
+def optimized_value(metrics: Metrics, key: str | None, required: bool = True) -> float | None:
+    """The reported model's `key` metric (`optimized_metric`), which `train.py` returns to the sweeper.
+
+    A `key` the evaluation lacks is an error where the value is `required` (a sweeper maximises it);
+    otherwise it is logged and None returned, since nothing reads the value of a single run.
+    """
     if not key or not metrics:
         return None
     reported = next(iter(metrics.values()))
-    if key not in reported:
-        raise KeyError(
-            f"optimized_metric={key} is not among the evaluation's metrics {sorted(reported)}; set "
-            "optimized_metric to one of them (or null)"
-        )
-    return reported[key]
+    if key in reported:
+        return reported[key]
+    missing = f"optimized_metric={key} is not among the evaluation's metrics {sorted(reported)}"
+    if required:
+        raise KeyError(f"{missing}; set optimized_metric to one of them (or null)")
+    log.warning(
+        "%s: nothing to return. Only a sweeper that optimises reads it: set optimized_metric to one of "
+        "them before such a sweep",
+        missing,
+    )
+    return None
 
 
 def report(
@@ -151,7 +162,8 @@ def inspect_resumed(ckpt_path: Path, run_config: dict[str, Any]) -> int:
             check_warmup_state(checkpoint[TEACHER_WARMUP_KEY])
     except SpecError as error:
         raise CheckpointError(f"{ckpt_path} cannot be resumed: {error}") from None
-    check_resumed_config(checkpoint.get(RUN_CONFIG_KEY), run_config, str(ckpt_path))
+    records_overrides = checkpoint.get(RUN_OVERRIDES_KEY) is not None
+    check_resumed_config(checkpoint.get(RUN_CONFIG_KEY), run_config, str(ckpt_path), records_overrides)
     return int(checkpoint.get("global_step", 0))
 
 
@@ -163,8 +175,12 @@ def _evaluate(evaluation: Evaluation, module: AClip) -> tuple[Metrics, Evaluatio
         return error.metrics, error
 
 
-def train(cfg: DictConfig) -> Metrics:
-    """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`."""
+def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
+    """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`.
+
+    `overrides`: the command-line overrides `cfg` was composed with (default: this Hydra job's), recorded
+    in its checkpoints so that `ckpt_path=<run>` alone composes it again (`aclip.recompose`).
+    """
     quiet_known_noise()
     validate_config(cfg)
     output_dir = _output_dir(cfg)
@@ -184,7 +200,10 @@ def train(cfg: DictConfig) -> Metrics:
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*_instantiate_all(cfg.get("callbacks")), RunConfigRecord(run_config)],
+        callbacks=[
+            *_instantiate_all(cfg.get("callbacks")),
+            RunConfigRecord(run_config, job_overrides() if overrides is None else overrides),
+        ],
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         **schedule,

@@ -48,7 +48,7 @@ class MaskedViews(nn.Module):
     def embed_dim(self) -> int:
         return self.model.embed_dim
 
-    def encode_image(self, images: Tensor) -> Tensor:
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         grid = self.model.vision.grid(*images.shape[-2:])
         scores = None
         if self.policy.needs_scores:
@@ -57,10 +57,10 @@ class MaskedViews(nn.Module):
         generator = torch.Generator(images.device).manual_seed(self.seed + self._batches)
         self._batches += 1
         keep = self.policy.select(scores, grid, len(images), device=images.device, generator=generator)
-        return self.model.encode_image(images, keep)
+        return self.model.encode_image(images, keep, normalize=normalize)
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
-        return self.model.encode_text(tokens)
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        return self.model.encode_text(tokens, normalize=normalize)
 
 
 def measure(run: Path, keep_ratio: float, unit: int) -> dict[str, float]:

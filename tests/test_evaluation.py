@@ -43,10 +43,10 @@ class ColourModel(nn.Module):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.zeros(()))
 
-    def encode_image(self, images: Tensor) -> Tensor:
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         return F.normalize(images.float().mean(dim=(2, 3)), dim=-1)  # uint8 pixels, as models take them
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
         return F.normalize(tokens.float(), dim=-1)
 
 

@@ -64,7 +64,7 @@ class FeatureBank:
     ) -> None:
         """Encode a batch of the set `set_index` with every model."""
         for name, model in models.items():
-            self._features[set_index].setdefault(name, []).append(model.encode_image(images))
+            self._features[set_index].setdefault(name, []).append(model.encode_image(images, normalize=True))
         if labels is not None:
             self._labels[set_index].append(labels)
 

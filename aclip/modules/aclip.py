@@ -237,7 +237,7 @@ class AClip(pl.LightningModule):
         cls_tokens, view_embeddings = self.model.vision(views, keep, return_cls_token=True)
         view_embeddings = view_embeddings.unflatten(0, (batch_size, num_views))
         image_features = F.normalize(view_embeddings, dim=-1)
-        text_features = self.model.encode_text(text)
+        text_features = self.model.encode_text(text, normalize=True)
 
         # 5. CLIP loss of each view against the captions, averaged over views, plus the auxiliary losses.
         logit_scale = self.model.logit_scale

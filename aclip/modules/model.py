@@ -28,13 +28,17 @@ class ClipModel(nn.Module):
         """Width of the shared embedding space."""
         return self.vision.proj.out_features
 
-    def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
-        """L2-normalised image embeddings; `keep` selects the patch tokens the tower sees."""
-        return F.normalize(self.vision(images, keep), dim=-1)
+    def encode_image(self, images: Tensor, keep: Tensor | None = None, normalize: bool = False) -> Tensor:
+        """Image embeddings [B, embed_dim] of uint8 images [B, 3, H, W], L2-normalised with `normalize`
+        (open_clip's `encode_image` convention); `keep` selects the patch tokens the tower sees."""
+        features = self.vision(images, keep)
+        return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
-        """L2-normalised text embeddings."""
-        return F.normalize(self.text(tokens), dim=-1)
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        """Text embeddings [B, embed_dim] of token ids [B, L], L2-normalised with `normalize` (open_clip's
+        `encode_text` convention)."""
+        features = self.text(tokens)
+        return F.normalize(features, dim=-1) if normalize else features
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
