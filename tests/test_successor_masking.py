@@ -166,6 +166,26 @@ def test_cluster_masks_clusters_whole_in_the_anchors_order():
     assert sum(count > 0 for count in whole_regions(1e-6)) < 0.02 * draws
 
 
+@pytest.mark.parametrize("scale", [255, 1], ids=["uint8", "float"])
+def test_cluster_flat_grey_cells_join_no_cluster(scale):
+    # Left half one flat grey (no direction once centred), right half one hue; one anchor, 32 of 64 cells
+    # masked. An anchor in the hue masks that half; an anchor on the grey masks nothing, so the budget goes
+    # at random and the grey half is never masked whole (in float32 too, where centring leaves rounding).
+    labels = np.zeros((8, 8), dtype=int)
+    labels[:, 4:] = 1
+    pixels = flat_regions(labels, 400).float() / 255 * scale
+    pixels[..., :16] = 0.7 * scale
+    grey_cell = pixels[0, :, :4, :4].flatten()
+    assert scale == 255 or (grey_cell - grey_cell.mean()).abs().max() > 0  # float32 leaves rounding
+    keep = ClusterMasking(keep_ratio=0.5, anchor_ratio=0.01).select(
+        None, (8, 8), 400, generator=torch.Generator().manual_seed(0), pixels=pixels
+    )
+    halves = [set(np.flatnonzero(labels == side)) for side in (0, 1)]
+    masked = masked_sets(keep, 64)
+    assert not any(cells == halves[0] for cells in masked)
+    assert abs(sum(cells == halves[1] for cells in masked) / 400 - 0.5) <= Z * math.sqrt(0.25 / 400)
+
+
 def test_cluster_ignores_brightness_and_contrast():
     # Two regions of 32 cells, each one texture at a random brightness and contrast per cell (a * texture +
     # b): the cells of a region are at cosine distance 0 after centring, so one anchor's cluster is its

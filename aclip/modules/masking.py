@@ -146,12 +146,16 @@ def _check_pixels(pixels: Tensor | None, grid: tuple[int, int], batch: int, poli
 
 
 def _cell_pixels(pixels: Tensor, cells: tuple[int, int]) -> Tensor:
-    """The pixels of each cell of a (rows, cols) cell grid over the views [B, C, H, W], row-major, as float
-    vectors: [B, rows * cols, C * (H / rows) * (W / cols)]."""
+    """The pixels of each cell of a (rows, cols) cell grid over the views [B, C, H, W], row-major, as new
+    float vectors: [B, rows * cols, C * (H / rows) * (W / cols)]."""
     batch, channels, height, width = pixels.shape
     rows, cols = cells
-    blocks = pixels.reshape(batch, channels, rows, height // rows, cols, width // cols)
-    return blocks.permute(0, 2, 4, 1, 3, 5).reshape(batch, rows * cols, -1).float()
+    blocks = pixels.reshape(batch, channels, rows, height // rows, cols, width // cols).permute(
+        0, 2, 4, 1, 3, 5
+    )
+    # One pass over the pixels: the permuting copy converts them too.
+    vectors = torch.empty(blocks.shape, dtype=torch.float32, device=pixels.device).copy_(blocks)
+    return vectors.reshape(batch, rows * cols, -1)
 
 
 def _cell_scores(scores: Tensor, grid: tuple[int, int], unit: int) -> Tensor:
@@ -446,16 +450,28 @@ class CenteredMasking(TokenMasking):
         return _top_k_sorted(keys, self.num_kept_cells(cells))
 
 
+def _centred_cosine(vectors: Tensor, anchors: Tensor) -> Tensor:
+    """Cosine similarities [B, k, n] between the mean-centred `vectors` [B, n, D] (centred in place) at
+    `anchors` [B, k] and all n, those of the standardised vectors; 0 where either vector is constant."""
+    constant = vectors.amax(dim=-1) == vectors.amin(dim=-1)
+    vectors -= vectors.mean(dim=-1, keepdim=True)
+    norm = torch.linalg.vector_norm(vectors, dim=-1).masked_fill_(constant, 0.0)
+    anchored = vectors.gather(1, anchors[..., None].expand(-1, -1, vectors.shape[-1]))
+    dot = torch.bmm(anchored, vectors.transpose(1, 2))
+    scale = norm.gather(1, anchors)[..., None] * norm[:, None]
+    return torch.where(scale > 0, dot / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
+
+
 class ClusterMasking(TokenMasking):
     """Cluster masking: mask whole clusters of cells whose raw pixels look alike.
 
     A cell's pixels, centred on their mean, are compared by cosine similarity (that of the standardised
     patches) with those of `anchor_ratio` of the cells drawn at random (at least one). An anchor's cluster
     is every cell within a cosine distance (1 - similarity) of `radius` of it, itself included unless it is
-    flat (one grey level: no direction once centred, so near no cell). Cells are masked
-    cluster by cluster in the anchors' random order, then the cells of no cluster at random, until
-    `1 - keep_ratio` of them are: the clusters that fit are masked whole, the first that does not fit in
-    part (its cells at random), and the budget that the clusters leave open is masked at random.
+    flat (one grey level: no direction once centred, so near no cell). Cells are masked cluster by cluster
+    in the anchors' random order, then the cells of no cluster at random, until `1 - keep_ratio` of them
+    are: the clusters that fit are masked whole, the first that does not fit in part (its cells at
+    random), and the budget that the clusters leave open is masked at random.
     """
 
     needs_pixels = True
@@ -474,14 +490,10 @@ class ClusterMasking(TokenMasking):
         return max(1, _round_half_up(self.anchor_ratio * cells[0] * cells[1]))
 
     def select_cells(self, scores, cells, batch, device, generator, pixels=None):
-        features = _cell_pixels(pixels, cells)
-        features = F.normalize(features - features.mean(dim=-1, keepdim=True), dim=-1)
-        num_cells, num_anchors = features.shape[1], self.num_anchors(cells)
+        num_cells, num_anchors = cells[0] * cells[1], self.num_anchors(cells)
         # topk orders the anchors by their random keys: the random order their clusters are masked in.
         anchors = _random_keys(batch, num_cells, generator, device).topk(num_anchors, dim=1).indices
-        anchor_features = features.gather(1, anchors[..., None].expand(-1, -1, features.shape[2]))
-        similarity = torch.bmm(anchor_features, features.transpose(1, 2))  # [B, anchors, cells]
-        members = similarity >= 1 - self.radius
+        members = _centred_cosine(_cell_pixels(pixels, cells), anchors) >= 1 - self.radius
         # A cell's turn: the first anchor whose cluster holds it, or after every cluster; random within.
         turn = torch.where(members.any(dim=1), members.int().argmax(dim=1), num_anchors)
         keys = turn + _random_keys(batch, num_cells, generator, device)
