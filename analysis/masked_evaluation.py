@@ -56,7 +56,9 @@ class MaskedViews(nn.Module):
         # One generator per batch, seeded by its position: every model sees the same random masks.
         generator = torch.Generator(images.device).manual_seed(self.seed + self._batches)
         self._batches += 1
-        keep = self.policy.select(scores, grid, len(images), device=images.device, generator=generator)
+        keep = self.policy.select(
+            scores, grid, len(images), device=images.device, generator=generator, pixels=images
+        )
         return self.model.encode_image(images, keep, normalize=normalize)
 
     def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:

@@ -230,8 +230,9 @@ class AClip(pl.LightningModule):
         # 2. Each view reads its patch scores from the shared map, over its box in the enclosing crop.
         scores = map_scores_to_views(score_map, batch["boxes"], grid) if score_map is not None else None
         # 3. The masking policy decides which patch tokens the online encoder keeps in each view.
+        generator = self.mask_generator(batch_idx)
         keep = self.masking_policy.select(
-            scores, grid, batch_size * num_views, device=self.device, generator=self.mask_generator(batch_idx)
+            scores, grid, batch_size * num_views, device=self.device, generator=generator, pixels=views
         )
         # 4. The online encoders: every view of the batch through the vision tower in one call.
         cls_tokens, view_embeddings = self.model.vision(views, keep, return_cls_token=True)
