@@ -112,8 +112,8 @@ def test_a_student_that_learns_late_keeps_random_cells_until_it_learns(train_con
     its floor of 3 steps, and the teacher takes over at the first step after the running loss is below
     0.9 ln(128), for good."""
     held = 20
-    overrides = [*ATTENTIVE, *TINY_SCALE, "data.train.size=10240", "trainer.log_every_n_steps=1"]
-    cfg = train_config(*overrides, "model.teacher_warmup_steps=3", "trainer.max_steps=80")
+    overrides = [*ATTENTIVE, *TINY_SCALE, "data.train.size=20480", "trainer.log_every_n_steps=1"]
+    cfg = train_config(*overrides, "model.teacher_warmup_steps=3", "trainer.max_steps=130")
     OmegaConf.update(
         cfg, "model.scheduler", {"_target_": f"{__name__}.HeldThenConstant", "held_steps": held}, merge=False
     )
