@@ -19,7 +19,7 @@ from aclip.evaluation.report import flatten_metrics
 from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.initialize import load_initial_weights
 from aclip.modules.losses import ClipLoss
-from aclip.modules.masking import RandomMasking, TokenMasking, build_policy
+from aclip.modules.masking import RandomMasking, TokenMasking, build_policy, generator_on
 from aclip.modules.model import ClipModel
 from aclip.modules.object_metrics import object_diagnostics
 from aclip.modules.schedule import build_optimizer, check_recipe, configure_optimization
@@ -336,7 +336,7 @@ class AClip(pl.LightningModule):
         Runs are reproducible, ranks draw different masks, and a resumed run draws what it would have.
         """
         if self._mask_generator is None or self._mask_generator.device != self.device:
-            self._mask_generator = torch.Generator(device=self.device)
+            self._mask_generator = generator_on(self.device)
         entropy = [self.hparams.seed or 0, self.global_rank, self.global_step, batch_idx]
         self._mask_generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         return self._mask_generator
