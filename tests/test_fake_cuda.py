@@ -49,9 +49,8 @@ import aclip.modules.aclip
 from aclip.callbacks.ema import ema_update
 from aclip.export import open_clip_state_dict
 from aclip.modules.aclip import AClip
-from aclip.modules.schedule import build_optimizer
 from aclip.tasks import build_evaluation
-from tests.helpers import CONF_DIR
+from tests.helpers import CONF_DIR, attach_barebones_trainer
 
 CUDA = torch.device("cuda", 0)
 PRESETS = sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))
@@ -157,10 +156,8 @@ def optimizer_step(
 ) -> dict[str, Any]:
     """One optimizer step as Lightning runs it (training_step in the `precision` plugin's autocast,
     backward, AdamW, the logit-scale clamp and the EMA update), under `watch`; training_step's outputs."""
-    trainer = pl.Trainer(barebones=True, accelerator="cpu", devices=1, max_steps=1)
-    optimizer = build_optimizer(module.hparams.optimizer, module.parameters())
-    module.trainer = trainer
-    trainer.strategy.optimizers = [optimizer]
+    attach_barebones_trainer(module)
+    optimizer = module.trainer.optimizers[0]
     with watch:
         with precision.forward_context() if precision else nullcontext():
             outputs = module.training_step(batch, 0)

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -20,7 +19,7 @@ from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.initialize import load_initial_weights
 from aclip.modules.losses import ClipLoss
 from aclip.modules.masking import RandomMasking, TokenMasking, build_policy, generator_on
-from aclip.modules.model import ClipModel
+from aclip.modules.model import ClipModel, normalize
 from aclip.modules.object_metrics import object_diagnostics
 from aclip.modules.schedule import build_optimizer, check_recipe, configure_optimization
 from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views
@@ -194,7 +193,7 @@ class AClip(pl.LightningModule):
         # 4. The online encoders: every view of the batch through the vision tower in one call.
         cls_tokens, view_embeddings = self.model.vision(views, keep, return_cls_token=True)
         view_embeddings = view_embeddings.unflatten(0, (batch_size, num_views))
-        image_features = F.normalize(view_embeddings, dim=-1)
+        image_features = normalize(view_embeddings)
         text_features = self.model.encode_text(text)
 
         # 5. CLIP loss of each view against the captions, averaged over views, plus the auxiliary losses.
