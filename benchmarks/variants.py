@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,7 +21,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from aclip.cli import compose
+from aclip.cli import compose, config_dir
 from aclip.config import validate_config
 from aclip.modules.aclip import AClip
 
@@ -49,14 +50,21 @@ def compose_training(overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def method_presets() -> list[str]:
+    """Every method preset (conf/method), by name."""
+    return sorted(path.stem for path in (Path(config_dir()) / "method").glob("*.yaml"))
+
+
 def compose_variant(variant: str, model: str, batch_size: int, overrides: Sequence[str] = ()) -> DictConfig:
-    """The training config of `variant` (a key of `VARIANTS`) for `model` (a conf/model name)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    """The training config of `variant` (a key of `VARIANTS`, or a method preset by its own name) for
+    `model` (a conf/model name)."""
+    method = VARIANTS.get(variant, variant)
+    if method not in method_presets():
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)} or {method_presets()}")
     return compose_training(
         [
             f"model={model}",
-            f"method={VARIANTS[variant]}",
+            f"method={method}",
             f"data.batch_size={batch_size}",
             "data.num_workers=0",
             *overrides,
