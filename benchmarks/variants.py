@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from aclip.cli import compose, config_dir
 from aclip.config import validate_config
 from aclip.modules.aclip import AClip
+from aclip.modules.schedule import build_optimizer
 
 # Benchmark name -> the method preset (conf/method) that defines it.
 VARIANTS: dict[str, str] = {
@@ -78,6 +79,15 @@ def build_module(cfg: DictConfig, seed: int = 0) -> AClip:
     return instantiate(cfg.model)
 
 
+def attach_barebones_trainer(module: pl.LightningModule) -> None:
+    """A `Trainer(barebones=True)` holding the module's optimizer, attached so that its step methods can be
+    called directly, outside Lightning's loop (`self.log` is then a no-op; the logged values are still
+    computed)."""
+    trainer = pl.Trainer(barebones=True, accelerator="cpu", devices=1, max_steps=1)
+    trainer.strategy.optimizers = [build_optimizer(module.hparams.optimizer, module.parameters())]
+    module.trainer = trainer
+
+
 def datamodule(cfg: DictConfig, num_workers: int = 0) -> pl.LightningDataModule:
     """The configured datamodule (built-in dataset by default) with `num_workers` loader processes."""
     return instantiate(cfg.data, num_workers=num_workers)
@@ -126,6 +136,7 @@ class Variant:
     ema: bool = True
     times: list[float] = field(default_factory=list)
     peak_memory: int = 0
+    static_memory: int = 0  # on CUDA: allocated when a step begins (weights, optimizer state, teacher)
     flops: int | None = None
 
     @property

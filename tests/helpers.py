@@ -13,14 +13,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig
 
 from aclip.cli import compose
-from aclip.modules.schedule import build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
@@ -135,11 +133,3 @@ def _gloo_rank(
         dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def attach_barebones_trainer(module: pl.LightningModule) -> None:
-    """A `Trainer(barebones=True)` holding the module's optimizer, attached so that its step methods can be
-    called directly (their `self.log` is then a no-op; the logged values are still computed)."""
-    trainer = pl.Trainer(barebones=True, accelerator="cpu", devices=1, max_steps=1)
-    trainer.strategy.optimizers = [build_optimizer(module.hparams.optimizer, module.parameters())]
-    module.trainer = trainer

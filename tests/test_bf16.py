@@ -28,7 +28,8 @@ from aclip.modules.model import ClipModel
 from aclip.modules.score_geometry import map_scores_to_views
 from aclip.modules.text import TextTower
 from aclip.modules.vision import VisionTower
-from tests.helpers import CONF_DIR, attach_barebones_trainer
+from benchmarks.variants import attach_barebones_trainer
+from tests.helpers import CONF_DIR
 
 PRESETS = sorted(path.stem for path in (CONF_DIR / "method").glob("*.yaml"))
 # In the default suite: plain CLIP, two random views, A-CLIP (attentive views, the teacher, SimCLR and BYOL)
