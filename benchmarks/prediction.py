@@ -62,7 +62,7 @@ WORKER_RATES = {
 
 def pipeline(variant: Variant) -> str:
     """The loader pipeline of `variant`'s method, a key of `WORKER_RATES` (two views without a teacher
-    crop are priced as with one: an upper bound on the workers)."""
+    crop are priced as two views with one: an upper bound on the workers)."""
     data, module = variant.cfg.data, variant.module
     if data.num_views == 1 and not module.needs_teacher_crop:
         return "one view"
@@ -125,14 +125,11 @@ def memory_model(variant: Variant) -> tuple[float, float]:
     vision, text = towers(variant)
     text_tokens = variant.batch["text"].shape[1]
     per_sample = sample_activation_bytes(views, kept, patches, side, vision, text_tokens, text)
-    online = [
-        *module.model.parameters(),
-        *(p for n, p in module.self_supervision.named_parameters() if not n.startswith("ema_")),
-    ]
+    teacher = {id(p): p for ema_module, _ in module.ema_pairs() for p in ema_module.parameters()}
+    online = [p for p in module.parameters() if id(p) not in teacher]
     trainable = sum(p.numel() for p in online if p.requires_grad)
     frozen = sum(p.numel() for p in online if not p.requires_grad)
-    ema = sum(p.numel() for ema_module, _ in module.ema_pairs() for p in ema_module.parameters())
-    return per_sample, static_bytes(trainable, frozen, ema)
+    return per_sample, static_bytes(trainable, frozen, sum(p.numel() for p in teacher.values()))
 
 
 def predict(variant: Variant, flops_per_image: float, batch_size: int, counted: float | None = None) -> Row:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -111,7 +112,7 @@ def test_measured_figures_come_from_the_gpu_run_in_the_predicted_shape():
     assert figures.workers == math.ceil(16 / prediction.WORKER_RATES["one view"])
     assert figures.largest_batch == math.floor((72e9 - 2e9) / 1e9)  # 1 GB per sample above the static
     row = prediction.predict(variant, flops_per_image=2e12 / 8, batch_size=8)
-    table = prediction.format_tables([row, type(row)(**{**row.__dict__, "measured": figures})], batch_size=8)
+    table = prediction.format_tables([row, replace(row, measured=figures)], batch_size=8)
     throughput, memory = (part.splitlines()[2:] for part in table.split("\n\n"))
     assert [line.count("|") for line in throughput + memory] == [10, 10, 8, 8]
     assert throughput[0].split("|")[5].strip() == "" and throughput[1].split("|")[5].strip() == "16"
