@@ -138,8 +138,8 @@ def to_device(value: Any, device: torch.device) -> Any:
 
 
 def build(train_config, preset: str, *overrides: str) -> tuple[AClip, dict[str, Any], Any]:
-    """The preset's tiny module (SyncBatchNorm heads where the preset's heads have batch norms, as
-    trainer=ddp converts them), a training batch from its datamodule, and its config."""
+    """The preset's tiny module (A-CLIP's presets with the paper's batch-norm heads, made SyncBatchNorm as
+    trainer=ddp makes them), a training batch from its datamodule, and its config."""
     heads = PAPER_HEADS if preset.startswith("aclip") else []
     cfg = train_config(f"method={preset}", *heads, *overrides)
     pl.seed_everything(0, verbose=False)
