@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
@@ -21,8 +20,8 @@ from aclip.evaluation.report import flatten_metrics
 from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.initialize import load_initial_weights
 from aclip.modules.losses import ClipLoss
-from aclip.modules.masking import RandomMasking, TokenMasking, build_policy
-from aclip.modules.model import ClipModel
+from aclip.modules.masking import RandomMasking, TokenMasking, build_policy, generator_on
+from aclip.modules.model import ClipModel, l2_normalize
 from aclip.modules.object_metrics import object_diagnostics
 from aclip.modules.schedule import build_optimizer, check_recipe, configure_optimization
 from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views
@@ -237,7 +236,7 @@ class AClip(pl.LightningModule):
         # 4. The online encoders: every view of the batch through the vision tower in one call.
         cls_tokens, view_embeddings = self.model.vision(views, keep, return_cls_token=True)
         view_embeddings = view_embeddings.unflatten(0, (batch_size, num_views))
-        image_features = F.normalize(view_embeddings, dim=-1)
+        image_features = l2_normalize(view_embeddings)
         text_features = self.model.encode_text(text, normalize=True)
 
         # 5. CLIP loss of each view against the captions, averaged over views, plus the auxiliary losses.
@@ -401,7 +400,7 @@ class AClip(pl.LightningModule):
         Runs are reproducible, ranks draw different masks, and a resumed run draws what it would have.
         """
         if self._mask_generator is None or self._mask_generator.device != self.device:
-            self._mask_generator = torch.Generator(device=self.device)
+            self._mask_generator = generator_on(self.device)
         entropy = [self.hparams.seed or 0, self.global_rank, self.global_step, batch_idx]
         self._mask_generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         return self._mask_generator

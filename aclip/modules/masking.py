@@ -101,6 +101,14 @@ def _resolve_device(source: Tensor | None, device: Device, generator: torch.Gene
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def generator_on(device: torch.device) -> torch.Generator:
+    """A new random generator on `device`, for the policies' draws (`select(..., generator=)`).
+
+    The one place a device generator is made: a CUDA generator needs the driver, so the fake-CUDA trace
+    of the training step (tests/test_fake_cuda.py) stands a CPU generator in here."""
+    return torch.Generator(device=device)
+
+
 def _top_k_sorted(values: Tensor, k: int) -> Tensor:
     """Indices of the k largest entries of each row of `values` [B, n], sorted ascending: [B, k]."""
     return values.topk(k, dim=1).indices.sort(dim=1).values
