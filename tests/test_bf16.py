@@ -6,8 +6,9 @@ norms in float32, the CPU's in bf16):
 - the towers' matmuls, attention and MLPs in bf16 (autocast);
 - the teacher's CLS-attention row, its softmax and the score map in float32, and the kept-token choice on
   float32 cell scores (`vision._block_with_cls_attention`, `masking._cell_scores`);
-- the embeddings L2-normalised in float32 (`model.l2_normalize`), the logit scale a float32 parameter, the CLIP
-  logits and cross-entropy in float32 (`ClipLoss.logits`), as the SimCLR, SimSiam and BYOL terms already were.
+- the embeddings L2-normalised in float32 (`model.l2_normalize`), the logit scale a float32 parameter, the
+  CLIP logits and cross-entropy in float32 (`ClipLoss.logits`), as the SimCLR, SimSiam and BYOL terms
+  already were.
 """
 
 from __future__ import annotations

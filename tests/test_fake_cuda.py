@@ -18,6 +18,9 @@ What cannot run under fake tensors, each behind one seam:
 - The autograd engine runs CUDA gradients on a device thread it cannot start without a driver
   (pytorch/pytorch#92627). `backward_in_this_thread` runs the same backward nodes in this thread, as the
   engine would: gradients summed per input, reduced to the input's shape, checked for its device.
+- A policy's loop whose length depends on its draws (`BlockwiseMasking` places blocks until every sample's
+  budget is met) reads a flag on the host, which fake tensors do not hold: `aclip.modules.masking.any_left`,
+  the one such read, is replaced by one that runs three rounds.
 - Lightning's loop: the step is called directly, with a `Trainer(barebones=True)` attached (it turns
   `self.log` into a no-op; the logged values are still computed).
 - Autocast: `torch.autocast("cuda")` switches itself off without a driver, so the trace is float32; bf16
@@ -116,14 +119,17 @@ def backward_in_this_thread(loss: Tensor) -> None:
 
 @contextmanager
 def fake_cuda(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[torch.device]]:
-    """Fake tensors, with the generator seam replaced; yields the devices the step asked generators for."""
+    """Fake tensors, with the generator and host-read seams replaced; yields the devices the step asked
+    generators for."""
     requested: list[torch.device] = []
 
     def generator_on(device: torch.device) -> torch.Generator:
         requested.append(torch.device(device))
         return torch.Generator()
 
+    rounds = iter([True] * 3)
     monkeypatch.setattr(aclip.modules.aclip, "generator_on", generator_on)
+    monkeypatch.setattr(aclip.modules.masking, "any_left", lambda flags: next(rounds, False))
     with FakeTensorMode(allow_non_fake_inputs=True):
         yield requested
 

@@ -109,6 +109,14 @@ def generator_on(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device)
 
 
+def any_left(flags: Tensor) -> bool:
+    """Whether any of `flags` is set, read on the host: the one place a policy reads a tensor's value (a
+    device synchronisation), where `BlockwiseMasking`'s number of rounds depends on its draws. The
+    fake-CUDA trace of the training step (tests/test_fake_cuda.py), whose tensors hold no values, stands a
+    fixed number of rounds in here."""
+    return bool(flags.any())
+
+
 def _top_k_sorted(values: Tensor, k: int) -> Tensor:
     """Indices of the k largest entries of each row of `values` [B, n], sorted ascending: [B, k]."""
     return values.topk(k, dim=1).indices.sort(dim=1).values
@@ -551,7 +559,7 @@ class BlockwiseMasking(TokenMasking):
         placing = torch.full((batch,), budget > 0, device=device)
         row = torch.arange(rows, device=device)[:, None]
         col = torch.arange(cols, device=device)[None, :]
-        while placing.any():
+        while any_left(placing):
             open_budget = (budget - count)[:, None]
             draws = torch.rand(batch, _BLOCK_ATTEMPTS, 4, generator=generator, device=device)
             area = self.min_block + (open_budget - self.min_block) * draws[..., 0]

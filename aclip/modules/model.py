@@ -38,8 +38,9 @@ class ClipModel(nn.Module):
         return self.vision.proj.out_features
 
     def encode_image(self, images: Tensor, keep: Tensor | None = None, normalize: bool = False) -> Tensor:
-        """Image embeddings [B, embed_dim] of uint8 images [B, 3, H, W], L2-normalised (`l2_normalize`) with
-        `normalize` (open_clip's `encode_image` convention); `keep` selects the patch tokens the tower sees."""
+        """Image embeddings [B, embed_dim] of uint8 images [B, 3, H, W], L2-normalised (`l2_normalize`)
+        with `normalize` (open_clip's `encode_image` convention); `keep` selects the patch tokens the tower
+        sees."""
         features = self.vision(images, keep)
         return l2_normalize(features) if normalize else features
 
