@@ -145,9 +145,9 @@ def _reason(error: Exception) -> str:
 
 def _siblings(path: Path) -> str:
     """The other checkpoints beside `path`, newest first, for an error message."""
-    others = sorted(
-        (p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime, reverse=True
-    )
+    # A link (last.ckpt) and the file it names are one checkpoint; a link to a deleted file is none.
+    others = [p for p in path.parent.glob("*.ckpt") if p.is_file() and not p.samefile(path)]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     if not others:
         return "There is no other checkpoint in its folder."
     return "Other checkpoints in its folder, newest first: " + ", ".join(p.name for p in others[:8])
@@ -167,8 +167,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as error:
+        name = f"{path} (a link to {path.resolve().name})" if path.is_symlink() else path
         raise CheckpointError(
-            f"{path} is not a checkpoint of aclip's model, or is truncated: {_reason(error)}. "
+            f"{name} is not a checkpoint of aclip's model, or is truncated: {_reason(error)}. "
             f"{_siblings(path)}"
         ) from None
     if not isinstance(checkpoint, dict):

@@ -124,6 +124,7 @@ MAY_CHANGE = (
     "trainer.log_every_n_steps",
     "callbacks.mask_pictures",
     "callbacks.throughput",
+    "callbacks.model_checkpoint",
     "callbacks.step_checkpoint",
     "data.num_workers",
 )
