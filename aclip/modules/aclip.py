@@ -223,6 +223,11 @@ class AClip(pl.LightningModule):
         return self.masking
 
     @property
+    def in_teacher_warmup(self) -> bool:
+        """Whether this step's masking is the teacher warm-up's random cells (`masking_policy`)."""
+        return self.masking_policy is not self.masking
+
+    @property
     def needs_teacher_crop(self) -> bool:
         """Whether training reads the batch's `ema_image` (the crop enclosing the views)."""
         return self.masking.needs_scores or self.self_supervision.uses_ema
