@@ -36,8 +36,6 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from aclip.evaluation.report import natural_key, ordered_models
-
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -104,6 +102,9 @@ class Summary:
     def metric_columns(self, headline: bool) -> list[str]:
         """`<model>/<metric>` of every metric any job has, the models in `MODEL_ORDER`, the metrics in
         natural order (R@1, R@5, R@10), without the `reported` figures that repeat another metric."""
+        # Imported here: Hydra makes this module's callback at every run's start, before torch is needed.
+        from aclip.evaluation.report import natural_key, ordered_models
+
         results = [r for job in self.jobs for r in (job.metrics or {}).values()]
         models = ordered_models(model for job in self.jobs for model in job.metrics or {})
         keys = {key for r in results for key in r}
