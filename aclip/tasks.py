@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import WandbLogger
 from aclip.callbacks.resume import RUN_CONFIG_KEY, RunConfigRecord, check_resumed_config
 from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, resolve_ckpt_path
 from aclip.config import resolved_job_config, validate_config
-from aclip.console import print_model_summary, print_run_header, quiet_known_noise
+from aclip.console import print_model_summary, print_run_header, progress_bars, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
 from aclip.evaluation.report import flatten_metrics, write_chance_levels
@@ -171,9 +171,11 @@ def train(cfg: DictConfig) -> Metrics:
     datamodule: ClipDataModule = instantiate(cfg.data, evaluation=evaluation if validating else None)
     module: AClip = instantiate(cfg.model)
     loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks += progress_bars(cfg.trainer.get("enable_progress_bar", True), callbacks)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*_instantiate_all(cfg.get("callbacks")), RunConfigRecord(run_config)],
+        callbacks=[*callbacks, RunConfigRecord(run_config)],
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         **schedule,
