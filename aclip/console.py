@@ -38,14 +38,15 @@ def displayed(node: DictConfig | ListConfig) -> Any:
     """`node` as plain containers, its values resolved, except that a reference to a whole node (the
     model's `masking: ${masking}`) stays a reference: the tree shows every node once."""
     keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    written = OmegaConf.to_container(node, resolve=False)  # "${masking}" as written, "???" where missing
     plain = {}
     for key in keys:
         if OmegaConf.is_missing(node, key):
-            plain[key] = "???"
+            plain[key] = written[key]
             continue
         value = node[key]
         if OmegaConf.is_config(value) and OmegaConf.is_interpolation(node, key):
-            value = node._get_node(key)._value()  # the reference as written, e.g. "${masking}"
+            value = written[key]
         elif OmegaConf.is_config(value):
             value = displayed(value)
         plain[key] = value

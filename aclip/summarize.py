@@ -47,8 +47,6 @@ DEFAULT_CURVES = ("train/clip_loss", "train/object_recall", "train/object_score_
 # Metric kinds shown in the Markdown table (all metrics go to the CSV): zero-shot top-1, retrieval R@1,
 # linear-probe top-1 and the suite averages (and a set's reported figure where it is not its top-1).
 _HEADLINE_SUFFIXES = ("/top1", "/i2t_R@1", "/t2i_R@1", "/reported", "/average")
-# Matplotlib's qualitative palettes: one colour per group of jobs (tab20 beyond ten groups).
-_PALETTE_SIZES = {"tab10": 10, "tab20": 20}
 
 
 @dataclass
@@ -129,8 +127,8 @@ class Summary:
         labels = list(dict.fromkeys(self.group_label(job) for job in self.jobs))
         import matplotlib
 
-        name = next((n for n, size in _PALETTE_SIZES.items() if len(labels) <= size), "tab20")
-        palette = matplotlib.colormaps[name].colors
+        # Matplotlib's qualitative palettes: ten colours, or twenty (paler in between) for more groups.
+        palette = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"].colors
         return {label: palette[index % len(palette)] for index, label in enumerate(labels)}
 
     def rows(self, headline: bool = False) -> tuple[list[str], list[list[Any]]]:
@@ -382,11 +380,11 @@ def bar_chart(summary: Summary) -> Figure | None:
     if summary.has_seed_groups:
         header, rows = summary.seed_groups()
         mean_at = header.index(f"{metric} mean")
-        keys = len(summary.varying) - 1
-        groups = [" ".join(str(v) for v in row[:keys]) or "all" for row in rows]
+        seeds_at = header.index("seeds")  # after the group's overrides
+        groups = [" ".join(str(v) for v in row[:seeds_at]) or "all" for row in rows]
         values = [row[mean_at] for row in rows]
         errors = [row[mean_at + 1] or 0.0 for row in rows]
-        labels = [f"{group}\n(n={row[keys]})" for group, row in zip(groups, rows, strict=True)]
+        labels = [f"{group}\n(n={row[seeds_at]})" for group, row in zip(groups, rows, strict=True)]
     else:
         groups = [summary.group_label(job) for job in done]
         labels = [
