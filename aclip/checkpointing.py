@@ -62,10 +62,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, target)
-        except BaseException:
+        except BaseException as error:
             temporary.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.filename is None:
+                error.filename = str(target)  # a failed write (a full disk) names no file of its own
             raise
         _fsync_directory(target.parent)
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """`ckpt_path` names no checkpoint: the message says how to name one."""
 
 
 def find_resumable(directory: Path) -> Path | None:
@@ -94,14 +100,15 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, run_dir: Path) -> Pat
     * a run directory (or its `checkpoints/` folder): its newest resumable checkpoint.
     * a file: that file.
 
-    Raises FileNotFoundError, saying how to point at a run, when there is nothing to resume from.
+    Raises CheckpointNotFoundError (a FileNotFoundError), saying how to point at a run, when there is
+    nothing to resume from.
     """
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "last":
         found = find_resumable(run_dir)
         if found is None:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"ckpt_path=last found no checkpoint to resume from in this run's directory {run_dir} "
                 f"(looked for {', '.join(RESUMABLE_PATTERNS)} in it and in its checkpoints/ folder). Every "
                 "run gets a new directory: to continue an earlier run, name its directory, either "
@@ -113,13 +120,13 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, run_dir: Path) -> Pat
     if path.is_dir():
         found = find_resumable(path)
         if found is None:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"ckpt_path={ckpt_path} is a directory without a checkpoint to resume from (looked for "
                 f"{', '.join(RESUMABLE_PATTERNS)} in it and in its checkpoints/ folder)"
             )
         return found
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"ckpt_path={ckpt_path} does not exist; give a .ckpt file, a run directory, or `last` "
             "(with hydra.run.dir=<run dir>)"
         )
@@ -154,9 +161,9 @@ def load_failure_reason(error: Exception) -> str:
 
 def _siblings(path: Path) -> str:
     """The other checkpoints beside `path`, newest first, for an error message."""
-    others = sorted(
-        (p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime, reverse=True
-    )
+    # A link (last.ckpt) and the file it names are one checkpoint; a link to a deleted file is none.
+    others = [p for p in path.parent.glob("*.ckpt") if p.is_file() and not p.samefile(path)]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     if not others:
         return "There is no other checkpoint in its folder."
     return "Other checkpoints in its folder, newest first: " + ", ".join(p.name for p in others[:8])
@@ -176,8 +183,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as error:
+        name = f"{path} (a link to {path.resolve().name})" if path.is_symlink() else path
         raise CheckpointError(
-            f"{path} is not a checkpoint of aclip's model, or is truncated: {load_failure_reason(error)}. "
+            f"{name} is not a checkpoint of aclip's model, or is truncated: {load_failure_reason(error)}. "
             f"{_siblings(path)}"
         ) from None
     if not isinstance(checkpoint, dict):

@@ -13,6 +13,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 import aclip  # noqa: F401  (registers the config resolvers before Hydra resolves any path)
+from aclip.errors import report_run_errors
 
 
 def config_dir() -> str:
@@ -76,9 +77,13 @@ def run_evaluation(cfg: DictConfig) -> None:
 
 def train() -> None:
     """`aclip-train [overrides]`: `python train.py [overrides]` from any directory."""
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(run_training)()
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(
+        report_run_errors(run_training)
+    )()
 
 
 def evaluate() -> None:
     """`aclip-eval ckpt_path=<checkpoint> [overrides]`: `python evaluate.py ...` from any directory."""
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")(run_evaluation)()
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")(
+        report_run_errors(run_evaluation)
+    )()

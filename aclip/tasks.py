@@ -20,11 +20,11 @@ from pytorch_lightning.loggers import WandbLogger
 from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY, RunConfigRecord, check_resumed_config
 from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, resolve_ckpt_path
 from aclip.config import resolved_job_config, validate_config
-from aclip.console import print_model_summary, print_run_header, quiet_known_noise
+from aclip.console import print_model_summary, print_run_header, progress_bars, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
 from aclip.datamodules.transforms import INTERPOLATIONS
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
-from aclip.evaluation.report import flatten_metrics
+from aclip.evaluation.report import flatten_metrics, write_chance_levels
 from aclip.modules.aclip import TEACHER_WARMUP_KEY, AClip
 from aclip.modules.teacher_warmup import check_state as check_warmup_state
 from aclip.recompose import job_overrides
@@ -94,12 +94,13 @@ def optimized_value(metrics: Metrics, key: str | None, required: bool = True) ->
     return None
 
 
-def report(
-    metrics: Metrics, output_dir: Path, loggers: list[Any], reported: dict[str, str] | None = None
-) -> None:
-    """Print the metrics table, write metrics.json and send the values to the loggers."""
-    print(format_table(metrics, reported))
+def report(metrics: Metrics, output_dir: Path, loggers: list[Any], evaluation: Evaluation) -> None:
+    """Print the metrics table, write metrics.json (and chance.json, the chance levels, which the sweep
+    summary draws) and send the values to the loggers."""
+    chance = evaluation.chance_levels()
+    print(format_table(metrics, evaluation.reported_metrics(), chance))
     path = write_metrics(metrics, output_dir / "metrics.json")
+    write_chance_levels(chance, output_dir / "chance.json")
     log.info("Evaluation written to %s", path)
     flat = flatten_metrics(metrics, "eval")
     for logger in loggers:
@@ -198,10 +199,12 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
     datamodule: ClipDataModule = instantiate(cfg.data, evaluation=evaluation if validating else None)
     module: AClip = instantiate(cfg.model)
     loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks += progress_bars(cfg.trainer.get("enable_progress_bar", True), callbacks)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
         callbacks=[
-            *_instantiate_all(cfg.get("callbacks")),
+            *callbacks,
             RunConfigRecord(run_config, job_overrides() if overrides is None else overrides),
         ],
         logger=loggers,
@@ -249,7 +252,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
         module.to(trainer.strategy.root_device)
         metrics, failed = _evaluate(evaluation, module)
         if trainer.is_global_zero:
-            report(metrics, output_dir, loggers, evaluation.reported_metrics())
+            report(metrics, output_dir, loggers, evaluation)
         if failed is not None:
             finish_wandb(loggers, failed=True)
             raise failed
@@ -325,7 +328,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     module, evaluation = load_for_evaluation(cfg)
     metrics, failed = _evaluate(evaluation, module)
     loggers = _instantiate_all(cfg.get("logger"))
-    report(metrics, _output_dir(cfg), loggers, evaluation.reported_metrics())
+    report(metrics, _output_dir(cfg), loggers, evaluation)
     finish_wandb(loggers, failed=failed is not None)
     if failed is not None:
         raise failed

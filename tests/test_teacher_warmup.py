@@ -70,6 +70,12 @@ def test_a_deciding_teacher_whose_student_stays_on_the_plateau_is_reported_once(
     assert not any(learning.observe(step, 0.5, 8) for step in range(LOCK_IN_STEPS * 2))
 
 
+def test_the_label_says_until_when_the_cells_are_random():
+    assert TeacherWarmup(min_steps=30).label() == "warm-up: random cells until step 30"
+    adaptive = TeacherWarmup(min_steps=30, until_loss=0.9, max_steps=500).label()
+    assert adaptive == "warm-up: random cells until the student learns (from step 30, by step 500)"
+
+
 def test_invalid_settings_and_crafted_states_are_refused():
     with pytest.raises(ValueError, match="teacher_warmup_until_loss must be null or a fraction"):
         TeacherWarmup(until_loss=1.5)

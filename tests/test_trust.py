@@ -90,7 +90,9 @@ def test_a_truncated_checkpoint_is_named_with_the_ones_beside_it(train_config, t
         train(train_config("evaluate=false", "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a'}"))
     message = str(raised.value)
     assert str(last) in message and "truncated" in message
-    assert "step0000008.ckpt" in message and "step0000004.ckpt" in message  # what is left to resume from
+    # last.ckpt is a link to step0000008.ckpt: the older file is what is left to resume from.
+    assert "a link to step0000008.ckpt" in message
+    assert message.endswith("Other checkpoints in its folder, newest first: step0000004.ckpt")
 
 
 def test_resume_follows_the_new_learning_rate(train_config, tmp_path):

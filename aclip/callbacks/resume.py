@@ -173,9 +173,11 @@ MAY_CHANGE = (
     "trainer.max_steps",
     "trainer.max_epochs",
     "trainer.enable_progress_bar",
+    "print_config",
     "trainer.log_every_n_steps",
     "callbacks.mask_pictures",
     "callbacks.throughput",
+    "callbacks.model_checkpoint",
     "callbacks.step_checkpoint",
     "data.num_workers",
 )

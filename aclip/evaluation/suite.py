@@ -185,6 +185,17 @@ class Evaluation:
             if isinstance(task, ZeroShotClassification)
         }
 
+    def chance_levels(self) -> dict[str, float]:
+        """What a model guessing at random scores (percent) on each zero-shot set: top-k is k of the set's
+        classes, mean per-class recall one of them."""
+        levels = {}
+        for task in self.tasks:
+            if isinstance(task, ZeroShotClassification):
+                classes, key = len(task.classnames), f"{task.kind}/{task.name}"
+                levels |= {f"{key}/top{k}": 100.0 * k / classes for k in (1, 5) if k <= classes}
+                levels[f"{key}/mean_per_class_recall"] = 100.0 / classes
+        return levels
+
     @torch.no_grad()
     def run(self, models: Mapping[str, ClipModel], tokenize: Tokenizer) -> Metrics:
         """Encode every image set once for all `models` (in eval mode), then score every task.

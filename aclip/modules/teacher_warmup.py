@@ -100,6 +100,13 @@ class TeacherWarmup:
         """Whether the running loss has left the plateau."""
         return float(self.running_loss) < self.plateau(candidates)
 
+    def label(self) -> str:
+        """What the warm-up does, for a picture's title: random cells, and until when."""
+        if self.until_loss is None:
+            return f"warm-up: random cells until step {self.min_steps}"
+        bounds = f"from step {self.min_steps}" + (f", by step {self.max_steps}" if self.max_steps else "")
+        return f"warm-up: random cells until the student learns ({bounds})"
+
     def inside_warmup(self, total_steps: int) -> str | None:
         """A warning when a run of `total_steps` optimizer steps ends before the warm-up can: the teacher
         never decides, and the run trains as random masking of the same budget."""
