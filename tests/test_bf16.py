@@ -174,8 +174,8 @@ def test_embeddings_are_normalised_in_float32_under_autocast():
     )
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         embeddings = [
-            model.encode_image(torch.rand(3, 3, 32, 32)),
-            model.encode_text(torch.randint(1, 63, (3, 8))),
+            model.encode_image(torch.rand(3, 3, 32, 32), normalize=True),
+            model.encode_text(torch.randint(1, 63, (3, 8)), normalize=True),
         ]
     for embedding in embeddings:
         assert embedding.dtype == torch.float32
