@@ -19,6 +19,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY, RunConfigRecord, check_resumed_config
 from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, resolve_ckpt_path
+from aclip.compute import plan_compute
 from aclip.config import resolved_job_config, validate_config
 from aclip.console import print_model_summary, print_run_header, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
@@ -115,11 +116,14 @@ def write_timing(
     num_views: int,
     path: Path,
     token_choice: dict[str, Any] | None = None,
+    compute: dict[str, Any] | None = None,
 ) -> None:
     """Record the wall time of this process's `trainer.fit` (data loading included), the part of it spent
     on validation, the training time per optimizer step it took (validation left out), the patch tokens
-    per view that the online image encoder saw, and how they were chosen (`token_choice`, e.g. the step
-    the teacher took over, `AClip.token_choice`)."""
+    per view that the online image encoder saw, how they were chosen (`token_choice`, e.g. the step
+    the teacher took over, `AClip.token_choice`), and the run's FLOPs (`compute`,
+    `aclip.compute.ComputePlan.record`: a run of several phases replaces the tokens and views by their
+    means over its steps)."""
     timing = {
         "fit_seconds": fit_seconds,
         "validation_seconds": validation_seconds,
@@ -128,6 +132,7 @@ def write_timing(
         "kept_tokens": kept_tokens,
         "num_views": num_views,
         **(token_choice or {}),
+        **(compute or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(timing, indent=2) + "\n")
@@ -197,6 +202,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
         evaluation.check()  # a broken evaluation image stops the run now, not after training
     datamodule: ClipDataModule = instantiate(cfg.data, evaluation=evaluation if validating else None)
     module: AClip = instantiate(cfg.model)
+    compute = plan_compute(cfg, module, datamodule)  # FLOPs per step; the budget's length
     loggers = _instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -207,6 +213,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         **schedule,
+        **compute.trainer_limits(),
     )
     if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
         # Like torchrun, share the cores among the processes instead of each starting one thread per core.
@@ -237,10 +244,11 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
             time.perf_counter() - started,
             module.validation_seconds,
             trainer.global_step - start_step,
-            module.kept_tokens,
+            module.kept_tokens(module.phases[0]),
             datamodule.view_transform.num_views,
             output_dir / "timing.json",
             module.token_choice(),
+            compute.record(module, trainer.global_step, datamodule.view_transform.num_views),
         )
 
     metrics: Metrics = {}

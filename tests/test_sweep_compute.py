@@ -21,7 +21,7 @@ def test_the_summary_charts_the_metric_against_training_flops_and_seconds(tmp_pa
             "training_flops": 9.9e11 + number,
         }
         (tmp_path / str(number) / "timing.json").write_text(json.dumps(timing))
-    summary, paths = summarize(tmp_path, curves=())
+    _, paths = summarize(tmp_path, curves=())
     rows = read_csv(paths["csv"])
     assert [float(row["training FLOPs"]) for row in rows] == [9.9e11 + n for n in range(4)]
     assert [float(row["train s"]) for row in rows] == pytest.approx([90.0, 91.0, 92.0, 93.0])
