@@ -72,6 +72,12 @@ def per_device_batch_size(batch_size: int, world: int) -> int:
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
     _check_required(cfg)
+    from aclip.evaluation.masked import masked_views
+
+    try:
+        masked_views(cfg.get("evaluation"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     data, trainer = cfg.data, cfg.trainer
     world = world_size(trainer)
     batch_size = data.get("batch_size")

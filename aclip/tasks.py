@@ -25,6 +25,7 @@ from aclip.console import print_model_summary, print_run_header, quiet_known_noi
 from aclip.datamodules.datamodule import ClipDataModule
 from aclip.datamodules.transforms import INTERPOLATIONS
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
+from aclip.evaluation.masked import fold_masked, masked_views, with_masked_views
 from aclip.evaluation.report import flatten_metrics
 from aclip.modules.aclip import TEACHER_WARMUP_KEY, AClip
 from aclip.modules.teacher_warmup import check_state as check_warmup_state
@@ -172,12 +173,18 @@ def inspect_resumed(ckpt_path: Path, run_config: dict[str, Any]) -> int:
     return int(checkpoint.get("global_step", 0))
 
 
-def _evaluate(evaluation: Evaluation, module: AClip) -> tuple[Metrics, EvaluationError | None]:
-    """The evaluation's metrics, and the error of the tasks that failed (the others still count)."""
+def _evaluate(
+    evaluation: Evaluation, module: AClip, settings: DictConfig | None = None
+) -> tuple[Metrics, EvaluationError | None]:
+    """The evaluation's metrics, with those on masked views where `settings` (`evaluation` in the config)
+    asks for them (`aclip.evaluation.masked`), and the error of the tasks that failed (the others still
+    count)."""
+    views = masked_views(settings)
+    models = with_masked_views(module.eval_models(), module.masking, module.ema_model.vision, views)
     try:
-        return evaluation.run(module.eval_models(), module.tokenizer), None
+        return fold_masked(evaluation.run(models, module.tokenizer)), None
     except EvaluationError as error:
-        return error.metrics, error
+        return fold_masked(error.metrics), error
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
@@ -255,7 +262,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
     if cfg.get("evaluate"):
         # Every rank evaluates its share of each set; rank 0 reports the gathered results.
         module.to(trainer.strategy.root_device)
-        metrics, failed = _evaluate(evaluation, module)
+        metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
         if trainer.is_global_zero:
             report(metrics, output_dir, loggers, evaluation.reported_metrics())
         if failed is not None:
@@ -331,7 +338,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
     quiet_known_noise()
     module, evaluation = load_for_evaluation(cfg)
-    metrics, failed = _evaluate(evaluation, module)
+    metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
     loggers = _instantiate_all(cfg.get("logger"))
     report(metrics, _output_dir(cfg), loggers, evaluation.reported_metrics())
     finish_wandb(loggers, failed=failed is not None)
