@@ -17,6 +17,9 @@ from aclip.compute import count_batch_flops, example_sample, flop_counter, plan_
 from aclip.config import ConfigError
 from aclip.datamodules.datamodule import ImageTextDataset
 from aclip.modules.stages import build_phases, flops_until, phase_ends
+from aclip.sweep_compute import COMPUTE_FILE
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES, fresh_copy, run_train_py
+from tests.test_summarize import read_csv
 
 RANDOM = {"_target_": "aclip.modules.masking.RandomMasking", "keep_ratio": 0.5}
 TUNING = [{}, {"fraction": 0.1, "masking": {"_target_": "aclip.modules.masking.NoMasking"}, "views": 1}]
@@ -127,3 +130,29 @@ def test_the_throughput_counts_each_phases_flops(train_config, tmp_path):
     trainer = instantiate(cfg.trainer, logger=False, callbacks=callbacks, enable_checkpointing=False)
     trainer.fit(module, datamodule=datamodule)
     assert json.loads(record.read_text()) == [counted[0], counted[0], counted[1], counted[1]]
+
+
+@pytest.mark.slow  # about a minute: four tiny jobs
+def test_the_laboratory_sweep_runs_from_a_fresh_clone_at_equal_flops(tmp_path):
+    """README's laboratory command at the test scale: every job stops within one optimizer step of the
+    same FLOP count, and the summary has the columns and the compute chart."""
+    copy = fresh_copy(tmp_path / "repository")
+    budget = 1e9  # about 6 steps of the tests' tiny model at batch 8
+    command = [
+        "-m",
+        "method=clip,random_2x50",
+        "stages=unmasked_tuning",
+        f"budget.flops={budget}",
+        "seed=0,1",
+    ]
+    run_train_py(*command, *TINY_SYNTHETIC_OVERRIDES, cwd=copy, timeout=900)
+    (sweep,) = (copy / "logs" / "train" / "multiruns").iterdir()
+    jobs = sorted(path for path in sweep.iterdir() if path.is_dir() and path.name.isdigit())
+    assert len(jobs) == 4
+    spent = []
+    for job in jobs:
+        timing = json.loads((job / "timing.json").read_text())
+        assert 0 <= budget - timing["training_flops"] < max(timing["flops_per_step"]), timing
+        spent.append(timing["training_flops"])
+    assert [float(row["training FLOPs"]) for row in read_csv(sweep / "summary.csv")] == spent
+    assert (sweep / COMPUTE_FILE).stat().st_size > 10_000
