@@ -74,10 +74,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check_required(cfg)
     from aclip.evaluation.masked import masked_views
 
-    try:
-        masked_views(cfg.get("evaluation"))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    masked_views(cfg.get("evaluation"))
     data, trainer = cfg.data, cfg.trainer
     world = world_size(trainer)
     batch_size = data.get("batch_size")

@@ -99,6 +99,9 @@ def test_equal_budgets_end_every_method_within_one_step_of_it(train_config):
         assert spent[0] <= budget < spent[1]
         assert plan.trainer_limits() == {"max_steps": steps, "max_epochs": steps}
         assert module.phase_batch_flops == plan.batch_flops  # train/flops and the throughput's
+    cfg = train_config("budget.seconds=90")  # Lightning's max_time; the schedule keeps its length
+    plan = plan_compute(cfg, instantiate(cfg.model), instantiate(cfg.data))
+    assert plan.trainer_limits() == {"max_time": {"seconds": 90}}
 
 
 class RecordFlops(pl.Callback):

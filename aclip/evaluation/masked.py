@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from aclip.config import ConfigError
 from aclip.evaluation.suite import Metrics
 from aclip.modules.masking import TokenMasking
 from aclip.modules.model import ClipModel
@@ -106,7 +107,7 @@ class MaskedViews(nn.Module):
 
 def masked_views(settings: Mapping | None) -> list[int]:
     """The `views` of an `evaluation` config node's `masked` setting, checked: a list of integers >= 1
-    (null: none); a ValueError naming the key otherwise."""
+    (null: none); a `ConfigError` naming the key otherwise."""
     views = ((settings or {}).get("masked") or {}).get("views")
     if views is None:
         return []
@@ -115,7 +116,7 @@ def masked_views(settings: Mapping | None) -> list[int]:
         or not isinstance(views, Sequence)
         or not all(is_integer(n) and n >= 1 for n in views)
     ):
-        raise ValueError(
+        raise ConfigError(
             f"evaluation.masked.views must be null or a list of view counts >= 1 (e.g. [1,4]), got {views!r}"
         )
     return list(views)
