@@ -128,8 +128,9 @@ def count_batch_flops(module: AClip, sample: Mapping[str, Tensor], batch_size: i
 
 
 def steps_within(budget: float, phases: Sequence[Phase], step_flops: Sequence[int]) -> int:
-    """The most optimizer steps whose FLOPs (each phase's `step_flops`, the phases laid out over those
-    steps) fit in `budget`; a `ConfigError` when not even the phases of fixed length fit."""
+    """A number of optimizer steps whose FLOPs (each phase's `step_flops`, the phases laid out over those
+    steps) fit in `budget` while one step more would not: the run stops within one step of the budget. A
+    `ConfigError` when not even the phases of fixed length fit."""
 
     def spent(steps: int) -> int:
         return flops_until(phase_ends(phases, steps), step_flops, steps)

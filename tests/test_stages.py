@@ -53,8 +53,8 @@ def test_phases_of_steps_fractions_and_the_rest_tile_the_run():
 @pytest.mark.parametrize(
     ("phases", "message"),
     [
-        ([{"steps": 2}, {"fraction": 0.5}], r"every phase gives steps or fraction; leave them out of one"),
-        ([{}, {}], r"exactly one phase .* phases \[0, 1\] do"),
+        ([{"steps": 2}, {"fraction": 0.5}], r"exactly one phase must give neither .*: every phase gives one"),
+        ([{}, {}], r"exactly one phase .*: phases \[0, 1\] give neither"),
         ([{}, {"steps": 2, "fraction": 0.5}], r"phases\[1\] gives both steps=2 and fraction=0.5"),
         ([{}, {"fraction": 0.7}, {"fraction": 0.6}], r"the fractions add up to 1.3"),
         ([{}, {"epochs": 1}], r"phases\[1\] has the keys \['epochs'\]"),

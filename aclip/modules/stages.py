@@ -50,14 +50,14 @@ class Phase:
         return RandomMasking(keep_ratio=self.masking.keep_ratio, unit=self.masking.unit)
 
     def describe(self) -> str:
+        """The phase in words, e.g. `0.1 of the steps: NoMasking(...), 1 view`."""
+        if self.steps is not None:
+            length = f"{self.steps} steps"
+        elif self.fraction is not None:
+            length = f"{self.fraction:g} of the steps"
+        else:
+            length = "the rest"
         views = "all views" if self.views is None else f"{self.views} view" + "s" * (self.views > 1)
-        length = (
-            f"{self.steps} steps"
-            if self.steps is not None
-            else f"{self.fraction:g} of the steps"
-            if self.fraction is not None
-            else "the rest"
-        )
         return f"{length}: {self.masking!r}, {views}"
 
 
@@ -79,12 +79,10 @@ def build_phases(
     ]
     rest = [index for index, phase in enumerate(built) if phase.steps is None and phase.fraction is None]
     if len(rest) != 1:
+        found = f"phases {rest} give neither" if rest else "every phase gives one"
         raise SpecError(
             f"phases: exactly one phase must give neither steps nor fraction (it lasts the rest of the "
-            f"run); phases {rest} do"
-            if rest
-            else "phases: every phase gives steps or fraction; leave "
-            "them out of one phase, which then lasts the rest of the run"
+            f"run): {found}"
         )
     fractions = sum(phase.fraction or 0.0 for phase in built)
     if fractions > 1 or (fractions == 1 and any(phase.steps for phase in built)):
