@@ -65,6 +65,8 @@ def plot_compute(summary: Summary) -> Path | None:
                 label=f"{name} (n={len(xs)})",
             )
     for axes, (_, title) in zip(panels, AXES, strict=True):
+        # From no compute: the jobs of one budget share a vertical instead of spreading over a zoomed axis.
+        axes.set_xlim(0, 1.1 * axes.dataLim.x1)
         axes.set_xlabel(title)
         axes.grid(alpha=0.3)
     panels[0].set_ylabel(label(metric))
