@@ -72,6 +72,9 @@ def per_device_batch_size(batch_size: int, world: int) -> int:
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
     _check_required(cfg)
+    from aclip.evaluation.masked import masked_views
+
+    masked_views(cfg.get("evaluation"))
     data, trainer = cfg.data, cfg.trainer
     world = world_size(trainer)
     batch_size = data.get("batch_size")
@@ -106,6 +109,8 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.num_views={num_views}; set data.num_views>=2 or model.self_supervision.view_weight=0"
         )
     policy = _check_masking(cfg)
+    _check_phases(cfg)
+    _check_budget(cfg)
     _check_ema_callback(cfg, policy)
     _check_batch_norm_sync(cfg, world)
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
@@ -195,6 +200,48 @@ def _check_masking(cfg: DictConfig) -> Any:
         except ValueError as error:
             raise ConfigError(f"masking.layers: {error} (model.vision.depth={vision.depth})") from None
     return policy
+
+
+def _check_phases(cfg: DictConfig) -> None:
+    """Build the phases of `model.phases` (`stages` group) from the masking registry, as the model will,
+    and check each on the tower and the batch's views, naming the key of what cannot work."""
+    from aclip.modules.stages import build_phases
+    from aclip.modules.vision import resolve_layers
+    from aclip.specs import SpecError
+
+    model = cfg.model
+    phases = OmegaConf.to_container(model.get("phases"), resolve=True) if model.get("phases") else None
+    if not phases:
+        return
+    masking = OmegaConf.to_container(cfg.masking, resolve=True) if cfg.get("masking") else None
+    try:
+        built = build_phases(phases, masking)
+    except SpecError as error:
+        raise ConfigError(f"model.{error} (the `stages` group writes model.phases)") from None
+    vision, views = model.vision, cfg.data.get("num_views", 1)
+    for index, phase in enumerate(built):
+        key, policy = f"model.phases[{index}]", phase.masking
+        if phase.views is not None and phase.views > views:
+            raise ConfigError(
+                f"{key}.views={phase.views}, but the batches have data.num_views={views} views: give the "
+                f"phase at most {views}, or raise data.num_views"
+            )
+        side = policy.view_size(vision.image_size, vision.patch_size)
+        try:
+            policy.num_keep((side // vision.patch_size, side // vision.patch_size))
+            if policy.needs_scores:
+                resolve_layers(policy.layers, vision.depth)
+        except ValueError as error:
+            raise ConfigError(f"{key}.masking ({policy!r}) does not fit model.vision: {error}") from None
+
+
+def _check_budget(cfg: DictConfig) -> None:
+    """`budget.flops` and `budget.seconds`: null or a number > 0."""
+    from aclip.specs import is_number
+
+    for name, value in (cfg.get("budget") or {}).items():
+        if value is not None and (not is_number(value) or value <= 0):
+            raise ConfigError(f"budget.{name} must be null or a number > 0, got {value!r}")
 
 
 def _check_ema_callback(cfg: DictConfig, policy: Any) -> None:

@@ -12,9 +12,11 @@ folder is missing (or holds no result) is listed, not skipped silently.
 
 Columns: the overrides that differ between jobs, then the metrics of the EMA and the online model (in
 that order, whichever is reported; a set's `reported` figure, which repeats one of its metrics under a
-second name, left out), seconds per optimizer step and the patch tokens each view kept. Jobs that differ
-only in `seed` are also aggregated to mean, standard deviation and count (`summary_seeds.csv` and a
-second table). Each group of jobs keeps one colour in every chart (`Summary.colours`).
+second name, left out), seconds per optimizer step, the training FLOPs and seconds (charted against the
+primary metric in `summary_compute.png`, aclip/sweep_compute.py) and the patch tokens each view kept.
+Jobs that differ only in `seed` are also aggregated to mean, standard deviation and count
+(`summary_seeds.csv` and a second table). Each group of jobs keeps one colour in every chart
+(`Summary.colours`).
 """
 
 from __future__ import annotations
@@ -134,7 +136,16 @@ class Summary:
     def rows(self, headline: bool = False) -> tuple[list[str], list[list[Any]]]:
         """The per-job table: header and rows."""
         metrics = self.metric_columns(headline)
-        header = ["job", *self.varying, *metrics, "s/step", "tokens/view", "views", "status"]
+        header = [
+            "job",
+            *self.varying,
+            *metrics,
+            "s/step",
+            *COMPUTE_COLUMNS,
+            "tokens/view",
+            "views",
+            "status",
+        ]
         rows = []
         for job in self.jobs:
             values = [_metric(job, column) for column in metrics]
@@ -145,6 +156,7 @@ class Summary:
                     *(job.overrides.get(key, "") for key in self.varying),
                     *values,
                     timing.get("seconds_per_step"),
+                    *job_compute(timing).values(),
                     timing.get("kept_tokens"),
                     timing.get("num_views"),
                     job.status,
@@ -200,6 +212,19 @@ def _aliases(results: Sequence[dict[str, float]], keys: set[str]) -> dict[str, s
                 aliases[key] = sibling
                 break
     return aliases
+
+
+# What a job spent (`job_compute`): the compute chart's axes (aclip.sweep_compute), columns of summary.csv.
+COMPUTE_COLUMNS = ("training FLOPs", "train s")
+
+
+def job_compute(timing: dict[str, Any] | None) -> dict[str, float | None]:
+    """A job's training FLOPs (`training_flops`, counted before training: aclip.compute) and training
+    seconds (`fit_seconds` less `validation_seconds`) from its timing.json, None where it has none."""
+    timing = timing or {}
+    fit, validation = timing.get("fit_seconds"), timing.get("validation_seconds") or 0.0
+    seconds = None if fit is None else fit - validation
+    return dict(zip(COMPUTE_COLUMNS, (timing.get("training_flops"), seconds), strict=True))
 
 
 def _metric(job: Job, column: str) -> float | None:
@@ -465,7 +490,8 @@ def plot(summary: Summary, path: Path) -> Path | None:
 
 def write(summary: Summary, chart: bool = True, curves: Sequence[str] = ()) -> dict[str, Path]:
     """Write summary.csv (every metric), summary_seeds.csv (if seeds vary), summary.md and (`chart`)
-    summary.png and the `curves_<metric>.png` of the `curves` metrics the jobs logged."""
+    summary.png, the `curves_<metric>.png` of the `curves` metrics the jobs logged and, where the jobs
+    counted their FLOPs, summary_compute.png."""
     directory = summary.sweep_dir
     paths = {"csv": directory / "summary.csv", "md": directory / "summary.md"}
     _write_csv(paths["csv"], *summary.rows())
@@ -480,6 +506,12 @@ def write(summary: Summary, chart: bool = True, curves: Sequence[str] = ()) -> d
         from aclip.sweep_curves import plot_curves  # it imports this module
 
         paths |= {path.stem: path for path in plot_curves(summary, curves)}
+    if chart:
+        from aclip.sweep_compute import plot_compute  # it imports this module
+
+        compute = plot_compute(summary)
+        if compute is not None:
+            paths["compute_png"] = compute
     return paths
 
 

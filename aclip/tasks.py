@@ -19,11 +19,13 @@ from pytorch_lightning.loggers import WandbLogger
 
 from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY, RunConfigRecord, check_resumed_config
 from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, resolve_ckpt_path
+from aclip.compute import plan_compute
 from aclip.config import resolved_job_config, validate_config
 from aclip.console import print_model_summary, print_run_header, progress_bars, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
 from aclip.datamodules.transforms import INTERPOLATIONS
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
+from aclip.evaluation.masked import fold_masked, masked_views, with_masked_views
 from aclip.evaluation.report import flatten_metrics, write_chance_levels
 from aclip.modules.aclip import TEACHER_WARMUP_KEY, AClip
 from aclip.modules.teacher_warmup import check_state as check_warmup_state
@@ -116,11 +118,14 @@ def write_timing(
     num_views: int,
     path: Path,
     token_choice: dict[str, Any] | None = None,
+    compute: dict[str, Any] | None = None,
 ) -> None:
     """Record the wall time of this process's `trainer.fit` (data loading included), the part of it spent
     on validation, the training time per optimizer step it took (validation left out), the patch tokens
-    per view that the online image encoder saw, and how they were chosen (`token_choice`, e.g. the step
-    the teacher took over, `AClip.token_choice`)."""
+    per view that the online image encoder saw, how they were chosen (`token_choice`, e.g. the step
+    the teacher took over, `AClip.token_choice`), and the run's FLOPs (`compute`,
+    `aclip.compute.ComputePlan.record`: a run of several phases replaces the tokens and views by their
+    means over its steps)."""
     timing = {
         "fit_seconds": fit_seconds,
         "validation_seconds": validation_seconds,
@@ -129,6 +134,7 @@ def write_timing(
         "kept_tokens": kept_tokens,
         "num_views": num_views,
         **(token_choice or {}),
+        **(compute or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(timing, indent=2) + "\n")
@@ -168,12 +174,18 @@ def inspect_resumed(ckpt_path: Path, run_config: dict[str, Any]) -> int:
     return int(checkpoint.get("global_step", 0))
 
 
-def _evaluate(evaluation: Evaluation, module: AClip) -> tuple[Metrics, EvaluationError | None]:
-    """The evaluation's metrics, and the error of the tasks that failed (the others still count)."""
+def _evaluate(
+    evaluation: Evaluation, module: AClip, settings: DictConfig | None = None
+) -> tuple[Metrics, EvaluationError | None]:
+    """The evaluation's metrics, with those on masked views where `settings` (`evaluation` in the config)
+    asks for them (`aclip.evaluation.masked`), and the error of the tasks that failed (the others still
+    count)."""
+    views = masked_views(settings)
+    models = with_masked_views(module.eval_models(), module.masking, module.ema_model.vision, views)
     try:
-        return evaluation.run(module.eval_models(), module.tokenizer), None
+        return fold_masked(evaluation.run(models, module.tokenizer)), None
     except EvaluationError as error:
-        return error.metrics, error
+        return fold_masked(error.metrics), error
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
@@ -198,6 +210,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
         evaluation.check()  # a broken evaluation image stops the run now, not after training
     datamodule: ClipDataModule = instantiate(cfg.data, evaluation=evaluation if validating else None)
     module: AClip = instantiate(cfg.model)
+    compute = plan_compute(cfg, module, datamodule)  # FLOPs per step; the budget's length
     loggers = _instantiate_all(cfg.get("logger"))
     callbacks = _instantiate_all(cfg.get("callbacks"))
     callbacks += progress_bars(cfg.trainer.get("enable_progress_bar", True), callbacks)
@@ -210,6 +223,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         **schedule,
+        **compute.trainer_limits(),
     )
     if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
         # Like torchrun, share the cores among the processes instead of each starting one thread per core.
@@ -240,17 +254,18 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
             time.perf_counter() - started,
             module.validation_seconds,
             trainer.global_step - start_step,
-            module.kept_tokens,
+            module.kept_tokens(module.phases[0]),
             datamodule.view_transform.num_views,
             output_dir / "timing.json",
             module.token_choice(),
+            compute.record(module, trainer.global_step, datamodule.view_transform.num_views),
         )
 
     metrics: Metrics = {}
     if cfg.get("evaluate"):
         # Every rank evaluates its share of each set; rank 0 reports the gathered results.
         module.to(trainer.strategy.root_device)
-        metrics, failed = _evaluate(evaluation, module)
+        metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
         if trainer.is_global_zero:
             report(metrics, output_dir, loggers, evaluation)
         if failed is not None:
@@ -326,7 +341,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
     quiet_known_noise()
     module, evaluation = load_for_evaluation(cfg)
-    metrics, failed = _evaluate(evaluation, module)
+    metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
     loggers = _instantiate_all(cfg.get("logger"))
     report(metrics, _output_dir(cfg), loggers, evaluation)
     finish_wandb(loggers, failed=failed is not None)

@@ -124,21 +124,21 @@ def save_picture(picture: Tensor, title: str, path: Path) -> None:
 
 
 def masking_record(outputs: Mapping[str, Any], batch: Mapping[str, Tensor], samples: int) -> dict[str, Any]:
-    """What a training step (its `outputs`: views, keep, grid, score_map) showed the encoders for the
-    first `samples` samples of `batch`, with their objects and, when scored, the teacher's crop, score
-    map and view boxes: CPU copies, as `render_masking` reads them."""
-    num_views = batch["images"].shape[1]
+    """What a training step (its `outputs`: views, num_views, keep, grid, score_map) showed the encoders
+    for the first `samples` samples of `batch`, with their objects and, when scored, the teacher's crop,
+    score map and its views' boxes: CPU copies, as `render_masking` reads them."""
+    num_views = outputs["num_views"]  # the first views of the batch's (`aclip.modules.stages`)
     record = {
         "views": outputs["views"][: samples * num_views],
         "keep": outputs["keep"][: samples * num_views],
     }
     if "object_masks" in batch:
-        record["object_masks"] = batch["object_masks"][:samples].flatten(0, 1)
+        record["object_masks"] = batch["object_masks"][:samples, :num_views].flatten(0, 1)
     if outputs.get("score_map") is not None:
         teacher = {
             "ema_image": batch["ema_image"],
             "score_map": outputs["score_map"],
-            "boxes": batch["boxes"],
+            "boxes": batch["boxes"][:, :num_views],
         }
         if "ema_object_mask" in batch:
             teacher["ema_object_mask"] = batch["ema_object_mask"]
