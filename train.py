@@ -6,9 +6,11 @@ import hydra
 from omegaconf import DictConfig
 
 from aclip.cli import run_training
+from aclip.errors import report_run_errors
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@report_run_errors
 def main(cfg: DictConfig) -> float | None:
     return run_training(cfg)
 

@@ -2,8 +2,8 @@
 
 import aclip
 model, preprocess, tokenizer = aclip.load("logs/train/runs/<timestamp>")   # or a .ckpt, or an export
-image_features = model.encode_image(preprocess(image)[None])               # L2-normalised
-text_features = model.encode_text(tokenizer(["a red circle"]))             # L2-normalised
+image_features = model.encode_image(preprocess(image)[None], normalize=True)   # unit norm
+text_features = model.encode_text(tokenizer(["a red circle"]), normalize=True)   # unit norm
 """
 
 from __future__ import annotations
@@ -20,13 +20,17 @@ from aclip.export import CONFIG_FILE, check_export_config, read_export_config
 def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callable, Callable[..., Tensor]]:
     """`(model, preprocess, tokenizer)` of a checkpoint, a run directory or an exported folder.
 
-    A checkpoint or run directory gives this project's `ClipModel` (the `model="ema"` teacher, the
-    paper's, or the `"online"` one), whose `encode_image` and `encode_text` return L2-normalised
-    embeddings; `preprocess` turns a PIL image (or uint8 [3, H, W] pixels) into the model's uint8 input
-    [3, S, S] (the model normalises pixels itself), resized as the run evaluated. An `aclip.export`
-    folder gives open_clip's model and transforms (`encode_image(..., normalize=True)` for normalised
-    embeddings). `tokenizer(texts)` returns token ids [len(texts), context_length]. The model is in eval
-    mode, on the CPU.
+    Whatever the path, the model follows open_clip's contract: `encode_image(images, normalize=False)`
+    and `encode_text(tokens, normalize=False)` return the projected embeddings [N, embed_dim], unit-norm
+    with `normalize=True` (as CLIP compares them); `logit_scale` is the log temperature; `preprocess`
+    turns a PIL image into the model's input [3, S, S] (add the batch dimension); `tokenizer(texts)`
+    returns token ids [len(texts), context_length]. The model is in eval mode, on the CPU.
+
+    * A checkpoint or run directory gives this project's `aclip.modules.model.ClipModel` (the
+      `model="ema"` teacher, the paper's, or the `"online"` one); its `preprocess` gives uint8 pixels,
+      resized with the filter the run evaluated with (the model normalises pixels itself).
+    * An `aclip.export` folder gives open_clip's `CLIP` and its transforms (float pixels, normalised by
+      the preprocessing); `model` is not used (the export holds one model).
     """
     if model not in ("ema", "online"):
         raise ValueError(f'model must be "ema" or "online", got {model!r}')

@@ -62,10 +62,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 file.flush()
                 os.fsync(file.fileno())
             os.replace(temporary, target)
-        except BaseException:
+        except BaseException as error:
             temporary.unlink(missing_ok=True)
+            if isinstance(error, OSError) and error.filename is None:
+                error.filename = str(target)  # a failed write (a full disk) names no file of its own
             raise
         _fsync_directory(target.parent)
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """`ckpt_path` names no checkpoint: the message says how to name one."""
 
 
 def find_resumable(directory: Path) -> Path | None:
@@ -94,14 +100,15 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, run_dir: Path) -> Pat
     * a run directory (or its `checkpoints/` folder): its newest resumable checkpoint.
     * a file: that file.
 
-    Raises FileNotFoundError, saying how to point at a run, when there is nothing to resume from.
+    Raises CheckpointNotFoundError (a FileNotFoundError), saying how to point at a run, when there is
+    nothing to resume from.
     """
     if ckpt_path is None:
         return None
     if str(ckpt_path) == "last":
         found = find_resumable(run_dir)
         if found is None:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"ckpt_path=last found no checkpoint to resume from in this run's directory {run_dir} "
                 f"(looked for {', '.join(RESUMABLE_PATTERNS)} in it and in its checkpoints/ folder). Every "
                 "run gets a new directory: to continue an earlier run, name its directory, either "
@@ -113,13 +120,13 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, run_dir: Path) -> Pat
     if path.is_dir():
         found = find_resumable(path)
         if found is None:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"ckpt_path={ckpt_path} is a directory without a checkpoint to resume from (looked for "
                 f"{', '.join(RESUMABLE_PATTERNS)} in it and in its checkpoints/ folder)"
             )
         return found
     if not path.is_file():
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"ckpt_path={ckpt_path} does not exist; give a .ckpt file, a run directory, or `last` "
             "(with hydra.run.dir=<run dir>)"
         )
@@ -130,24 +137,33 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used: unreadable, truncated, foreign, or holding code."""
 
 
-_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+# torch's refusal of a pickled object, in both of its wordings: "Trying to load unsupported GLOBAL
+# posix.system whose module posix is blocked." and "Unsupported global: GLOBAL mod.Class was not an
+# allowed global by default."
+_UNSUPPORTED_GLOBAL = re.compile(r"unsupported global:? (?:global )?([\w.]+)", re.IGNORECASE)
+# Lines of torch's message that advise loading the file unsafely or point at its documentation.
+_ADVICE = re.compile(r"weights[_ ]only|check the documentation|file an issue", re.IGNORECASE)
 
 
-def _reason(error: Exception) -> str:
-    """Why torch could not load a checkpoint, in a line (never torch's advice to load it unsafely)."""
+def load_failure_reason(error: Exception) -> str:
+    """Why torch (or safetensors) could not read a file as data, in a line that names a pickled object's
+    type and never passes on torch's advice to load the file unsafely."""
     text = str(error)
     found = _UNSUPPORTED_GLOBAL.search(text)
     if found:
-        return f"it holds a pickled Python object ({found.group(1)}), which aclip's checkpoints never hold"
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    return first if "weights_only" not in first else type(error).__name__
+        return (
+            f"it holds a pickled Python object ({found.group(1)}), which is code, not data: aclip never "
+            "loads one"
+        )
+    lines = (line.strip() for line in text.splitlines())
+    return next((line for line in lines if line and not _ADVICE.search(line)), type(error).__name__)
 
 
 def _siblings(path: Path) -> str:
     """The other checkpoints beside `path`, newest first, for an error message."""
-    others = sorted(
-        (p for p in path.parent.glob("*.ckpt") if p != path), key=lambda p: p.stat().st_mtime, reverse=True
-    )
+    # A link (last.ckpt) and the file it names are one checkpoint; a link to a deleted file is none.
+    others = [p for p in path.parent.glob("*.ckpt") if p.is_file() and not p.samefile(path)]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     if not others:
         return "There is no other checkpoint in its folder."
     return "Other checkpoints in its folder, newest first: " + ", ".join(p.name for p in others[:8])
@@ -167,8 +183,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise
     except Exception as error:
+        name = f"{path} (a link to {path.resolve().name})" if path.is_symlink() else path
         raise CheckpointError(
-            f"{path} is not a checkpoint of aclip's model, or is truncated: {_reason(error)}. "
+            f"{name} is not a checkpoint of aclip's model, or is truncated: {load_failure_reason(error)}. "
             f"{_siblings(path)}"
         ) from None
     if not isinstance(checkpoint, dict):

@@ -9,9 +9,11 @@ from pathlib import Path
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 import aclip  # noqa: F401  (registers the config resolvers before Hydra resolves any path)
+from aclip.errors import report_run_errors
 
 
 def config_dir() -> str:
@@ -39,12 +41,31 @@ def compose(config_name: str, overrides: Sequence[str] = (), output_dir: Path | 
 
 
 def run_training(cfg: DictConfig) -> float | None:
-    """Train and evaluate as `cfg` says; the value of `optimized_metric`, which sweepers that optimise
-    (hparams_search=optuna_lr) maximise."""
+    """Train and evaluate as `cfg` says (with `ckpt_path=<run>`, the run's own config composed again, then
+    this command's overrides: `aclip.recompose`); the value of `optimized_metric`, which sweepers that
+    optimise (hparams_search=optuna_lr) maximise. Under such a sweeper the metric is checked before
+    training; a single run whose evaluation lacks it finishes with a warning instead."""
     # Imported here, so that `--help` and shell completion need not load torch and Lightning.
+    from aclip.config import check_optimized_metric
+    from aclip.recompose import compose_resumed
     from aclip.tasks import optimized_value, train
 
-    return optimized_value(train(cfg), cfg.get("optimized_metric"))
+    cfg, overrides = compose_resumed(cfg, config_dir())
+    optimising = sweeper_optimises()
+    if optimising:
+        check_optimized_metric(cfg)
+    return optimized_value(train(cfg, overrides), cfg.get("optimized_metric"), required=optimising)
+
+
+def sweeper_optimises() -> bool:
+    """Whether this job runs under a sweeper that reads its return value (Optuna's, not Hydra's basic
+    sweeper, which only lists jobs)."""
+    if not HydraConfig.initialized():
+        return False
+    hydra_config = HydraConfig.get()
+    return hydra_config.mode == RunMode.MULTIRUN and not hydra_config.sweeper._target_.endswith(
+        ".BasicSweeper"
+    )
 
 
 def run_evaluation(cfg: DictConfig) -> None:
@@ -56,9 +77,13 @@ def run_evaluation(cfg: DictConfig) -> None:
 
 def train() -> None:
     """`aclip-train [overrides]`: `python train.py [overrides]` from any directory."""
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(run_training)()
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(
+        report_run_errors(run_training)
+    )()
 
 
 def evaluate() -> None:
     """`aclip-eval ckpt_path=<checkpoint> [overrides]`: `python evaluate.py ...` from any directory."""
-    hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")(run_evaluation)()
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")(
+        report_run_errors(run_evaluation)
+    )()

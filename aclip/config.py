@@ -72,6 +72,9 @@ def per_device_batch_size(batch_size: int, world: int) -> int:
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
     _check_required(cfg)
+    from aclip.evaluation.masked import masked_views
+
+    masked_views(cfg.get("evaluation"))
     data, trainer = cfg.data, cfg.trainer
     world = world_size(trainer)
     batch_size = data.get("batch_size")
@@ -106,12 +109,45 @@ def validate_config(cfg: DictConfig) -> None:
             f"data.num_views={num_views}; set data.num_views>=2 or model.self_supervision.view_weight=0"
         )
     policy = _check_masking(cfg)
+    _check_phases(cfg)
+    _check_budget(cfg)
     _check_ema_callback(cfg, policy)
     _check_batch_norm_sync(cfg, world)
     max_epochs, max_steps = trainer.get("max_epochs"), trainer.get("max_steps", -1)
     if not trainer.get("fast_dev_run") and (max_epochs in (None, -1, 0)) and max_steps in (None, -1):
         raise ConfigError(
             "set trainer.max_epochs (>= 1) or trainer.max_steps: training needs an end for its schedule"
+        )
+
+
+def check_optimized_metric(cfg: DictConfig) -> None:
+    """For a sweeper that maximises `optimized_metric`: the run must report it, i.e. evaluate, and the
+    metric must be one of an `eval` set (`<kind>/<set>/<metric>`, e.g. zeroshot/imagenet/top1)."""
+    from hydra.utils import get_class
+
+    key = cfg.get("optimized_metric")
+    sets = [
+        f"{kind}/{node.get('name', name)}"
+        for name, node in (cfg.get("eval") or {}).items()
+        if node and "_target_" in node and (kind := getattr(get_class(node._target_), "kind", None))
+    ]
+    if sum(name.startswith("zeroshot/") for name in sets) >= 2:
+        sets.append("zeroshot/average")  # the mean of the zero-shot sets' reported figures
+    choose = (
+        f"set optimized_metric=<set>/<metric> for one of this run's sets {sets}"
+        if sets
+        else "give the run an evaluation set (eval=...)"
+    )
+    if not key:
+        raise ConfigError(f"the sweeper maximises optimized_metric, which is null: {choose}")
+    if not cfg.get("evaluate"):
+        raise ConfigError(
+            f"the sweeper maximises optimized_metric={key}, but evaluate=false reports no metric: set "
+            "evaluate=true"
+        )
+    if not any(key.startswith(f"{name}/") for name in sets):
+        raise ConfigError(
+            f"the sweeper maximises optimized_metric={key}, which no eval set reports: {choose}"
         )
 
 
@@ -164,6 +200,48 @@ def _check_masking(cfg: DictConfig) -> Any:
         except ValueError as error:
             raise ConfigError(f"masking.layers: {error} (model.vision.depth={vision.depth})") from None
     return policy
+
+
+def _check_phases(cfg: DictConfig) -> None:
+    """Build the phases of `model.phases` (`stages` group) from the masking registry, as the model will,
+    and check each on the tower and the batch's views, naming the key of what cannot work."""
+    from aclip.modules.stages import build_phases
+    from aclip.modules.vision import resolve_layers
+    from aclip.specs import SpecError
+
+    model = cfg.model
+    phases = OmegaConf.to_container(model.get("phases"), resolve=True) if model.get("phases") else None
+    if not phases:
+        return
+    masking = OmegaConf.to_container(cfg.masking, resolve=True) if cfg.get("masking") else None
+    try:
+        built = build_phases(phases, masking)
+    except SpecError as error:
+        raise ConfigError(f"model.{error} (the `stages` group writes model.phases)") from None
+    vision, views = model.vision, cfg.data.get("num_views", 1)
+    for index, phase in enumerate(built):
+        key, policy = f"model.phases[{index}]", phase.masking
+        if phase.views is not None and phase.views > views:
+            raise ConfigError(
+                f"{key}.views={phase.views}, but the batches have data.num_views={views} views: give the "
+                f"phase at most {views}, or raise data.num_views"
+            )
+        side = policy.view_size(vision.image_size, vision.patch_size)
+        try:
+            policy.num_keep((side // vision.patch_size, side // vision.patch_size))
+            if policy.needs_scores:
+                resolve_layers(policy.layers, vision.depth)
+        except ValueError as error:
+            raise ConfigError(f"{key}.masking ({policy!r}) does not fit model.vision: {error}") from None
+
+
+def _check_budget(cfg: DictConfig) -> None:
+    """`budget.flops` and `budget.seconds`: null or a number > 0."""
+    from aclip.specs import is_number
+
+    for name, value in (cfg.get("budget") or {}).items():
+        if value is not None and (not is_number(value) or value <= 0):
+            raise ConfigError(f"budget.{name} must be null or a number > 0, got {value!r}")
 
 
 def _check_ema_callback(cfg: DictConfig, policy: Any) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from aclip.checkpointing import read_checkpoint, resolve_ckpt_path
+from aclip.checkpointing import load_failure_reason, read_checkpoint, resolve_ckpt_path
 from aclip.export import CONFIG_FILE, WEIGHTS_FILE, open_clip_names
 from aclip.modules.model import ClipModel
 
@@ -106,7 +106,7 @@ def load_vision_weights(trunk: torch.nn.Module, path: str | os.PathLike) -> None
     Raises:
         InitializationError: a weight is missing, unexpected or of another shape; all are listed.
     """
-    weights = read_state_dict(path, prefixes=("module.", "trunk."))
+    weights = read_state_dict(path, "model.vision.init_from", prefixes=("module.", "trunk."))
     weights = {name: value for name, value in weights.items() if not name.startswith("head.")}
     if "patch_embed.proj.weight" in weights and not isinstance(trunk.patch_embed.proj, torch.nn.Conv2d):
         raise InitializationError(
@@ -129,7 +129,7 @@ def load_text_weights(transformer: torch.nn.Module, path: str | os.PathLike) -> 
     Raises:
         InitializationError: a weight is missing, unexpected or of another shape; all are listed.
     """
-    weights = read_state_dict(path, prefixes=("module.",))
+    weights = read_state_dict(path, "model.text.init_from", prefixes=("module.",))
     weights = {
         name: value
         for name, value in weights.items()
@@ -141,23 +141,31 @@ def load_text_weights(transformer: torch.nn.Module, path: str | os.PathLike) -> 
     transformer.load_state_dict(weights)
 
 
-def read_state_dict(path: str | os.PathLike, prefixes: tuple[str, ...] = ()) -> dict[str, Tensor]:
+def read_state_dict(path: str | os.PathLike, key: str, prefixes: tuple[str, ...] = ()) -> dict[str, Tensor]:
     """The tensors of a `.safetensors` file, or of a `.pth`/`.bin`/`.pt` file read as data
     (`weights_only`; a checkpoint's `state_dict` entry), each of `prefixes` removed where every key has it.
 
     Raises:
-        InitializationError: the file holds no state dict.
+        InitializationError: the file (given as `key`) is missing, unreadable, holds pickled objects or
+            holds no state dict; the message names the key and the file.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if not path.is_file():
+        raise InitializationError(f"{key}={path} does not exist; give a .safetensors, .pt, .pth or .bin file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        weights = load_file(str(path))
-    else:
-        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
+            weights = load_file(str(path))
+        else:
+            weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch and safetensors raise many types for a file that is not weights
+        raise InitializationError(
+            f"{key}={path} cannot be read as weights: {load_failure_reason(error)}"
+        ) from None
+    weights = weights.get("state_dict", weights) if isinstance(weights, dict) else weights
     if not isinstance(weights, dict) or not all(isinstance(value, Tensor) for value in weights.values()):
-        raise InitializationError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+        raise InitializationError(f"{key}={path} does not hold a state dict (a mapping of names to tensors)")
     for prefix in prefixes:
         weights = _strip_common_prefix(weights, prefix)
     return weights

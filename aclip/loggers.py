@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import secrets
 import string
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
@@ -103,16 +104,23 @@ def _offline() -> bool:
     return not wandb.login(prompt=False, verify=False)
 
 
+def _group(choices: Mapping[str, Any], sweep_dir: str | None) -> str:
+    """The W&B group: the experiment (the model choice without one), with the sweep directory's name
+    (its timestamp) in a multirun (`sweep_dir`)."""
+    experiment = choices.get("experiment") or choices.get("model")
+    return f"{experiment}-{Path(sweep_dir).name}" if sweep_dir else str(experiment)
+
+
 def _names(hydra: DictConfig) -> tuple[str, str]:
-    """Run name and group from a Hydra config node (`hydra`) of a run or sweep."""
+    """Run name and group from the Hydra config node (`hydra`) of a job."""
     choices = hydra.runtime.choices
     experiment, method = choices.get("experiment") or choices.get("model"), choices.get("method")
     # The method when it is not the experiment's own name (`experiment=aclip` is paper + method aclip).
     parts = [experiment, method if method not in (None, experiment) else None, choices.get("masking")]
     name = "-".join(str(part) for part in parts if part is not None)
     if hydra.mode == RunMode.MULTIRUN:
-        return f"{name}-{hydra.job.num}", f"{experiment}-{Path(hydra.sweep.dir).name}"
-    return name, experiment
+        return f"{name}-{hydra.job.num}", _group(choices, hydra.sweep.dir)
+    return name, _group(choices, None)
 
 
 def _run_names() -> tuple[str | None, str | None]:
@@ -122,25 +130,37 @@ def _run_names() -> tuple[str | None, str | None]:
     return _names(HydraConfig.get())
 
 
+def sweep_groups(sweep_dir: Path, hydra: DictConfig) -> list[str]:
+    """The W&B groups the sweep's jobs logged to (several where the sweep varies the experiment), from
+    the choices each job folder's `.hydra/hydra.yaml` records; the sweep's own config (`hydra`, whose
+    choices are the defaults the jobs override) decides where no job folder tells."""
+    groups = []
+    for path in sorted(sweep_dir.glob("*/.hydra/hydra.yaml")):
+        choices = OmegaConf.load(path).hydra.runtime.choices
+        groups.append(_group(choices, str(sweep_dir)))
+    return list(dict.fromkeys(groups)) or [_group(hydra.runtime.choices, str(sweep_dir))]
+
+
 def log_sweep_summary(summary: Summary, paths: dict[str, Path], config: DictConfig) -> None:
-    """The sweep's per-job table (and its chart) as a W&B run of its own in the jobs' group."""
+    """The sweep's per-job table (and its chart) as a W&B run of its own (job type `sweep-summary`) in
+    the jobs' group (`logger.wandb.group` where given), one per group."""
     import wandb
 
     node = config.logger.wandb
-    _, group = _names(config.hydra)
     offline = node.get("offline")
     offline = _offline() if offline is None else offline
-    run = wandb.init(
-        project=node.get("project"),
-        group=node.get("group") or group,
-        name=f"{node.get('group') or group}-summary",
-        job_type="sweep-summary",
-        dir=str(summary.sweep_dir),
-        mode="offline" if offline else "online",
-    )
     header, rows = summary.rows()
-    logged: dict[str, Any] = {"sweep/summary": wandb.Table(columns=header, data=rows)}
-    if "png" in paths:
-        logged["sweep/summary_plot"] = wandb.Image(str(paths["png"]))
-    run.log(logged)
-    run.finish()
+    for group in [node.group] if node.get("group") else sweep_groups(summary.sweep_dir, config.hydra):
+        run = wandb.init(
+            project=node.get("project"),
+            group=group,
+            name=f"{group}-summary",
+            job_type="sweep-summary",
+            dir=str(summary.sweep_dir),
+            mode="offline" if offline else "online",
+        )
+        logged: dict[str, Any] = {"sweep/summary": wandb.Table(columns=header, data=rows)}
+        if "png" in paths:
+            logged["sweep/summary_plot"] = wandb.Image(str(paths["png"]))
+        run.log(logged)
+        run.finish()

@@ -10,9 +10,13 @@ for sweeps whose jobs finished on other machines (SLURM) or that were interrupte
 the reported and the other model) and `timing.json` (seconds per step, tokens per view). A job whose
 folder is missing (or holds no result) is listed, not skipped silently.
 
-Columns: the overrides that differ between jobs, then the reported model's metrics, the other model's,
-seconds per optimizer step and the patch tokens each view kept. Jobs that differ only in `seed` are
-also aggregated to mean, standard deviation and count (`summary_seeds.csv` and a second table).
+Columns: the overrides that differ between jobs, then the metrics of the EMA and the online model (in
+that order, whichever is reported; a set's `reported` figure, which repeats one of its metrics under a
+second name, left out), seconds per optimizer step, the training FLOPs and seconds (charted against the
+primary metric in `summary_compute.png`, aclip/sweep_compute.py) and the patch tokens each view kept.
+Jobs that differ only in `seed` are also aggregated to mean, standard deviation and count
+(`summary_seeds.csv` and a second table). Each group of jobs keeps one colour in every chart
+(`Summary.colours`).
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,7 @@ SEED_KEY = "seed"
 # Training curves drawn per sweep (aclip.sweep_curves), where the jobs logged them.
 DEFAULT_CURVES = ("train/clip_loss", "train/object_recall", "train/object_score_mass")
 # Metric kinds shown in the Markdown table (all metrics go to the CSV): zero-shot top-1, retrieval R@1,
-# linear-probe top-1 and the suite averages.
+# linear-probe top-1 and the suite averages (and a set's reported figure where it is not its top-1).
 _HEADLINE_SUFFIXES = ("/top1", "/i2t_R@1", "/t2i_R@1", "/reported", "/average")
 
 
@@ -52,6 +59,7 @@ class Job:
     overrides: dict[str, str]
     metrics: dict[str, dict[str, float]] | None = None
     timing: dict[str, Any] | None = None
+    chance: dict[str, float] | None = None
     optimized_metric: str | None = None
     status: str = "ok"
 
@@ -92,22 +100,52 @@ class Summary:
         return f"{job.reported}/{metric}" if metric else None
 
     def metric_columns(self, headline: bool) -> list[str]:
-        """`<model>/<metric>` of every metric any job has: the reported model's first."""
-        models: list[str] = []
-        keys: set[str] = set()
-        for job in self.jobs:
-            for model, results in (job.metrics or {}).items():
-                if model not in models:
-                    models.append(model)
-                keys |= set(results)
+        """`<model>/<metric>` of every metric any job has, the models in `MODEL_ORDER`, the metrics in
+        natural order (R@1, R@5, R@10), without the `reported` figures that repeat another metric."""
+        # Imported here: Hydra makes this module's callback at every run's start, before torch is needed.
+        from aclip.evaluation.report import natural_key, ordered_models
+
+        results = [r for job in self.jobs for r in (job.metrics or {}).values()]
+        models = ordered_models(model for job in self.jobs for model in job.metrics or {})
+        keys = {key for r in results for key in r}
+        aliases = _aliases(results, keys)
+        keys -= set(aliases)
         if headline:
-            keys = {key for key in keys if key.endswith(_HEADLINE_SUFFIXES)}
-        return [f"{model}/{key}" for model in models for key in sorted(keys)]
+            keys = {key for key in keys if key.endswith(_HEADLINE_SUFFIXES)} | {
+                metric for metric in aliases.values() if not metric.endswith("/top1")
+            }
+        if self.primary_metric is not None:  # charted, whatever it repeats
+            keys.add(self.primary_metric.split("/", 1)[1])
+        return [f"{model}/{key}" for model in models for key in sorted(keys, key=natural_key)]
+
+    def group_label(self, job: Job) -> str:
+        """The job's group: its values of the varying overrides other than `seed` ("all" without any)."""
+        keys = [key for key in self.varying if key != SEED_KEY]
+        return " ".join(job.overrides.get(key, "") for key in keys) or "all"
+
+    @property
+    def colours(self) -> dict[str, Any]:
+        """One colour per group of jobs (`group_label`), in job order, the same in every chart."""
+        labels = list(dict.fromkeys(self.group_label(job) for job in self.jobs))
+        import matplotlib
+
+        # Matplotlib's qualitative palettes: ten colours, or twenty (paler in between) for more groups.
+        palette = matplotlib.colormaps["tab10" if len(labels) <= 10 else "tab20"].colors
+        return {label: palette[index % len(palette)] for index, label in enumerate(labels)}
 
     def rows(self, headline: bool = False) -> tuple[list[str], list[list[Any]]]:
         """The per-job table: header and rows."""
         metrics = self.metric_columns(headline)
-        header = ["job", *self.varying, *metrics, "s/step", "tokens/view", "views", "status"]
+        header = [
+            "job",
+            *self.varying,
+            *metrics,
+            "s/step",
+            *COMPUTE_COLUMNS,
+            "tokens/view",
+            "views",
+            "status",
+        ]
         rows = []
         for job in self.jobs:
             values = [_metric(job, column) for column in metrics]
@@ -118,6 +156,7 @@ class Summary:
                     *(job.overrides.get(key, "") for key in self.varying),
                     *values,
                     timing.get("seconds_per_step"),
+                    *job_compute(timing).values(),
                     timing.get("kept_tokens"),
                     timing.get("num_views"),
                     job.status,
@@ -157,6 +196,35 @@ class Summary:
                 cells += [mean, std]
             rows.append(cells)
         return header, rows
+
+
+def _aliases(results: Sequence[dict[str, float]], keys: set[str]) -> dict[str, str]:
+    """`<kind>/<set>/reported` -> the metric of the same set it repeats in every result (a set's reported
+    figure is one of its metrics: top-1 for most sets), top-1 first where several match."""
+    aliases = {}
+    for key in sorted(key for key in keys if key.endswith("/reported")):
+        prefix = key.removesuffix("reported")
+        siblings = sorted(
+            (k for k in keys if k.startswith(prefix) and k != key), key=lambda k: k != f"{prefix}top1"
+        )
+        for sibling in siblings:
+            if all(r.get(key) == r.get(sibling) for r in results if key in r or sibling in r):
+                aliases[key] = sibling
+                break
+    return aliases
+
+
+# What a job spent (`job_compute`): the compute chart's axes (aclip.sweep_compute), columns of summary.csv.
+COMPUTE_COLUMNS = ("training FLOPs", "train s")
+
+
+def job_compute(timing: dict[str, Any] | None) -> dict[str, float | None]:
+    """A job's training FLOPs (`training_flops`, counted before training: aclip.compute) and training
+    seconds (`fit_seconds` less `validation_seconds`) from its timing.json, None where it has none."""
+    timing = timing or {}
+    fit, validation = timing.get("fit_seconds"), timing.get("validation_seconds") or 0.0
+    seconds = None if fit is None else fit - validation
+    return dict(zip(COMPUTE_COLUMNS, (timing.get("training_flops"), seconds), strict=True))
 
 
 def _metric(job: Job, column: str) -> float | None:
@@ -226,6 +294,7 @@ def collect(sweep_dir: str | os.PathLike, finished: bool = True) -> Summary:
         else:
             job.metrics = _read_json(folder / "metrics.json")
             job.timing = _read_json(folder / "timing.json")
+            job.chance = _read_json(folder / "chance.json")
             config = folder / ".hydra" / "config.yaml"
             if config.is_file():
                 job.optimized_metric = OmegaConf.load(config).get("optimized_metric")
@@ -283,6 +352,9 @@ def markdown(summary: Summary) -> str:
     parts = [f"# Sweep {summary.sweep_dir}", ""]
     if summary.shared:
         parts += ["Shared overrides: " + " ".join(f"`{k}={v}`" for k, v in summary.shared.items()), ""]
+    reported = sorted({job.reported for job in summary.jobs if job.reported})
+    if reported:
+        parts += [f"Reported model (`model.eval_model`): {', '.join(reported)}", ""]
     parts += [_markdown_table(*summary.rows(headline=True)), ""]
     if summary.has_seed_groups:
         parts += [
@@ -291,6 +363,21 @@ def markdown(summary: Summary) -> str:
             _markdown_table(*_seed_table_cells(*summary.seed_groups(headline=True))),
             "",
         ]
+    never = [job for job in summary.jobs if "teacher_handover_step" in (job.timing or {})]
+    never = [job for job in never if job.timing["teacher_handover_step"] is None]
+    if never:
+        parts += [
+            "## Jobs whose teacher never took over",
+            "",
+            "Their attentive policy kept random cells for the whole run (the teacher warm-up never ended: "
+            "the run was too short, or its CLIP loss never left the plateau), so they trained as random "
+            "masking of the same budget.",
+            "",
+        ]
+        parts += [
+            f"- job {job.number}: " + " ".join(f"{k}={v}" for k, v in job.overrides.items()) for job in never
+        ]
+        parts.append("")
     if summary.missing:
         parts += ["## Jobs without a result", ""]
         parts += [
@@ -316,8 +403,10 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def plot(summary: Summary, path: Path) -> Path | None:
-    """A bar chart of the primary metric per job, or per seed group with standard-deviation error bars."""
+def bar_chart(summary: Summary) -> Figure | None:
+    """A bar chart of the primary metric (percent) per job, or per seed group with standard-deviation
+    error bars, each group in its colour (`Summary.colours`), with the metric's chance level where the
+    jobs recorded it (chance.json); None without a result."""
     metric = summary.primary_metric
     if metric is None:
         return None
@@ -326,28 +415,46 @@ def plot(summary: Summary, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [key for key in summary.varying if key != SEED_KEY] if summary.has_seed_groups else summary.varying
+    done = [job for job in summary.jobs if job.metrics]
+    colours = summary.colours
     if summary.has_seed_groups:
         header, rows = summary.seed_groups()
         mean_at = header.index(f"{metric} mean")
-        labels = [" ".join(str(v) for v in row[: len(keys)]) or "all" for row in rows]
+        seeds_at = header.index("seeds")  # after the group's overrides
+        groups = [" ".join(str(v) for v in row[:seeds_at]) or "all" for row in rows]
         values = [row[mean_at] for row in rows]
         errors = [row[mean_at + 1] or 0.0 for row in rows]
-        counts = [row[len(keys)] for row in rows]
-        labels = [f"{label}\n(n={n})" for label, n in zip(labels, counts, strict=True)]
+        labels = [f"{group}\n(n={row[seeds_at]})" for group, row in zip(groups, rows, strict=True)]
     else:
-        done = [job for job in summary.jobs if job.metrics]
-        labels = [" ".join(job.overrides.get(k, "") for k in keys) or str(job.number) for job in done]
+        groups = [summary.group_label(job) for job in done]
+        labels = [
+            group if group != "all" else str(job.number) for group, job in zip(groups, done, strict=True)
+        ]
         values = [_metric(job, metric) for job in done]
         errors = None
     values = [math.nan if v is None else v for v in values]
     figure, axes = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
-    bars = axes.bar(range(len(values)), values, yerr=errors, capsize=4, color="#4c72b0")
+    bars = axes.bar(
+        range(len(values)), values, yerr=errors, capsize=4, color=[colours[group] for group in groups]
+    )
     texts = [
         f"{v:.1f}" if e is None else f"{v:.1f}±{e:.1f}"
         for v, e in zip(values, errors or [None] * len(values), strict=True)
     ]
     axes.bar_label(bars, texts, fontsize=7, padding=2)
+    key = metric.split("/", 1)[1]
+    chance = next((job.chance[key] for job in done if key in (job.chance or {})), None)
+    if chance is not None:
+        axes.axhline(chance, color="0.4", linestyle="--", linewidth=1)
+        axes.annotate(
+            f"chance {chance:.1f} %",
+            (1.0, chance),
+            xycoords=("axes fraction", "data"),
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.3",
+        )
     axes.set_xticks(
         range(len(values)),
         labels,
@@ -355,9 +462,19 @@ def plot(summary: Summary, path: Path) -> Path | None:
         ha="right" if len(labels) > 4 else "center",
         fontsize=8,
     )
-    axes.set_ylabel(label(metric))
-    axes.set_title(" ".join(keys) or summary.sweep_dir.name, fontsize=9)
+    axes.set_ylabel(f"{label(metric)} (%)")
+    axes.set_ylim(bottom=0)
+    axes.set_title(
+        " ".join(key for key in summary.varying if key != SEED_KEY) or summary.sweep_dir.name, fontsize=9
+    )
     figure.tight_layout()
+    return figure
+
+
+def save_figure(figure: Figure, path: Path) -> Path:
+    """Write `figure` to `path` as a PNG (replacing it whole) and close it."""
+    import matplotlib.pyplot as plt
+
     temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     figure.savefig(temporary, dpi=120)
     plt.close(figure)
@@ -365,9 +482,16 @@ def plot(summary: Summary, path: Path) -> Path | None:
     return path
 
 
+def plot(summary: Summary, path: Path) -> Path | None:
+    """`bar_chart` written to `path`; None without a result."""
+    figure = bar_chart(summary)
+    return None if figure is None else save_figure(figure, path)
+
+
 def write(summary: Summary, chart: bool = True, curves: Sequence[str] = ()) -> dict[str, Path]:
     """Write summary.csv (every metric), summary_seeds.csv (if seeds vary), summary.md and (`chart`)
-    summary.png and the `curves_<metric>.png` of the `curves` metrics the jobs logged."""
+    summary.png, the `curves_<metric>.png` of the `curves` metrics the jobs logged and, where the jobs
+    counted their FLOPs, summary_compute.png."""
     directory = summary.sweep_dir
     paths = {"csv": directory / "summary.csv", "md": directory / "summary.md"}
     _write_csv(paths["csv"], *summary.rows())
@@ -382,6 +506,12 @@ def write(summary: Summary, chart: bool = True, curves: Sequence[str] = ()) -> d
         from aclip.sweep_curves import plot_curves  # it imports this module
 
         paths |= {path.stem: path for path in plot_curves(summary, curves)}
+    if chart:
+        from aclip.sweep_compute import plot_compute  # it imports this module
+
+        compute = plot_compute(summary)
+        if compute is not None:
+            paths["compute_png"] = compute
     return paths
 
 

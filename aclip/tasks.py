@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +17,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 
-from aclip.callbacks.resume import RUN_CONFIG_KEY, RunConfigRecord, check_resumed_config
+from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY, RunConfigRecord, check_resumed_config
 from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, resolve_ckpt_path
+from aclip.compute import plan_compute
 from aclip.config import resolved_job_config, validate_config
-from aclip.console import print_model_summary, print_run_header, quiet_known_noise
+from aclip.console import print_model_summary, print_run_header, progress_bars, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
 from aclip.datamodules.transforms import INTERPOLATIONS
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
-from aclip.evaluation.report import flatten_metrics
-from aclip.modules.aclip import AClip
+from aclip.evaluation.masked import fold_masked, masked_views, with_masked_views
+from aclip.evaluation.report import flatten_metrics, write_chance_levels
+from aclip.modules.aclip import TEACHER_WARMUP_KEY, AClip
+from aclip.modules.teacher_warmup import check_state as check_warmup_state
+from aclip.recompose import job_overrides
 from aclip.specs import SpecError
 
 log = logging.getLogger(__name__)
@@ -69,25 +74,35 @@ def validation_schedule(cfg: DictConfig) -> dict[str, Any]:
     return whole_sets | {"check_val_every_n_epoch": epochs}
 
 
-def optimized_value(metrics: Metrics, key: str | None) -> float | None:
-    """The reported model's `key` metric (`optimized_metric`), which `train.py` returns to the sweeper."""
+def optimized_value(metrics: Metrics, key: str | None, required: bool = True) -> float | None:
+    """The reported model's `key` metric (`optimized_metric`), which `train.py` returns to the sweeper.
+
+    A `key` the evaluation lacks is an error where the value is `required` (a sweeper maximises it);
+    otherwise it is logged and None returned, since nothing reads the value of a single run.
+    """
     if not key or not metrics:
         return None
     reported = next(iter(metrics.values()))
-    if key not in reported:
-        raise KeyError(
-            f"optimized_metric={key} is not among the evaluation's metrics {sorted(reported)}; set "
-            "optimized_metric to one of them (or null)"
-        )
-    return reported[key]
+    if key in reported:
+        return reported[key]
+    missing = f"optimized_metric={key} is not among the evaluation's metrics {sorted(reported)}"
+    if required:
+        raise KeyError(f"{missing}; set optimized_metric to one of them (or null)")
+    log.warning(
+        "%s: nothing to return. Only a sweeper that optimises reads it: set optimized_metric to one of "
+        "them before such a sweep",
+        missing,
+    )
+    return None
 
 
-def report(
-    metrics: Metrics, output_dir: Path, loggers: list[Any], reported: dict[str, str] | None = None
-) -> None:
-    """Print the metrics table, write metrics.json and send the values to the loggers."""
-    print(format_table(metrics, reported))
+def report(metrics: Metrics, output_dir: Path, loggers: list[Any], evaluation: Evaluation) -> None:
+    """Print the metrics table, write metrics.json (and chance.json, the chance levels, which the sweep
+    summary draws) and send the values to the loggers."""
+    chance = evaluation.chance_levels()
+    print(format_table(metrics, evaluation.reported_metrics(), chance))
     path = write_metrics(metrics, output_dir / "metrics.json")
+    write_chance_levels(chance, output_dir / "chance.json")
     log.info("Evaluation written to %s", path)
     flat = flatten_metrics(metrics, "eval")
     for logger in loggers:
@@ -96,11 +111,21 @@ def report(
 
 
 def write_timing(
-    fit_seconds: float, validation_seconds: float, steps: int, kept_tokens: int, num_views: int, path: Path
+    fit_seconds: float,
+    validation_seconds: float,
+    steps: int,
+    kept_tokens: int,
+    num_views: int,
+    path: Path,
+    token_choice: dict[str, Any] | None = None,
+    compute: dict[str, Any] | None = None,
 ) -> None:
     """Record the wall time of this process's `trainer.fit` (data loading included), the part of it spent
-    on validation, the training time per optimizer step it took (validation left out), and the patch
-    tokens per view that the online image encoder saw."""
+    on validation, the training time per optimizer step it took (validation left out), the patch tokens
+    per view that the online image encoder saw, how they were chosen (`token_choice`, e.g. the step
+    the teacher took over, `AClip.token_choice`), and the run's FLOPs (`compute`,
+    `aclip.compute.ComputePlan.record`: a run of several phases replaces the tokens and views by their
+    means over its steps)."""
     timing = {
         "fit_seconds": fit_seconds,
         "validation_seconds": validation_seconds,
@@ -108,6 +133,8 @@ def write_timing(
         "seconds_per_step": (fit_seconds - validation_seconds) / max(steps, 1),
         "kept_tokens": kept_tokens,
         "num_views": num_views,
+        **(token_choice or {}),
+        **(compute or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(timing, indent=2) + "\n")
@@ -138,22 +165,35 @@ def inspect_resumed(ckpt_path: Path, run_config: dict[str, Any]) -> int:
     checkpoint = read_checkpoint(ckpt_path)
     try:
         AClip.check_hparams(checkpoint.get("hyper_parameters", {}))
+        if TEACHER_WARMUP_KEY in checkpoint:
+            check_warmup_state(checkpoint[TEACHER_WARMUP_KEY])
     except SpecError as error:
         raise CheckpointError(f"{ckpt_path} cannot be resumed: {error}") from None
-    check_resumed_config(checkpoint.get(RUN_CONFIG_KEY), run_config, str(ckpt_path))
+    records_overrides = checkpoint.get(RUN_OVERRIDES_KEY) is not None
+    check_resumed_config(checkpoint.get(RUN_CONFIG_KEY), run_config, str(ckpt_path), records_overrides)
     return int(checkpoint.get("global_step", 0))
 
 
-def _evaluate(evaluation: Evaluation, module: AClip) -> tuple[Metrics, EvaluationError | None]:
-    """The evaluation's metrics, and the error of the tasks that failed (the others still count)."""
+def _evaluate(
+    evaluation: Evaluation, module: AClip, settings: DictConfig | None = None
+) -> tuple[Metrics, EvaluationError | None]:
+    """The evaluation's metrics, with those on masked views where `settings` (`evaluation` in the config)
+    asks for them (`aclip.evaluation.masked`), and the error of the tasks that failed (the others still
+    count)."""
+    views = masked_views(settings)
+    models = with_masked_views(module.eval_models(), module.masking, module.ema_model.vision, views)
     try:
-        return evaluation.run(module.eval_models(), module.tokenizer), None
+        return fold_masked(evaluation.run(models, module.tokenizer)), None
     except EvaluationError as error:
-        return error.metrics, error
+        return fold_masked(error.metrics), error
 
 
-def train(cfg: DictConfig) -> Metrics:
-    """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`."""
+def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
+    """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`.
+
+    `overrides`: the command-line overrides `cfg` was composed with (default: this Hydra job's), recorded
+    in its checkpoints so that `ckpt_path=<run>` alone composes it again (`aclip.recompose`).
+    """
     quiet_known_noise()
     validate_config(cfg)
     output_dir = _output_dir(cfg)
@@ -170,13 +210,20 @@ def train(cfg: DictConfig) -> Metrics:
         evaluation.check()  # a broken evaluation image stops the run now, not after training
     datamodule: ClipDataModule = instantiate(cfg.data, evaluation=evaluation if validating else None)
     module: AClip = instantiate(cfg.model)
+    compute = plan_compute(cfg, module, datamodule)  # FLOPs per step; the budget's length
     loggers = _instantiate_all(cfg.get("logger"))
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    callbacks += progress_bars(cfg.trainer.get("enable_progress_bar", True), callbacks)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=[*_instantiate_all(cfg.get("callbacks")), RunConfigRecord(run_config)],
+        callbacks=[
+            *callbacks,
+            RunConfigRecord(run_config, job_overrides() if overrides is None else overrides),
+        ],
         logger=loggers,
         plugins=[AtomicCheckpointIO()],
         **schedule,
+        **compute.trainer_limits(),
     )
     if trainer.world_size > 1 and trainer.strategy.root_device.type == "cpu":
         # Like torchrun, share the cores among the processes instead of each starting one thread per core.
@@ -207,18 +254,20 @@ def train(cfg: DictConfig) -> Metrics:
             time.perf_counter() - started,
             module.validation_seconds,
             trainer.global_step - start_step,
-            module.kept_tokens,
+            module.kept_tokens(module.phases[0]),
             datamodule.view_transform.num_views,
             output_dir / "timing.json",
+            module.token_choice(),
+            compute.record(module, trainer.global_step, datamodule.view_transform.num_views),
         )
 
     metrics: Metrics = {}
     if cfg.get("evaluate"):
         # Every rank evaluates its share of each set; rank 0 reports the gathered results.
         module.to(trainer.strategy.root_device)
-        metrics, failed = _evaluate(evaluation, module)
+        metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
         if trainer.is_global_zero:
-            report(metrics, output_dir, loggers, evaluation.reported_metrics())
+            report(metrics, output_dir, loggers, evaluation)
         if failed is not None:
             finish_wandb(loggers, failed=True)
             raise failed
@@ -292,9 +341,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
     quiet_known_noise()
     module, evaluation = load_for_evaluation(cfg)
-    metrics, failed = _evaluate(evaluation, module)
+    metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
     loggers = _instantiate_all(cfg.get("logger"))
-    report(metrics, _output_dir(cfg), loggers, evaluation.reported_metrics())
+    report(metrics, _output_dir(cfg), loggers, evaluation)
     finish_wandb(loggers, failed=failed is not None)
     if failed is not None:
         raise failed

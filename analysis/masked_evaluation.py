@@ -12,7 +12,10 @@ the held-out set three ways, at the same budget and cell size for every run:
 
     python -m analysis.masked_evaluation logs/train/multiruns/<timestamp>/*/      # one row per run
     python -m analysis.masked_evaluation <run> --keep-ratio 0.25 --unit 1
-    python -m analysis.masked_evaluation <run> --eval segments --unit 1     # another built-in variant
+
+The evaluation of a run on its own policy's views, one or an ensemble, is a setting of the evaluation
+itself: `evaluation.masked.views=[1,4]` (aclip/evaluation/masked.py, whose `MaskedViews` this uses).
+Another built-in variant's held-out set: `--eval segments` (or `glyphs`).
 """
 
 from __future__ import annotations
@@ -22,45 +25,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from aclip.cli import compose
-from aclip.modules.masking import AttentiveLow, RandomMasking, TokenMasking
-from aclip.modules.model import ClipModel
-from aclip.modules.vision import VisionTower
+from aclip.evaluation.masked import MaskedViews
+from aclip.modules.masking import AttentiveLow, RandomMasking
 from aclip.tasks import load_for_evaluation
 from analysis.report import command_and_table
-
-
-class MaskedViews(nn.Module):
-    """`model` seeing its images through `policy`: `encode_image` keeps the patches `policy` chooses (scored
-    by `teacher`'s CLS attention on the same images when it reads scores); texts are unchanged."""
-
-    def __init__(self, model: ClipModel, policy: TokenMasking, teacher: VisionTower, seed: int = 0) -> None:
-        super().__init__()
-        self.model, self.policy, self.teacher, self.seed = model, policy, teacher, seed
-        self.logit_scale = model.logit_scale
-        self._batches = 0
-
-    @property
-    def embed_dim(self) -> int:
-        return self.model.embed_dim
-
-    def encode_image(self, images: Tensor) -> Tensor:
-        grid = self.model.vision.grid(*images.shape[-2:])
-        scores = None
-        if self.policy.needs_scores:
-            scores = self.teacher.forward_with_cls_attention(images, layers=self.policy.layers)[1]
-        # One generator per batch, seeded by its position: every model sees the same random masks.
-        generator = torch.Generator(images.device).manual_seed(self.seed + self._batches)
-        self._batches += 1
-        keep = self.policy.select(scores, grid, len(images), device=images.device, generator=generator)
-        return self.model.encode_image(images, keep)
-
-    def encode_text(self, tokens: Tensor) -> Tensor:
-        return self.model.encode_text(tokens)
-
 
 def reported_metric(eval_set: str) -> str:
     """The zero-shot top-1 of a built-in variant's held-out set (`eval=[<eval_set>]`)."""
@@ -85,13 +56,13 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--eval", dest="eval_set", default="synthetic", help="the built-in variant's held-out set (conf/eval)"
+    )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories or checkpoints")
     parser.add_argument("--keep-ratio", type=float, default=0.5)
     parser.add_argument(
         "--unit", type=int, default=2, help="cell side in patches (the tiny attentive presets': 2)"
-    )
-    parser.add_argument(
-        "--eval", dest="eval_set", default="synthetic", help="the built-in variant's held-out set (conf/eval)"
     )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

@@ -65,7 +65,8 @@ def spread(module: AClip, images: Tensor, text: Tensor) -> dict[str, float]:
     buffers = [buffer.clone() for buffer in model.buffers()]
     model.train()
     with torch.no_grad():
-        image_features, text_features = model.encode_image(images), model.encode_text(text)
+        image_features = model.encode_image(images, normalize=True)
+        text_features = model.encode_text(text, normalize=True)
         for buffer, saved in zip(model.buffers(), buffers, strict=True):
             buffer.copy_(saved)
     model.train(was_training)

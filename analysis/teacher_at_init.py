@@ -66,8 +66,8 @@ def measure(method: str, seed: int, overrides: Sequence[str]) -> dict[str, float
     grid = module.model.vision.grid(*views.shape[-2:])
     with torch.no_grad():
         _, score_map = module.ema_pass(batch["ema_image"])
-        image_features = module.model.encode_image(batch["images"][:, 0])
-        text_features = module.model.encode_text(batch["text"])
+        image_features = module.model.encode_image(batch["images"][:, 0], normalize=True)
+        text_features = module.model.encode_text(batch["text"], normalize=True)
     scores = map_scores_to_views(score_map, batch["boxes"], grid)
     coverage = patch_coverage(batch["object_masks"].flatten(0, 1), grid)
     keep = module.masking.select(scores, grid, len(views))

@@ -1,35 +1,15 @@
-"""FLOPs of a training step: torch's FLOP counter, taught the CPU attention kernel."""
+"""FLOPs of a training step, counted on its real batches: torch's FLOP counter, taught the CPU attention
+kernel (`aclip.compute.flop_counter`, which training counts with)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
+from torch.utils.flop_counter import FlopCounterMode
 
-
-def _raw(formula: Any) -> Any:
-    """torch's (already shape-wrapped) formula in the form `custom_mapping` takes unwrapped."""
-
-    def count(*args: Any, **kwargs: Any) -> int:
-        return formula(*args, **kwargs)
-
-    count._get_raw = True
-    return count
-
-
-# torch's FLOP counter knows the CUDA attention kernels but not the CPU one that SDPA picks on a CPU.
-CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _raw(sdpa_flop),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _raw(sdpa_backward_flop),
-}
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter (matmuls, convolutions, attention; element-wise ops count zero), silent."""
-    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS)
+from aclip.compute import flop_counter
 
 
 class StepFlops(Callback):

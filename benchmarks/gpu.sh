@@ -9,9 +9,13 @@
 # Each part has its own time limit; a part that fails or runs out of time is recorded as such and the
 # script goes on, so that one failure does not cost the others. The exit status is the number of parts
 # that failed. Parts, in order of what they settle:
-#   1. the GPU-only tests (no host synchronisation in the step, masking kernels on CUDA);
+#   1. the GPU-only tests: the training step of each code path on CUDA in bf16 (no tensor made on the host,
+#      no host synchronisation), masking kernels, a whole run on one GPU (pinned memory, memory log, CUDA
+#      random states), SyncBatchNorm and the gathered losses on CUDA tensors (BENCHMARKS.md, "GPU: what is
+#      proven on a CPU");
 #   2. step cost of every variant and against open_clip on the same towers (ViT-B/16, bf16, batch 256),
-#      with FLOPs, peak memory and the phase breakdown of aclip_eff;
+#      with FLOPs, peak memory and the phase breakdown of aclip_eff, and the predicted throughput and
+#      memory tables of BENCHMARKS.md with their measured columns filled (benchmarks/prediction.py);
 #   3. images/s and MFU, model alone and fed by the real dataloader with worker processes;
 #   4. the same with `model.compile=true`;
 #   5. data loading on the JPEG fixture, one process per worker (CPU side of the host).

@@ -30,6 +30,7 @@ import torch
 
 from benchmarks.breakdown import Breakdown, format_breakdown, profile_variant
 from benchmarks.open_clip_reference import PAIRS, build_reference, reference_name, trainable_parameters
+from benchmarks.prediction import format_tables, measured, predict
 from benchmarks.reporting import (
     add_common_arguments,
     check_compile_warmup,
@@ -39,6 +40,7 @@ from benchmarks.reporting import (
     resolve_device,
     run_benchmark,
 )
+from benchmarks.throughput import peak_tflops
 from benchmarks.timing import RunSettings, add_clock_argument, quiet_lightning, run_interleaved
 from benchmarks.variants import PRECISIONS, VARIANTS, Variant, build_variant
 
@@ -202,8 +204,30 @@ def report(
     ]
     if args.against:
         lines += ["", "Against open_clip, same towers, same batch, interleaved:", "", format_pairs(variants)]
+    if args.device.type == "cuda":
+        lines += [
+            "",
+            "Predicted (`benchmarks.prediction`) against measured here:",
+            "",
+            measured_tables(args, variants),
+        ]
     lines += ["", *(_breakdown_summary(name, b) + "\n" for name, b in breakdowns.items())]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def measured_tables(args: argparse.Namespace, variants: Sequence[Variant]) -> str:
+    """`benchmarks.prediction`'s tables for this project's variants, the measured columns from this run
+    (the predictions from the FLOPs counted here on the real step, at this batch)."""
+    peak = peak_tflops(args.device, args.dtype, None)
+    rows = [
+        replace(
+            predict(v, v.flops / args.batch_size, args.batch_size),
+            measured=measured(v, args.batch_size, peak),
+        )
+        for v in variants
+        if v.ema and v.flops
+    ]
+    return format_tables(rows, args.batch_size)
 
 
 def references(variants: Sequence[Variant]) -> list[Variant]:

@@ -64,7 +64,8 @@ class StepTimer(Callback):
     A step's time runs from the end of the previous batch to the end of this one (the device
     synchronised at both), so it holds everything the loop does per step: fetching, forward, backward,
     the optimizer, the EMA update (place this callback after `EMAUpdate`), logging and bookkeeping.
-    `clock` is a key of `CLOCKS`.
+    `clock` is a key of `CLOCKS`. On CUDA, `static_memory` is the memory allocated when the last step
+    began (weights, the optimizer's state, the EMA teacher: what does not grow with the batch).
     """
 
     def __init__(self, warmup: int, clock: str = "wall") -> None:
@@ -72,11 +73,16 @@ class StepTimer(Callback):
         self.clock = CLOCKS[clock]
         self.times: list[float] = []
         self.peak_memory: int | None = None
+        self.static_memory: int | None = None
         self._last: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if pl_module.device.type == "cuda":
+            self.static_memory = torch.cuda.memory_allocated(pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         synchronize(pl_module.device)
@@ -155,6 +161,7 @@ def time_steps(variant: Variant, settings: RunSettings) -> None:
     fit(variant.module, variant.cfg, loader, settings, callbacks, None if variant.ema else Callback())
     variant.times += timer.times
     variant.peak_memory = max(variant.peak_memory, timer.peak_memory or 0)
+    variant.static_memory = timer.static_memory or variant.static_memory
     if count:
         variant.flops = counter.flops
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -20,9 +21,10 @@ from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from aclip.cli import compose
+from aclip.cli import compose, config_dir
 from aclip.config import validate_config
 from aclip.modules.aclip import AClip
+from aclip.modules.schedule import build_optimizer
 
 # Benchmark name -> the method preset (conf/method) that defines it.
 VARIANTS: dict[str, str] = {
@@ -49,14 +51,21 @@ def compose_training(overrides: Sequence[str]) -> DictConfig:
     return cfg
 
 
+def method_presets() -> list[str]:
+    """Every method preset (conf/method), by name."""
+    return sorted(path.stem for path in (Path(config_dir()) / "method").glob("*.yaml"))
+
+
 def compose_variant(variant: str, model: str, batch_size: int, overrides: Sequence[str] = ()) -> DictConfig:
-    """The training config of `variant` (a key of `VARIANTS`) for `model` (a conf/model name)."""
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    """The training config of `variant` (a key of `VARIANTS`, or a method preset by its own name) for
+    `model` (a conf/model name)."""
+    method = VARIANTS.get(variant, variant)
+    if method not in method_presets():
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)} or {method_presets()}")
     return compose_training(
         [
             f"model={model}",
-            f"method={VARIANTS[variant]}",
+            f"method={method}",
             f"data.batch_size={batch_size}",
             "data.num_workers=0",
             *overrides,
@@ -68,6 +77,15 @@ def build_module(cfg: DictConfig, seed: int = 0) -> AClip:
     """The configured LightningModule, with weights drawn from `seed`."""
     pl.seed_everything(seed, workers=False, verbose=False)
     return instantiate(cfg.model)
+
+
+def attach_barebones_trainer(module: pl.LightningModule) -> None:
+    """A `Trainer(barebones=True)` holding the module's optimizer, attached so that its step methods can be
+    called directly, outside Lightning's loop (`self.log` is then a no-op; the logged values are still
+    computed)."""
+    trainer = pl.Trainer(barebones=True, accelerator="cpu", devices=1, max_steps=1)
+    trainer.strategy.optimizers = [build_optimizer(module.hparams.optimizer, module.parameters())]
+    module.trainer = trainer
 
 
 def datamodule(cfg: DictConfig, num_workers: int = 0) -> pl.LightningDataModule:
@@ -118,6 +136,7 @@ class Variant:
     ema: bool = True
     times: list[float] = field(default_factory=list)
     peak_memory: int = 0
+    static_memory: int = 0  # on CUDA: allocated when a step begins (weights, optimizer state, teacher)
     flops: int | None = None
 
     @property

@@ -46,7 +46,7 @@ def test_masked_views_keep_the_cells_their_teacher_attends_to_and_the_same_rando
 ):
     from hydra.utils import instantiate
 
-    from aclip.modules.masking import AttentiveLow, RandomMasking
+    from aclip.modules.masking import AttentiveLow, ClusterMasking, RandomMasking
 
     torch.manual_seed(0)
     module = instantiate(train_config().model)
@@ -65,6 +65,11 @@ def test_masked_views_keep_the_cells_their_teacher_attends_to_and_the_same_rando
         torch.testing.assert_close(second.encode_image(images), batch0)  # the same masks for both models
         assert not torch.allclose(first.encode_image(images), batch0)  # and new masks for the next batch
 
+        # A policy that reads the pixels gets the images'.
+        clustered = masked_evaluation.MaskedViews(model, ClusterMasking(), teacher).encode_image(images)
+        generator = torch.Generator().manual_seed(0)  # MaskedViews' seed for its first batch
+        keep = ClusterMasking().select(None, grid, len(images), generator=generator, pixels=images)
+        torch.testing.assert_close(clustered, model.encode_image(images, keep))
 
 def test_the_plateau_probe_splits_the_model_into_its_towers_and_stops_after_its_steps(train_config):
     from hydra.utils import instantiate

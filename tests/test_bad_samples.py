@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import pickle
 import zipfile
 
@@ -39,15 +40,26 @@ def encoded(image: Image.Image, image_format: str) -> io.BytesIO:
         (image_bytes(0, "JPEG")[:300], "cannot decode image"),  # truncated JPEG
         (b"", "cannot decode image"),
         (b"<html>404 Not Found</html>", "cannot decode image"),
+        (b"\xff\xd8\xff\xe0" + bytes(1000), "cannot decode image"),  # a JPEG's first bytes only
         (None, "file not found"),
     ],
-    ids=["corrupt", "truncated", "empty", "not-an-image", "missing"],
+    ids=["corrupt", "truncated", "empty", "not-an-image", "fake-jpeg", "missing"],
 )
 def test_unreadable_image_is_a_bad_sample(tmp_path, content, reason):
     path = tmp_path / "image.jpg"
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(BadSample, match=reason) as raised:
+        load_rgb(path)
+    assert raised.value.name == str(path)
+    assert "BytesIO" not in str(raised.value)  # the file is named by its path, not the buffer read
+
+
+def test_an_image_file_too_large_to_be_one_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "fake.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0")
+    os.truncate(path, 200 * 2**20)  # 200 MB that take no disk space (a sparse file)
+    with pytest.raises(BadSample, match=r"200 MiB, more than an image file may hold \(64 MiB\)") as raised:
         load_rgb(path)
     assert raised.value.name == str(path)
 

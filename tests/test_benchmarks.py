@@ -111,6 +111,14 @@ def test_gpu_script_runs_only_options_the_benchmarks_accept() -> None:
         importlib.import_module(name).parse_args(argv)  # exits on an unknown or stale option
 
 
+def test_gpu_script_runs_every_gpu_marked_test() -> None:
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh").read_text()
+    # The whole tests/ folder selected by the marker alone: a new `gpu` test runs without an edit here.
+    assert re.search(
+        r'^part "GPU tests" \d+ "\$python" -m pytest -m gpu [^\n]* tests/$', script, re.MULTILINE
+    )
+
+
 def test_flop_count_scales_with_kept_tokens() -> None:
     tower = VisionTower(**compose_variant("clip", "tiny", 8).model.vision)
     images = torch.randn(4, 3, tower.image_size, tower.image_size)

@@ -75,7 +75,7 @@ def test_pre_norm_and_average_pooling_export_to_open_clip(train_config, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(
             theirs.eval().encode_image(normalised, normalize=True),
-            model.encode_image(pixels),
+            model.encode_image(pixels, normalize=True),
             atol=1e-5,
             rtol=1e-4,
         )

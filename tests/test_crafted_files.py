@@ -15,8 +15,9 @@ import torch
 
 import aclip
 from aclip import export
-from aclip.callbacks.resume import RUN_CONFIG_KEY
+from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY
 from aclip.checkpointing import CheckpointError
+from aclip.cli import run_training
 from aclip.tasks import evaluate_checkpoint, train
 from tests.helpers import SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config
 
@@ -102,15 +103,10 @@ def stale_checkpoint_paths(checkpoint: dict[str, Any], victim: Path, run_dir: Pa
 
 
 def resume(crafted: Path, tmp_path: Path) -> None:
-    """`train.py ckpt_path=last hydra.run.dir=<the crafted run>`: resumed in the checkpoint's directory."""
-    overrides = [
-        *TINY_SYNTHETIC_OVERRIDES,
-        *QUICK,
-        "trainer.max_steps=3",
-        "trainer.max_epochs=2",
-        "ckpt_path=last",
-    ]
-    train(compose_config("train", overrides, crafted))
+    """`train.py ckpt_path=last hydra.run.dir=<the crafted run>`: resumed in the checkpoint's directory, its
+    config composed again from the overrides the checkpoint records (`aclip.recompose`)."""
+    overrides = [*TINY_SYNTHETIC_OVERRIDES, *QUICK, "trainer.max_steps=3", "ckpt_path=last"]
+    run_training(compose_config("train", overrides, crafted))
 
 
 def evaluate(crafted: Path, tmp_path: Path) -> None:
@@ -132,10 +128,33 @@ def init_from(crafted: Path, tmp_path: Path) -> None:
     )
 
 
+def recorded_overrides(checkpoint: dict[str, Any], victim: Path, run_dir: Path) -> str:
+    """Command-line overrides recorded for a resume to compose again, naming code: a callback that writes
+    the file, a masking policy that opens it."""
+    checkpoint[RUN_OVERRIDES_KEY] = [
+        "+callbacks.payload._target_=pathlib.Path.write_text",
+        f"+callbacks.payload._args_=[{victim},'{WRITTEN}']",
+        "masking._target_=builtins.open",
+        f"+masking.file={victim}",
+    ]
+    return "never refused"
+
+
+def malformed_overrides(checkpoint: dict[str, Any], victim: Path, run_dir: Path) -> str:
+    checkpoint[RUN_OVERRIDES_KEY] = [{"_target_": "builtins.open", "file": str(victim), "mode": "w"}]
+    return "not a list of strings"
+
+
 def inert_records(checkpoint: dict[str, Any], victim: Path, run_dir: Path) -> str:
-    """The payloads in what a resume only compares (the run config) or Lightning keeps for itself (the
-    checkpoint callbacks' paths), at once: a resume must go on without acting on any of them."""
-    for payload in (run_config_interpolation, run_config_callback, stale_checkpoint_paths):
+    """The payloads in what a resume only compares (the run config), composes again only where a user could
+    have typed it (the recorded overrides) or Lightning keeps for itself (the checkpoint callbacks' paths),
+    at once: a resume must go on without acting on any of them."""
+    for payload in (
+        run_config_interpolation,
+        run_config_callback,
+        stale_checkpoint_paths,
+        recorded_overrides,
+    ):
         payload(checkpoint, victim, run_dir)
     return "never refused"
 
@@ -170,7 +189,7 @@ CASES = [
         for entry in ("evaluate.py", "aclip.load", "aclip.export")
         for payload in (*DESCRIPTION_PAYLOADS, pickled_object)
     ),
-    *(("resume", payload) for payload in (*REFUSED_PAYLOADS, inert_records)),
+    *(("resume", payload) for payload in (*REFUSED_PAYLOADS, malformed_overrides, inert_records)),
     *(("model.init_from", payload) for payload in (pickled_object, every_description)),
 ]
 

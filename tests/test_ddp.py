@@ -70,11 +70,11 @@ EQUIVALENCE_OVERRIDES = [
 # from every rank) and BYOL to the EMA teacher; and A-CLIP with SimSiam in place of SimCLR.
 # Attentive masks from the first step: the teacher's choice is the same on any rank (the random cells
 # of the tiny model's teacher warm-up are drawn per rank, so a rank's batch would see other masks).
-_ATTENTIVE_AT_ONCE = "model.teacher_warmup_steps=0"
+_ATTENTIVE_AT_ONCE = ["model.teacher_warmup_steps=0", "model.teacher_warmup_until_loss=null"]
 METHODS = {
     "clip": ["method=clip"],
-    "aclip": ["method=aclip", _ATTENTIVE_AT_ONCE],
-    "aclip_simsiam": ["method=aclip", "model.self_supervision.view_loss=simsiam", _ATTENTIVE_AT_ONCE],
+    "aclip": ["method=aclip", *_ATTENTIVE_AT_ONCE],
+    "aclip_simsiam": ["method=aclip", "model.self_supervision.view_loss=simsiam", *_ATTENTIVE_AT_ONCE],
 }
 LOSS_TERMS = {
     "clip": {"train/loss", "train/clip_loss"},

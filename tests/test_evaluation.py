@@ -18,6 +18,7 @@ from aclip.evaluation import (
     Retrieval,
     ZeroShotClassification,
     evaluate,
+    format_table,
 )
 from aclip.evaluation.distributed import gather_in_order, my_share
 from aclip.evaluation.linear_probe import fit_linear_probe, fit_logistic_regression
@@ -43,10 +44,10 @@ class ColourModel(nn.Module):
         super().__init__()
         self.logit_scale = nn.Parameter(torch.zeros(()))
 
-    def encode_image(self, images: Tensor) -> Tensor:
+    def encode_image(self, images: Tensor, normalize: bool = False) -> Tensor:
         return F.normalize(images.float().mean(dim=(2, 3)), dim=-1)  # uint8 pixels, as models take them
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
         return F.normalize(tokens.float(), dim=-1)
 
 
@@ -220,3 +221,36 @@ def test_a_failing_task_is_named_and_the_others_still_reported():
     assert set(raised.value.failures) == {"zeroshot/bad"}
     assert raised.value.metrics["model"]["zeroshot/good/top1"] == 100.0
     assert not any(key.startswith("zeroshot/bad") for key in raised.value.metrics["model"])
+
+
+def test_table_in_fixed_model_order_with_natural_recalls_chance_and_no_repeated_reported():
+    """A CLIPA run reports the online model (listed first): the columns stay ema, online, the reported one
+    marked; R@1, R@5, R@10 in that order; the `reported` row, top-1 again, left out and named below."""
+    results = {
+        "zeroshot/synthetic/top1": 31.9,
+        "zeroshot/synthetic/reported": 31.9,
+        **{f"retrieval/synthetic/i2t_R@{k}": float(k) for k in (1, 5, 10)},
+    }
+    metrics = {"online": results, "ema": {**results, "zeroshot/synthetic/top1": 30.5}}
+    chance = {"zeroshot/synthetic/top1": 100 / 24}
+    lines = format_table(metrics, {"zeroshot/synthetic": "top1"}, chance).splitlines()
+    assert lines[0].split() == ["metric", "ema", "online*", "chance"]
+    assert [line.split()[0] for line in lines[2:6]] == [
+        "retrieval/synthetic/i2t_R@1",
+        "retrieval/synthetic/i2t_R@5",
+        "retrieval/synthetic/i2t_R@10",
+        "zeroshot/synthetic/top1",
+    ]
+    assert lines[5].split()[1:] == ["30.50", "31.90", "4.17"]
+    assert lines[2].split()[-1] == "-"  # no chance level known for retrieval
+    assert lines[6].startswith("* the reported model") and lines[7].endswith("synthetic top1")
+    assert len(lines) == 8
+
+
+def test_chance_levels_of_the_zero_shot_sets():
+    evaluation = Evaluation(tasks(), EvalLoaders(image_size=32, batch_size=4, num_workers=0))
+    assert evaluation.chance_levels() == {  # 24 classes; retrieval and the probe have none listed
+        "zeroshot/shapes/top1": pytest.approx(100 / 24),
+        "zeroshot/shapes/top5": pytest.approx(500 / 24),
+        "zeroshot/shapes/mean_per_class_recall": pytest.approx(100 / 24),
+    }

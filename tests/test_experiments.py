@@ -66,7 +66,7 @@ def test_multi_view_steps_log_every_loss(train_config, tmp_path, method, losses)
 
 def test_mask_pictures_are_drawn_once_per_accumulated_step(train_config, monkeypatch):
     drawn = []
-    monkeypatch.setattr(mask_vis, "save_image", lambda picture, path: drawn.append(Path(path).name))
+    monkeypatch.setattr(mask_vis, "save_picture", lambda picture, title, path: drawn.append(Path(path).name))
     train(
         train_config(
             "method=aclip",
@@ -80,13 +80,29 @@ def test_mask_pictures_are_drawn_once_per_accumulated_step(train_config, monkeyp
 
 
 def test_mask_pictures_written(train_config, tmp_path):
+    """Titled with the step, the method, its policy and, during the teacher warm-up (step 0 here), the
+    random cells; each image 224 px wide."""
     train(
         train_config(
-            "method=aclip", "trainer.max_steps=3", "callbacks.mask_pictures.every_n_steps=2", "evaluate=false"
+            "method=aclip",
+            "model.teacher_warmup_steps=1",
+            "model.teacher_warmup_until_loss=null",
+            "trainer.max_steps=3",
+            "callbacks.mask_pictures.every_n_steps=2",
+            "evaluate=false",
         )
     )
     pictures = sorted((tmp_path / "run" / "mask_pictures").glob("*.png"))
     assert [p.name for p in pictures] == ["step0000000.png", "step0000002.png"]
-    with Image.open(pictures[0]) as picture:
-        # 4 samples (rows) x (EMA crop + 2 views) tiles of 128 px with 2 px padding.
-        assert picture.size == (3 * 130 + 2, 4 * 130 + 2)
+    policy = "AttentiveLow(keep_ratio=0.5, unit=2, layers='all')"
+    titles = []
+    for path in pictures:
+        with Image.open(path) as picture:
+            titles.append(picture.text["Title"])
+            # 4 samples (rows) x (EMA crop + 2 views) tiles of 224 px with 2 px padding, under the title.
+            width, height = picture.size
+            assert width == 3 * 226 + 2 and height > 4 * 226 + 2 + mask_vis.TITLE_FONT_SIZE
+    assert titles == [
+        f"step 0  ·  method aclip  ·  {policy}  ·  warm-up: random cells until step 1",
+        f"step 2  ·  method aclip  ·  {policy}",
+    ]

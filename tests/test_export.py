@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -52,31 +53,37 @@ def test_the_export_loads_in_open_clip_and_computes_the_same_embeddings(trained,
     tokens = tokenizer(texts)
     with torch.no_grad():
         torch.testing.assert_close(
-            theirs.encode_image(normalised, normalize=True), ours.encode_image(pixels), atol=1e-5, rtol=1e-4
+            theirs.encode_image(normalised), ours.encode_image(pixels), atol=1e-5, rtol=1e-4
         )
-        torch.testing.assert_close(
-            theirs.encode_text(tokens, normalize=True), ours.encode_text(tokens), atol=1e-5, rtol=1e-4
-        )
+        torch.testing.assert_close(theirs.encode_text(tokens), ours.encode_text(tokens), atol=1e-5, rtol=1e-4)
     assert theirs.logit_scale.item() == pytest.approx(ours.logit_scale.item())
     config = json.loads((tmp_path / "out" / export.CONFIG_FILE).read_text())
     assert config["preprocess_cfg"]["size"] == ours.vision.image_size  # the model's size, not 224
 
 
-def test_load_serves_the_export_and_the_online_model(trained, tmp_path):
+def test_load_gives_a_run_and_its_export_one_contract(trained, tmp_path):
+    """The same user code gets the same features from a run (`ClipModel`) and from its export (open_clip's
+    `CLIP`): open_clip's `encode_image(image, normalize=False)`, `encode_text(text, normalize=False)`."""
     export.main([str(trained), str(tmp_path / "out"), "--model", "online"])
-    clip, preprocess, tokenizer = aclip.load(tmp_path / "out")
-    online, own_preprocess, _ = aclip.load(trained, model="online")
-    image = Image.new("RGB", (80, 60), (200, 30, 30))
-    assert own_preprocess(image).shape == (3, online.vision.image_size, online.vision.image_size)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            clip.encode_text(tokenizer(["a red circle"]), normalize=True),
-            online.encode_text(tokenizer(["a red circle"])),
-            atol=1e-5,
-            rtol=1e-4,
-        )
-        features = clip.encode_image(preprocess(image)[None], normalize=True)
-    assert features.shape == (1, online.embed_dim)
+    size = aclip.load(trained)[0].vision.image_size
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+    features = {}
+    for source, path in (("export", tmp_path / "out"), ("run", trained)):
+        model, preprocess, tokenizer = aclip.load(path, model="online")
+        pixels, tokens = preprocess(image)[None], tokenizer(["a red circle", "a blue square"])
+        with torch.no_grad():
+            features[source] = {
+                normalize: (
+                    model.encode_image(pixels, normalize=normalize),
+                    model.encode_text(tokens, normalize=normalize),
+                )
+                for normalize in (False, True)
+            }
+            torch.testing.assert_close(model.encode_image(pixels), features[source][False][0])  # the default
+    for normalize in (False, True):
+        for theirs, ours in zip(features["export"][normalize], features["run"][normalize], strict=True):
+            torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+            assert torch.allclose(ours.norm(dim=-1), torch.ones(len(ours)), atol=1e-5) == normalize
     with pytest.raises(ValueError, match='model must be "ema" or "online"'):
         aclip.load(trained, model="teacher")
 
@@ -130,6 +137,7 @@ def test_the_readme_lines_run_as_written(trained, tmp_path, monkeypatch):
     exec(code.replace("logs/train/runs/<timestamp>", str(trained.parents[1])), scope)
     assert scope["image_features"].shape == (1, scope["model"].embed_dim)
     assert scope["text_features"].shape == (2, scope["model"].embed_dim)
+    torch.testing.assert_close(scope["image_features"].norm(dim=-1), torch.ones(1))
     torch.testing.assert_close(scope["text_features"].norm(dim=-1), torch.ones(2))
 
 
@@ -207,12 +215,8 @@ def test_an_open_clip_text_tower_loads_and_computes_the_same_embeddings(tmp_path
     module = instantiate(train_config(f"model.text.init_from={tmp_path / 'oc.pt'}").model)
     tokens = module.tokenizer(["a red circle", "two green stars among clutter"])
     with torch.no_grad():
-        torch.testing.assert_close(
-            module.model.encode_text(tokens), theirs.encode_text(tokens, normalize=True)
-        )
-        torch.testing.assert_close(
-            module.ema_model.encode_text(tokens), theirs.encode_text(tokens, normalize=True)
-        )
+        torch.testing.assert_close(module.model.encode_text(tokens), theirs.encode_text(tokens))
+        torch.testing.assert_close(module.ema_model.encode_text(tokens), theirs.encode_text(tokens))
     assert "init_from" not in module.hparams.text
 
     shorter = _open_clip_model(context_length=8)  # CLIPA's T8: interpolated to the tower's 16 positions

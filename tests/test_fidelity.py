@@ -78,7 +78,8 @@ def test_paper_presets_pin_the_published_recipe(tmp_path, experiment):
         1e-6,
         1e-5,
     )
-    assert model.teacher_warmup_steps == 0  # the published method: the teacher decides from the first step
+    # The published method: the teacher decides from the first step.
+    assert (model.teacher_warmup_steps, model.teacher_warmup_until_loss) == (0, None)
     assert (data.batch_size, cfg.trainer.max_epochs, cfg.callbacks.ema.base_momentum) == (4096, 25, 0.996)
     # Evaluation: SLIP's 7 ImageNet templates, bilinear resize.
     assert cfg.eval.imagenet.templates == "simple" and cfg.eval_loader.interpolation == "bilinear"

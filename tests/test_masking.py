@@ -16,6 +16,9 @@ from aclip.modules.masking import (
     AttentiveLow,
     AttentiveMixed,
     BlockMasking,
+    BlockwiseMasking,
+    CenteredMasking,
+    ClusterMasking,
     GridMasking,
     NoMasking,
     RandomMasking,
@@ -37,6 +40,9 @@ CELL_STRATEGIES: dict[str, Callable[[float, int], TokenMasking]] = {
     "attentive_low": lambda r, u: AttentiveLow(keep_ratio=r, unit=u),
     "attentive_high": lambda r, u: AttentiveHigh(keep_ratio=r, unit=u),
     "attentive_mixed": lambda r, u: AttentiveMixed(keep_ratio=r, unit=u, top_ratio=r / 2),
+    "centered": lambda r, u: CenteredMasking(keep_ratio=r, unit=u),
+    "cluster": lambda r, u: ClusterMasking(keep_ratio=r, unit=u),
+    "blockwise": lambda r, u: BlockwiseMasking(keep_ratio=r, unit=u, min_block=4),
 }
 # Strategies whose output depends on the generator.
 RANDOM_STRATEGIES: dict[str, Callable[[], TokenMasking]] = {
@@ -44,12 +50,21 @@ RANDOM_STRATEGIES: dict[str, Callable[[], TokenMasking]] = {
     "grid": lambda: GridMasking(),
     "block": lambda: BlockMasking(keep_ratio=0.25),
     "attentive_mixed": lambda: AttentiveMixed(keep_ratio=0.5, top_ratio=0.25),
+    "centered": lambda: CenteredMasking(keep_ratio=0.5),
+    "cluster": lambda: ClusterMasking(keep_ratio=0.5),
+    "blockwise": lambda: BlockwiseMasking(keep_ratio=0.5),
 }
 
 
 def make_scores(batch: int, grid: tuple[int, int], seed: int = 123) -> torch.Tensor:
     """Random scores: distinct (with probability 1) per patch and per cell mean."""
     return torch.rand(batch, grid[0] * grid[1], generator=torch.Generator().manual_seed(seed))
+
+
+def make_pixels(batch: int, grid: tuple[int, int], seed: int = 123) -> torch.Tensor:
+    """Random uint8 views [batch, 3, H, W] with 2 x 2-pixel patches over `grid`."""
+    size = (batch, 3, 2 * grid[0], 2 * grid[1])
+    return torch.randint(0, 256, size, generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
 def run(
@@ -61,7 +76,8 @@ def run(
 ) -> torch.Tensor:
     if scores is None and masking.needs_scores:
         scores = make_scores(batch, grid)
-    return masking.select(scores, grid, batch, generator=torch.Generator().manual_seed(seed))
+    pixels = make_pixels(batch, grid) if masking.needs_pixels else None
+    return masking.select(scores, grid, batch, generator=torch.Generator().manual_seed(seed), pixels=pixels)
 
 
 def kept_cells(keep: torch.Tensor, grid: tuple[int, int], unit: int) -> list[set[tuple[int, int]]]:
@@ -342,6 +358,8 @@ def test_resize_flags() -> None:
         False,
         True,
     ]
+    readers = {name for name, make in CELL_STRATEGIES.items() if make(0.5, 1).needs_pixels}
+    assert readers == {"cluster"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -358,10 +376,11 @@ def test_randomness_is_reproducible_and_per_sample(name: str) -> None:
     assert not torch.equal(first, run(masking, grid, batch=16, seed=1, scores=scores))
     assert len({tuple(row.tolist()) for row in first}) > 1, "samples of a batch must differ"
     # Without a generator, the global RNG is the only source.
+    pixels = make_pixels(16, grid)
     torch.manual_seed(7)
-    a = masking.select(scores, grid, 16)
+    a = masking.select(scores, grid, 16, pixels=pixels)
     torch.manual_seed(7)
-    assert torch.equal(a, masking.select(scores, grid, 16))
+    assert torch.equal(a, masking.select(scores, grid, 16, pixels=pixels))
 
 
 @pytest.mark.parametrize("strategy", ["low", "high"])
@@ -390,6 +409,28 @@ def test_attentive_bad_scores_raise(strategy: str, scores: torch.Tensor | None) 
 
 
 @pytest.mark.parametrize(
+    "pixels",
+    [
+        None,
+        make_pixels(BATCH + 1, (8, 8)),
+        make_pixels(BATCH, (8, 8))[:, :, :15],
+        make_pixels(BATCH, (8, 8))[0],
+    ],
+    ids=["missing", "wrong-batch", "ragged-height", "3d"],
+)
+def test_pixel_policies_reject_bad_pixels(pixels: torch.Tensor | None) -> None:
+    with pytest.raises(ValueError, match=r"ClusterMasking needs the views' pixels \[batch=6, C, H, W\]"):
+        ClusterMasking().select(None, (8, 8), BATCH, pixels=pixels)
+
+
+def test_pixel_policies_follow_the_pixels_device() -> None:
+    assert (
+        ClusterMasking().select(None, (4, 4), 2, device="meta", pixels=make_pixels(2, (4, 4))).device.type
+        == "cpu"
+    )
+
+
+@pytest.mark.parametrize(
     ("factory", "match"),
     [
         (lambda: RandomMasking(keep_ratio=0), "keep_ratio"),
@@ -411,6 +452,13 @@ def test_attentive_bad_scores_raise(strategy: str, scores: torch.Tensor | None) 
         (lambda: AttentiveLow(layers=[1.5]), "layers"),
         (lambda: AttentiveLow(layers=["a"]), "layers"),
         (lambda: AttentiveLow(layers=True), "layers"),
+        (lambda: CenteredMasking(variance=0), "variance"),
+        (lambda: CenteredMasking(variance="wide"), "variance"),
+        (lambda: ClusterMasking(anchor_ratio=0), "anchor_ratio"),
+        (lambda: ClusterMasking(radius=-0.1), "radius"),
+        (lambda: ClusterMasking(radius=2.5), "radius"),
+        (lambda: BlockwiseMasking(min_block=0), "min_block"),
+        (lambda: BlockwiseMasking(min_aspect=1.5), "min_aspect"),
     ],
 )
 def test_invalid_arguments_raise(factory: Callable[[], object], match: str) -> None:
@@ -443,6 +491,9 @@ EXPECTED_CONFIGS = {
     "attentive_low": (AttentiveLow, {"keep_ratio": 0.5, "layers": "all"}),
     "attentive_high": (AttentiveHigh, {"keep_ratio": 0.5, "layers": "all"}),
     "attentive_mixed": (AttentiveMixed, {"top_ratio": 0.25, "layers": "all"}),
+    "centered": (CenteredMasking, {"keep_ratio": 0.5, "unit": 1, "variance": 0.2}),
+    "cluster": (ClusterMasking, {"keep_ratio": 0.5, "unit": 1, "anchor_ratio": 0.03, "radius": 0.32}),
+    "blockwise": (BlockwiseMasking, {"keep_ratio": 0.5, "unit": 1, "min_block": 16, "min_aspect": 0.3}),
 }
 
 
@@ -463,17 +514,22 @@ def test_config_instantiates(path: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda() -> None:
-    grid, scores = (14, 14), make_scores(8, (14, 14)).cuda()
+    grid, scores, pixels = (14, 14), make_scores(8, (14, 14)).cuda(), make_pixels(8, (14, 14)).cuda()
     maskings = [f(0.5, 2) for f in CELL_STRATEGIES.values()] + [GridMasking(), NoMasking()]
     for masking in maskings:
         generator = torch.Generator(device="cuda").manual_seed(0)
-        keep = masking.select(scores, grid, 8, generator=generator)
+        keep = masking.select(scores, grid, 8, generator=generator, pixels=pixels)
         assert keep.device.type == "cuda"
         check_contract(keep.cpu(), grid, 8, masking.num_keep(grid))
         generator = torch.Generator(device="cuda").manual_seed(0)
         assert torch.equal(
             keep,
             masking.select(
-                None if not masking.needs_scores else scores, grid, 8, device="cuda", generator=generator
+                None if not masking.needs_scores else scores,
+                grid,
+                8,
+                device="cuda",
+                generator=generator,
+                pixels=pixels,
             ),
         )

@@ -70,7 +70,10 @@ def first_step_inputs(cfg) -> dict:
 
 def test_attentive_low_keeps_the_cells_the_ema_attends_to_most(train_config):
     cfg = train_config(
-        "masking=attentive_low", "model.teacher_warmup_steps=0", "callbacks.model_checkpoint=null"
+        "masking=attentive_low",
+        "model.teacher_warmup_steps=0",
+        "model.teacher_warmup_until_loss=null",
+        "callbacks.model_checkpoint=null",
     )
     seen = first_step_inputs(cfg)
     expected = seen["scores"].topk(8, dim=1).indices.sort(dim=1).values  # half of the 4 x 4 grid
@@ -79,7 +82,10 @@ def test_attentive_low_keeps_the_cells_the_ema_attends_to_most(train_config):
 
 def test_during_the_teacher_warm_up_attentive_masking_keeps_random_cells_of_its_budget(train_config):
     cfg = train_config(
-        "masking=attentive_low", "model.teacher_warmup_steps=1", "callbacks.model_checkpoint=null"
+        "masking=attentive_low",
+        "model.teacher_warmup_steps=1",
+        "model.teacher_warmup_until_loss=null",
+        "callbacks.model_checkpoint=null",
     )
     seen = first_step_inputs(cfg)
     top = seen["scores"].topk(8, dim=1).indices.sort(dim=1).values

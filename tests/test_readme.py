@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from aclip.checkpointing import read_checkpoint
+from aclip.cli import compose
 from tests.helpers import TINY_SYNTHETIC_OVERRIDES, fresh_copy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +44,9 @@ SKIPPED: dict[str, str] = {
     "the .venv set-up, which this suite already ran in)",
     "make test": "this suite itself",
     ".venv/bin/python -m pytest -m slow": "the long tests, deselected from the default suite on purpose",
-    ".venv/bin/python train.py model=vit_b16 trainer=gpu data.batch_size=256": _NEEDS_GPU,
+    ".venv/bin/python train.py model=vit_b16 trainer=gpu data.batch_size=256 trainer.max_epochs=10": (
+        _NEEDS_GPU
+    ),
     ".venv/bin/python train.py experiment=aclip": _NEEDS_PAPER_DATA,
     ".venv/bin/python train.py experiment=aclip_eff": _NEEDS_PAPER_DATA,
     ".venv/bin/python train.py experiment=paper method=attentive_high": _NEEDS_PAPER_DATA,
@@ -83,6 +86,9 @@ SKIPPED: dict[str, str] = {
     "clip_benchmark eval --model local-dir:exported --pretrained none --dataset cifar10 --dataset_root <dir> "
     "--output cifar10.json": _NOT_A_DEPENDENCY + " and CIFAR-10",
     ".venv/bin/python -m analysis.clip_benchmark_check logs/train/runs/<timestamp>": _NOT_A_DEPENDENCY,
+    ".venv/bin/python train.py -m hparams_search=laboratory": "48 jobs whose budget buys ~156 steps each "
+    "at the tiny scale (thousands at the tests'); tests/test_compute.py runs the sweep at the tests' scale "
+    "(test_the_laboratory_sweep_runs_from_a_fresh_clone_at_equal_flops)",
     "pip install .": _INSTALLS,
     "aclip-train debug=fast_dev_run": _INSTALLS,
     "aclip-eval ckpt_path=logs/train/runs/<timestamp>": _INSTALLS,
@@ -150,6 +156,15 @@ def test_skips_name_documented_commands():
     """Every skip entry is a command the docs still show (no stale entries)."""
     documented = {command for _, command in COMMANDS}
     assert set(SKIPPED) <= documented, sorted(set(SKIPPED) - documented)
+
+
+def test_gpu_example_trains_past_its_warmup():
+    """The README's ViT-B/16 example (skipped here: it needs a GPU) is not all learning-rate warm-up:
+    `model=vit_b16` warms up for one epoch, and the default run is one epoch long."""
+    (command,) = [c for _, c in documented_commands() if "train.py model=vit_b16 trainer=gpu" in c]
+    cfg = compose("train", command.split()[2:])
+    assert cfg.model.scheduler.warmup_steps is None
+    assert cfg.model.scheduler.warmup_epochs < cfg.trainer.max_epochs
 
 
 def _newest(pattern: str, folder: Path) -> Path | None:

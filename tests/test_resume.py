@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -187,3 +188,52 @@ def test_random_states_round_trip_and_load_without_unpickling(tmp_path):
     torch.testing.assert_close(actual[0], expected[0])
     np.testing.assert_array_equal(actual[1], expected[1])
     assert actual[2:] == expected[2:]
+
+
+class RecordBatches(pl.Callback):
+    """Test helper: appends a line per training batch to `path`: its epoch, index in the epoch, and
+    digests of its captions' tokens and of its images."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        digests = [hashlib.sha1(batch[key].numpy().tobytes()).hexdigest()[:12] for key in ("text", "images")]
+        with open(self.path, "a") as file:
+            file.write(f"{trainer.current_epoch} {batch_idx} {' '.join(digests)}\n")
+
+
+# 48 samples in batches of 8: 6 batches in the one epoch; max_steps stops it after 2 of them.
+CUT_SHORT = [
+    "data.train.size=48",
+    "evaluate=false",
+    "callbacks.mask_pictures=null",
+    "evaluation.every_n_steps=null",
+]
+
+
+@pytest.mark.parametrize(
+    "raised",
+    [
+        ["trainer.max_steps=4"],
+        # Lightning resumed this one in epoch 1, skipping the rest of epoch 0.
+        pytest.param(["trainer.max_steps=4", "trainer.max_epochs=2"], marks=pytest.mark.slow),
+    ],
+    ids=["max_steps", "and_max_epochs"],
+)
+def test_raising_max_steps_continues_the_epoch_it_cut_short(train_config, tmp_path, monkeypatch, raised):
+    """The batches (captions and crops) of a run stopped by max_steps and resumed with a higher one are
+    those of an uninterrupted run. (The weights differ: the schedules stretch over the new max_steps.)"""
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+    def batches(name: str, *overrides: str) -> list[str]:
+        record = tmp_path / f"{name}.txt"
+        recorder = helper("RecordBatches", path=record)
+        train(train_config(*CUT_SHORT, *overrides, *recorder, output_dir=tmp_path / name))
+        return record.read_text().splitlines()
+
+    uninterrupted = batches("uninterrupted", "trainer.max_steps=4")
+    cut = batches("cut", "trainer.max_steps=2")
+    resumed = batches("resumed", f"ckpt_path={tmp_path / 'cut'}", *raised)
+    assert [line.split()[:2] for line in uninterrupted] == [["0", str(batch)] for batch in range(4)]
+    assert cut + resumed == uninterrupted

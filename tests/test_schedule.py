@@ -2,10 +2,13 @@
 
 import itertools
 import math
+import warnings
+from types import SimpleNamespace
 
 import pytest
+import torch
 
-from aclip.modules.schedule import warmup_cosine_lr
+from aclip.modules.schedule import WarmupCosine, warmup_cosine_lr
 
 TOTAL, WARMUP = 100, 10
 BASE, START, FINAL = 5e-4, 1e-6, 1e-5
@@ -65,3 +68,24 @@ def test_zero_warmup_starts_at_base_lr():
 def test_warmup_longer_than_total_does_not_divide_by_zero():
     assert lr(TOTAL, total=TOTAL, warmup=TOTAL) == pytest.approx(BASE)
     assert lr(TOTAL + 1, total=TOTAL, warmup=TOTAL) == pytest.approx(FINAL)
+
+
+def trainer(steps_per_epoch: int, epochs: int) -> SimpleNamespace:
+    """What the schedule reads of a Lightning trainer."""
+    return SimpleNamespace(
+        estimated_stepping_batches=steps_per_epoch * epochs,
+        num_training_batches=steps_per_epoch,
+        accumulate_grad_batches=1,
+    )
+
+
+def test_warns_when_the_warmup_covers_the_whole_run():
+    """`model=vit_b16` (one warm-up epoch) in a one-epoch run never reaches its learning rate."""
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=BASE)
+    with pytest.warns(UserWarning, match=r"warm-up covers the whole run \(100 steps, [^)]*warmup_epochs=1"):
+        WarmupCosine(warmup_epochs=1.0).scheduler(optimizer, trainer(100, epochs=1))
+    with pytest.warns(UserWarning, match=r"\(500 steps, model.scheduler.warmup_steps=500, in a run of 300"):
+        WarmupCosine(warmup_steps=500).scheduler(optimizer, trainer(100, epochs=3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        WarmupCosine(warmup_epochs=1.0).scheduler(optimizer, trainer(100, epochs=2))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from aclip.summarize import collect, expected_jobs, summarize
+from aclip.summarize import bar_chart, collect, expected_jobs, summarize
 
 TOP1 = "zeroshot/synthetic/top1"
 
@@ -136,3 +136,53 @@ def test_curves_are_read_per_seed_group_and_drawn(tmp_path):
     assert sorted(groups) == ["attentive_low", "random"] and len(groups["attentive_low"]) == 2
     assert paths["curves_train_object_recall"].stat().st_size > 0
     assert not (tmp_path / "curves_train_not_logged.png").exists()  # no job logged it: no empty chart
+
+
+def test_tables_keep_one_model_order_natural_recalls_and_no_repeated_reported(tmp_path):
+    """A CLIPA job reports the online model (listed first in its metrics.json), another the EMA model:
+    the columns stay ema, online; R@1, R@5, R@10; `reported`, a second name of top-1, is left out."""
+    for number, reported in enumerate(("online", "ema")):
+        job = tmp_path / str(number)
+        (job / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"seed={number}"]), job / ".hydra" / "overrides.yaml")
+        results = {
+            TOP1: 30.0 + number,
+            "zeroshot/synthetic/reported": 30.0 + number,
+            **{f"retrieval/synthetic/i2t_R@{k}": float(k) for k in (1, 5, 10)},
+        }
+        models = {reported: results, ("ema" if reported == "online" else "online"): results}
+        (job / "metrics.json").write_text(json.dumps(models))
+    header = read_csv_header(summarize(tmp_path)[1]["csv"])
+    recalls = [f"retrieval/synthetic/i2t_R@{k}" for k in (1, 5, 10)]
+    assert header[2:10] == [f"{model}/{key}" for model in ("ema", "online") for key in (*recalls, TOP1)]
+    assert not any(name.endswith("/reported") for name in header)
+
+
+def read_csv_header(path: Path) -> list[str]:
+    with path.open() as file:
+        return next(csv.reader(file))
+
+
+def test_charts_show_chance_percent_and_one_colour_per_method(tmp_path):
+    """summary.png draws the chance level the jobs recorded and says `%`; a method keeps its colour in
+    every chart, also in one where the others logged nothing (only attentive masking has a score mass)."""
+    from aclip.sweep_curves import curve_chart
+
+    for number, masking in enumerate(("random", "attentive_low", "none")):
+        make_job(tmp_path, number, [f"masking={masking}"], 10.0 + number)
+        (tmp_path / str(number) / "chance.json").write_text(json.dumps({TOP1: 100 / 24}))
+        write_curve(tmp_path, number, [0.5, 0.6])
+    path = tmp_path / "1" / "csv" / "metrics.csv"
+    path.write_text(path.read_text().replace("train/object_recall", "train/object_score_mass"))
+
+    summary = collect(tmp_path)
+    bars = bar_chart(summary).axes[0]
+    assert bars.get_ylabel().endswith("(%)")
+    assert [line.get_ydata()[0] for line in bars.get_lines()] == [pytest.approx(100 / 24)]
+    (attentive,) = curve_chart(summary, "train/object_score_mass").axes[0].get_lines()
+    assert attentive.get_color() == summary.colours["attentive_low"]
+    recall = curve_chart(summary, "train/object_recall").axes[0].get_lines()
+    assert {line.get_label(): line.get_color() for line in recall} == {
+        f"{masking} (n=1)": summary.colours[masking] for masking in ("random", "none")
+    }
+    assert len(set(summary.colours.values())) == 3

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
+from aclip.cli import run_training
+from aclip.config import ConfigError
+from aclip.modules.aclip import AClip
 from aclip.modules.model import MAX_LOGIT_SCALE
 from aclip.tasks import evaluate_checkpoint, load_checkpoint, train
 from tests.helpers import (
@@ -159,3 +163,35 @@ def test_checkpoint_loads_without_unpickling_objects(train_config, tmp_path):
     train(train_config("trainer.limit_train_batches=1", "evaluate=false"))
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert isinstance(checkpoint["hyper_parameters"]["vision"], dict)
+
+
+# The evaluation set of a user's own data: its metrics are zeroshot/mine/*, not the default
+# optimized_metric's zeroshot/synthetic/top1.
+OWN_EVALUATION = [
+    "+eval.synthetic.name=mine",
+    "trainer.limit_train_batches=2",
+    "evaluation.every_n_steps=null",
+]
+
+
+def test_a_run_on_its_own_evaluation_set_succeeds_without_the_default_optimized_metric(
+    train_config, tmp_path, caplog
+):
+    with caplog.at_level(logging.WARNING):
+        assert run_training(train_config(*OWN_EVALUATION, output_dir=tmp_path / "run")) is None
+    assert "optimized_metric=zeroshot/synthetic/top1 is not among the evaluation's metrics" in caplog.text
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "zeroshot/mine/top1" in metrics["ema"]
+
+
+def test_an_optimising_sweep_checks_its_metric_before_training(train_config, monkeypatch):
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the model was built before optimized_metric was checked")
+
+    monkeypatch.setattr(AClip, "__init__", unreachable)
+    with pytest.raises(
+        ConfigError, match=r"optimized_metric=zeroshot/synthetic/top1, which no eval set.*mine"
+    ):
+        run_training(train_config("hparams_search=optuna_lr", *OWN_EVALUATION))
+    with pytest.raises(ConfigError, match="evaluate=false reports no metric"):
+        run_training(train_config("hparams_search=optuna_lr", "evaluate=false"))

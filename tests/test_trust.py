@@ -6,18 +6,25 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from PIL import Image
 
+from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY, check_resumed_config
 from aclip.checkpointing import CheckpointError, read_checkpoint
+from aclip.cli import run_training
 from aclip.datamodules.csv_source import CsvCaptions
 from aclip.modules.aclip import AClip
+from aclip.recompose import compose_resumed
 from aclip.tasks import TrainingError, evaluate_checkpoint, load_checkpoint, train
-from tests.helpers import SYNTHETIC_EVAL_OVERRIDES, compose_config
+from tests.helpers import CONF_DIR, SYNTHETIC_EVAL_OVERRIDES, compose_config
 from tests.test_train import read_csv_metrics
 
 QUICK = ["trainer.limit_train_batches=2", "evaluate=false", "evaluation.every_n_steps=null"]
@@ -34,12 +41,39 @@ def trained(train_config, tmp_path) -> Path:
     return tmp_path / "trained"
 
 
-def test_a_checkpoint_holding_pickled_objects_is_refused_without_advice_to_unpickle(tmp_path):
+# Pickled objects in both of torch's wordings: a global of a module torch blocks (os), and one it does not
+# allow by default.
+PAYLOADS = [(os.getcwd, f"{os.getcwd.__module__}.getcwd"), (datetime.date(2026, 1, 1), "datetime.date")]
+
+
+@pytest.mark.parametrize(("payload", "named"), PAYLOADS, ids=["blocked-module", "not-allowed"])
+def test_a_checkpoint_holding_pickled_objects_is_refused_without_advice_to_unpickle(tmp_path, payload, named):
     path = tmp_path / "objects.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"vision": datetime.date(2026, 1, 1)}}, path)
-    with pytest.raises(CheckpointError, match=r"pickled Python object \(datetime\.date\)") as raised:
+    torch.save({"state_dict": {}, "hyper_parameters": {"vision": payload}}, path)
+    with pytest.raises(CheckpointError, match=rf"pickled Python object \({re.escape(named)}\)") as raised:
         load_checkpoint(path)
     assert "weights_only" not in str(raised.value)
+
+
+@pytest.mark.parametrize("key", ["model.vision.init_from", "model.text.init_from"])
+def test_init_from_a_file_holding_pickled_objects_names_it_without_advice_to_unpickle(
+    tmp_path, train_config, key
+):
+    payload, named = PAYLOADS[0]
+    path = tmp_path / "weights.pt"
+    torch.save({"state_dict": {"weight": torch.zeros(1)}, "extra": payload}, path)
+    with pytest.raises(InstantiationException) as raised:
+        instantiate(train_config(f"{key}={path}").model)
+    message = str(raised.value)
+    assert f"{key}={path} cannot be read as weights" in message
+    assert f"pickled Python object ({named})" in message
+    assert "weights_only" not in message
+    not_weights = tmp_path / "weights.safetensors"
+    not_weights.write_bytes(b"\xff" * 64)
+    with pytest.raises(
+        InstantiationException, match=rf"{key}=.*weights\.safetensors cannot be read as weights"
+    ):
+        instantiate(train_config(f"{key}={not_weights}").model)
 
 
 def test_a_truncated_checkpoint_is_named_with_the_ones_beside_it(train_config, tmp_path, monkeypatch):
@@ -56,7 +90,9 @@ def test_a_truncated_checkpoint_is_named_with_the_ones_beside_it(train_config, t
         train(train_config("evaluate=false", "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a'}"))
     message = str(raised.value)
     assert str(last) in message and "truncated" in message
-    assert "step0000008.ckpt" in message and "step0000004.ckpt" in message  # what is left to resume from
+    # last.ckpt is a link to step0000008.ckpt: the older file is what is left to resume from.
+    assert "a link to step0000008.ckpt" in message
+    assert message.endswith("Other checkpoints in its folder, newest first: step0000004.ckpt")
 
 
 def test_resume_follows_the_new_learning_rate(train_config, tmp_path):
@@ -142,3 +178,58 @@ def test_non_utf8_csv_names_the_line_and_the_fix(tmp_path):
 def test_checkpoint_metadata_is_read_without_loading_the_weights_eagerly(trained):
     checkpoint = read_checkpoint(trained / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2 and "aclip_run_config" in checkpoint
+
+
+# A run with overrides that the resumes below do not type: a refused key (the tower's depth), a config
+# group's option and a value under it. (The data size as an override, where the record holds it; the
+# `train_config` fixture would set it in the composed config.)
+OWN_RUN = ["model.vision.depth=1", "masking=random", "masking.keep_ratio=0.5", "data.train.size=32"]
+
+
+@pytest.fixture
+def own_run(train_config, tmp_path) -> Path:
+    """The run directory of a two-step tiny run with the overrides OWN_RUN."""
+    train(train_config(*QUICK, *OWN_RUN, output_dir=tmp_path / "own"))
+    return tmp_path / "own"
+
+
+def test_a_run_resumes_from_its_directory_alone_with_its_own_config(own_run, train_config, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        run_training(train_config(f"ckpt_path={own_run}", "trainer.max_epochs=2", output_dir=tmp_path / "on"))
+    resumed = torch.load(tmp_path / "on" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == 4  # two more steps of the run's two per epoch
+    config = resumed[RUN_CONFIG_KEY]
+    assert config["model"]["vision"]["depth"] == 1 and config["masking"]["keep_ratio"] == 0.5
+    assert config["trainer"]["limit_train_batches"] == 2 and config["trainer"]["max_epochs"] == 2
+    assert "differs from the run's" not in caplog.text
+    # The resumed run records the overrides it was composed with: resuming it needs nothing retyped either.
+    assert {*QUICK, *OWN_RUN, "trainer.max_epochs=2"} <= set(resumed[RUN_OVERRIDES_KEY])
+
+
+@pytest.mark.parametrize("records_overrides", [True, False])
+def test_a_refused_resume_lists_what_differs_without_blaming_overrides_nobody_typed(records_overrides):
+    saved, current = {"model": {"vision": {"depth": 1}}}, {"model": {"vision": {"depth": 2}}}
+    with pytest.raises(ValueError, match=r"model\.vision\.depth: 1 -> 2") as raised:
+        check_resumed_config(saved, current, "run/last.ckpt", records_overrides)
+    message = str(raised.value)
+    assert "revert" not in message and "give these keys the run's values" in message
+    assert ("does not record its run's command line" in message) != records_overrides
+
+
+def test_a_checkpoints_recorded_overrides_choose_no_code(train_config, tmp_path, caplog):
+    planted = [
+        "+callbacks.planted._target_=builtins.exec",  # an addition naming code
+        "model.optimizer._target_=builtins.eval",  # a value of a _target_
+        "data=../eval/synthetic",  # a path out of the config group
+        "data.train.size=${oc.create:{_target_:builtins.exec}}",  # an interpolation building a node
+    ]
+    path = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    path.parent.mkdir(parents=True)
+    torch.save({RUN_OVERRIDES_KEY: [*OWN_RUN, *planted, "hydra.run.dir=/elsewhere"]}, path)
+    with caplog.at_level(logging.WARNING):
+        cfg, overrides = compose_resumed(train_config(f"ckpt_path={path}"), str(CONF_DIR))
+    assert cfg.model.vision.depth == 1 and cfg.masking.keep_ratio == 0.5  # the run's own values
+    assert "planted" not in cfg.callbacks and cfg.model.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.data._target_ == "aclip.datamodules.datamodule.ClipDataModule" and cfg.data.train.size == 32
+    assert not any(line in overrides for line in planted) and "hydra.run.dir=/elsewhere" not in overrides
+    assert all(line in caplog.text for line in planted)

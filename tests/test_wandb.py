@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from aclip import loggers
+from aclip.summarize import SweepSummary
 from aclip.tasks import train
 
-pytest.importorskip("wandb")
+wandb = pytest.importorskip("wandb")
 
 # Keys the dashboard needs, as they appear in the run's log (`run-<id>.wandb`, protobuf with plain keys).
 LOGGED_KEYS = [
@@ -132,3 +135,35 @@ def test_failed_run_is_closed_as_failed(no_credentials, monkeypatch, train_confi
     with pytest.raises(FloatingPointError):
         train(cfg)
     assert finished == [1]
+    monkeypatch.undo()
+    wandb.finish()  # the run that the stand-in left open, so that the next test's runs are its own
+
+
+def write_job(sweep: Path, number: int, choices: dict[str, str], top1: float) -> None:
+    """A finished multirun job's folder: what the summary reads, and the choices Hydra records."""
+    hydra = sweep / str(number) / ".hydra"
+    hydra.mkdir(parents=True)
+    overrides = [f"{key}={value}" for key, value in choices.items()]
+    OmegaConf.save(OmegaConf.create(overrides), hydra / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"runtime": {"choices": choices}}}), hydra / "hydra.yaml")
+    metrics = {"ema": {"zeroshot/synthetic/top1": top1}}
+    (sweep / str(number) / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_sweep_summary_is_logged_as_a_run_in_the_jobs_group(
+    no_credentials, monkeypatch, train_config, tmp_path
+):
+    """At the end of a multirun Hydra passes the sweep's config, which has no job number."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep = tmp_path / "multiruns" / "2026-01-02_03-04-05"
+    cfg = train_config("logger=wandb", "hydra.mode=MULTIRUN", f"hydra.sweep.dir={sweep}")
+    assert OmegaConf.is_missing(cfg.hydra.job, "num")
+    for number, masking in enumerate(("random", "grid")):
+        write_job(sweep, number, {"experiment": "tiny", "masking": masking}, 10.0 + number)
+    SweepSummary().on_multirun_end(config=cfg)
+
+    (run,) = (sweep / "wandb").glob("offline-run-*")
+    wandb.teardown()  # the W&B service writes the run's log on its own: wait until it has
+    log = b"".join(path.read_bytes() for path in run.glob("run-*.wandb"))
+    assert b"sweep-summary" in log and b"tiny-2026-01-02_03-04-05-summary" in log
+    assert b"sweep/summary" in log

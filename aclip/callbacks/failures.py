@@ -22,8 +22,13 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def last_checkpoint(trainer: pl.Trainer) -> Path | None:
-    """The newest last.ckpt the trainer's ModelCheckpoint callbacks have written, if any."""
-    paths = [getattr(callback, "last_model_path", "") for callback in trainer.checkpoint_callbacks]
+    """The newest checkpoint the trainer's ModelCheckpoint callbacks have written, if any (their last.ckpt
+    or the newest file they keep: `callbacks.step_checkpoint` keeps last.ckpt as its one file)."""
+    paths = [
+        getattr(callback, name, "")
+        for callback in trainer.checkpoint_callbacks
+        for name in ("last_model_path", "best_model_path")
+    ]
     existing = [Path(path) for path in paths if path and Path(path).is_file()]
     return max(existing, key=lambda path: path.stat().st_mtime, default=None)
 

@@ -1,10 +1,12 @@
-"""What Lightning leaves out of a resume: the global random states, and (Lightning issue #20550) the
-dataloader position when `configure_optimizers` reads `trainer.estimated_stepping_batches`."""
+"""What Lightning leaves out of a resume: the global random states, (Lightning issue #20550) the
+dataloader position when `configure_optimizers` reads `trainer.estimated_stepping_batches`, and the rest
+of an epoch that `trainer.max_steps` cut short."""
 
 from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,37 @@ def restore_random_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def continue_cut_short_epoch(loops: dict[str, Any]) -> tuple[int, int] | None:
+    """Make the loop progress of a checkpoint written after training stopped part way through an epoch
+    (`trainer.max_steps` reached, or a stop) resume inside that epoch; that epoch's number and the batches
+    it trained on, or None for another checkpoint.
+
+    Lightning counts such an epoch as processed (and, in a checkpoint saved when training ended, as
+    completed), so a resume with a higher `max_steps` would start the next epoch and skip the rest of
+    this one, or, at `max_epochs`, take no step at all. The progress becomes that of a checkpoint saved
+    after the same batch in the middle of the epoch, which Lightning resumes at the next batch (and
+    `ResumableDataLoader`, whose position the checkpoint holds, reads the epoch on from there).
+    """
+    fit = loops.get("fit_loop") or {}
+    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
+    if not epochs or not batches or batches.get("is_last_batch", True):
+        return None  # the epoch ran to its last batch (or the checkpoint is not Lightning's)
+    epoch, batch = epochs["current"], batches["current"]
+    epoch_ended = epoch["ready"] == epoch["started"] == epoch["processed"] > 0
+    if not epoch_ended or epoch["completed"] < epoch["processed"] - 1:
+        return None  # saved in the middle of the epoch, where Lightning resumes on its own
+    if not 0 < batch["completed"] == batch["processed"]:
+        return None
+    for progress in (epochs["total"], epoch):
+        progress["processed"] -= 1
+        progress["completed"] = progress["processed"]
+    for progress in (batches["total"], batch):
+        progress["completed"] -= 1
+    # Lightning adds the batch back when it resumes after a batch's end (it saves this count one short).
+    fit["epoch_loop.state_dict"]["_batches_that_stepped"] -= 1
+    return epoch["processed"], batch["processed"]
+
+
 class ResumeState(Callback):
     """Makes a resumed run continue exactly where its checkpoint left off.
 
@@ -67,6 +100,8 @@ class ResumeState(Callback):
     * Hands the dataloader states of the checkpoint to the training dataloaders (`ResumableDataLoader`
       positions) when Lightning has not: it loads them only if it builds the dataloader after restoring
       the checkpoint, and `AClip.configure_optimizers` makes it build it before (Lightning #20550).
+    * Continues an epoch that `trainer.max_steps` cut short where it stopped
+      (`continue_cut_short_epoch`), so that raising `max_steps` trains on the rest of that epoch.
     """
 
     def __init__(self) -> None:
@@ -88,6 +123,17 @@ class ResumeState(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._restored = state_dict.get("ranks") or None
 
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # Called with the checkpoint that Lightning restores its loops from next.
+        cut_short = continue_cut_short_epoch(checkpoint.get("loops") or {})
+        if cut_short is not None:
+            epoch, batches = cut_short
+            _info(
+                f"The checkpoint stopped after {batches} batches of epoch {epoch}: training continues there"
+            )
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         fit_loop = trainer.fit_loop
         if getattr(fit_loop, "_combined_loader_states_to_load", None):
@@ -106,10 +152,16 @@ class ResumeState(Callback):
 
 # The run's resolved config, saved in every checkpoint under this key, so that a resume can compare.
 RUN_CONFIG_KEY = "aclip_run_config"
+# The command-line overrides the run's config was composed with, saved beside it, so that
+# `ckpt_path=<run>` alone composes the same config again (`aclip.recompose`).
+RUN_OVERRIDES_KEY = "aclip_run_overrides"
 # Keys a resumed run may change without comment: where it writes, how it logs, evaluates and reports,
 # and how long it trains.
 MAY_CHANGE = (
     "paths",
+    "trainer.default_root_dir",
+    "callbacks.model_checkpoint.dirpath",
+    "callbacks.interrupt_checkpoint.dirpath",
     "logger",
     "eval",
     "evaluate",
@@ -121,9 +173,11 @@ MAY_CHANGE = (
     "trainer.max_steps",
     "trainer.max_epochs",
     "trainer.enable_progress_bar",
+    "print_config",
     "trainer.log_every_n_steps",
     "callbacks.mask_pictures",
     "callbacks.throughput",
+    "callbacks.model_checkpoint",
     "callbacks.step_checkpoint",
     "data.num_workers",
 )
@@ -142,15 +196,17 @@ REFUSED = (
 
 
 class RunConfigRecord(Callback):
-    """Saves the run's resolved config in every checkpoint (`RUN_CONFIG_KEY`)."""
+    """Saves the run's resolved config (`RUN_CONFIG_KEY`) and the command-line overrides it was composed
+    with (`RUN_OVERRIDES_KEY`) in every checkpoint."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
+    def __init__(self, config: dict[str, Any], overrides: Sequence[str] = ()) -> None:
+        self.config, self.overrides = config, list(overrides)
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[RUN_CONFIG_KEY] = self.config
+        checkpoint[RUN_OVERRIDES_KEY] = self.overrides
 
 
 @rank_zero_only
@@ -187,9 +243,12 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, 
     }
 
 
-def check_resumed_config(saved: dict[str, Any] | None, current: dict[str, Any], ckpt_path: str) -> None:
+def check_resumed_config(
+    saved: dict[str, Any] | None, current: dict[str, Any], ckpt_path: str, records_overrides: bool = True
+) -> None:
     """Compare the config of the run being resumed with this one's: refuse changes to the model's shape,
-    say which optimizer settings now apply, and list every other difference."""
+    say which optimizer settings now apply, and list every other difference. `records_overrides`: the
+    checkpoint holds the run's command-line overrides (`RUN_OVERRIDES_KEY`)."""
     if saved is None:
         rank_zero_warn(
             f"{ckpt_path} holds no run config (an older checkpoint): the resumed config is not compared"
@@ -201,11 +260,18 @@ def check_resumed_config(saved: dict[str, Any] | None, current: dict[str, Any], 
     lines = {key: f"  {key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()}
     refused = [line for key, line in lines.items() if _under(key, REFUSED)]
     if refused:
+        composed = (
+            "`ckpt_path=<run>` alone composes the run's own config"
+            if records_overrides
+            else f"{ckpt_path} does not record its run's command line (an older checkpoint), so this "
+            "config holds the defaults where the run had overrides: give them again (its run "
+            "directory's .hydra/overrides.yaml lists them)"
+        )
         raise ValueError(
-            f"resuming {ckpt_path} with a different model or optimizer: the checkpoint's weights and "
-            "optimizer state cannot fit\n"
+            f"resuming {ckpt_path} with a different model or optimizer than its run's: the checkpoint's "
+            "weights and optimizer state cannot fit (the run's value -> this config's)\n"
             + "\n".join(refused)
-            + "\nrevert these overrides to resume, or start a new run"
+            + f"\nTo resume, give these keys the run's values ({composed}), or start a new run."
         )
     applied = [line for key, line in lines.items() if _under(key, APPLIED)]
     other = [line for key, line in lines.items() if not _under(key, APPLIED)]

@@ -12,6 +12,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
+from aclip.compute import flop_counter
 from aclip.evaluation.suite import split_batch
 
 
@@ -29,21 +30,31 @@ class Throughput(ThroughputMonitor):
     Logged under `train/` at the logging interval once `window_size` batches have passed:
     `device/samples_per_sec` (pairs per second per device; `samples_per_sec` for all devices),
     `device/flops_per_sec` and, on devices whose peak Lightning knows (e.g. A100, H100),
-    `device/mfu`. The FLOPs of a batch are counted once, over the first training batch's forward and
-    backward passes (torch's FlopCounterMode; the EMA teacher's pass and the kept token count
-    included, gradient-checkpointing recomputation too). On CUDA also `train/device/max_memory_gb`,
-    the peak memory allocated by tensors on the device.
+    `device/mfu`. The FLOPs of a batch are those of the phase in force (`aclip.modules.stages`): counted
+    before training on fake tensors where the run did so (`AClip.phase_batch_flops`, `aclip.compute`),
+    else over the first training batch of each phase, its forward and backward passes (torch's
+    FlopCounterMode; the EMA teacher's pass and the kept token count included, gradient-checkpointing
+    recomputation too). On CUDA also `train/device/max_memory_gb`, the peak memory allocated by
+    tensors on the device.
     """
 
     def __init__(self, window_size: int = 50, **kwargs: Any) -> None:
         super().__init__(batch_size_fn=batch_size, window_size=window_size, **kwargs)
         self._counter: FlopCounterMode | None = None
+        self._counted: dict[int, int] = {}  # FLOPs of a batch by phase, counted here
+        self._phase = 0
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.is_global_zero and not hasattr(pl_module, "flops_per_batch"):
-            self._counter = FlopCounterMode(display=False)
+        self._phase = getattr(pl_module, "phase_index", 0)
+        precounted = getattr(pl_module, "phase_batch_flops", None)
+        if precounted is not None:
+            pl_module.flops_per_batch = precounted[self._phase]
+        elif self._phase in self._counted:
+            pl_module.flops_per_batch = self._counted[self._phase]
+        elif trainer.is_global_zero:
+            self._counter = flop_counter()
             self._counter.__enter__()
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -82,5 +93,5 @@ class Throughput(ThroughputMonitor):
         if self._counter is None:
             return
         self._counter.__exit__(None, None, None)
-        pl_module.flops_per_batch = self._counter.get_total_flops()
+        self._counted[self._phase] = pl_module.flops_per_batch = self._counter.get_total_flops()
         self._counter = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import random
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,6 +30,11 @@ except (ImportError, OSError, RuntimeError):  # not installed, or built for anot
 # The first bytes of every JPEG file (the start-of-image marker and the next marker's 0xFF), and the
 # end-of-image marker that a complete file ends with.
 _JPEG_START, _JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+
+# The largest encoded image accepted. Pillow warns from 89 megapixels on (`Image.MAX_IMAGE_PIXELS`), and
+# such a photo takes 20 to 45 MB as a JPEG of quality 90 to 95: a larger file is no training image, and
+# reading it whole (or letting Pillow scan it for markers) would stall its dataloader worker for seconds.
+MAX_ENCODED_BYTES = 64 * 2**20
 
 # Whole-file errors Pillow raises for unreadable data (UnidentifiedImageError and truncation are OSErrors).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
@@ -98,6 +104,8 @@ def _decode_errors(name: str) -> contextlib.AbstractContextManager:
                 yield
         except FileNotFoundError:
             raise BadSample(name, "file not found") from None
+        except Image.UnidentifiedImageError:  # its message names the file object, not the file
+            raise BadSample(name, "cannot decode image (not in any format Pillow reads)") from None
         except _DECODE_ERRORS as error:
             raise BadSample(name, f"cannot decode image ({type(error).__name__}: {error})") from None
 
@@ -114,18 +122,32 @@ def open_image(file: str | Path | BinaryIO, name: str | None = None) -> Image.Im
     path), which names it in later errors.
 
     Raises:
-        BadSample: the file is missing or is not an image.
+        BadSample: the file is missing, is not an image, or holds more than `MAX_ENCODED_BYTES`.
     """
-    name = name or str(file)
+    name = name or (str(file) if isinstance(file, (str, Path)) else getattr(file, "name", "image data"))
     with _decode_errors(name):
         if isinstance(file, (str, Path)):
             with open(file, "rb") as handle:
+                _check_encoded_size(os.fstat(handle.fileno()).st_size, name)
                 start = handle.read(len(_JPEG_START))
                 if start == _JPEG_START:
-                    file = io.BytesIO(start + handle.read())
+                    # Bounded: a pipe or a file growing under us reports no (or a stale) size.
+                    data = start + handle.read(MAX_ENCODED_BYTES + 1 - len(start))
+                    _check_encoded_size(len(data), name)
+                    file = io.BytesIO(data)
+        elif isinstance(file, io.BytesIO):
+            _check_encoded_size(file.getbuffer().nbytes, name)
         image = Image.open(file)
     image.filename = name
     return image
+
+
+def _check_encoded_size(size: int, name: str) -> None:
+    if size > MAX_ENCODED_BYTES:
+        raise BadSample(
+            name,
+            f"{size / 2**20:.0f} MiB, more than an image file may hold ({MAX_ENCODED_BYTES // 2**20} MiB)",
+        )
 
 
 def _whole_jpeg(image: Image.Image) -> bytes | None:

@@ -64,7 +64,7 @@ class FeatureBank:
     ) -> None:
         """Encode a batch of the set `set_index` with every model."""
         for name, model in models.items():
-            self._features[set_index].setdefault(name, []).append(model.encode_image(images))
+            self._features[set_index].setdefault(name, []).append(model.encode_image(images, normalize=True))
         if labels is not None:
             self._labels[set_index].append(labels)
 
@@ -184,6 +184,17 @@ class Evaluation:
             for task in self.tasks
             if isinstance(task, ZeroShotClassification)
         }
+
+    def chance_levels(self) -> dict[str, float]:
+        """What a model guessing at random scores (percent) on each zero-shot set: top-k is k of the set's
+        classes, mean per-class recall one of them."""
+        levels = {}
+        for task in self.tasks:
+            if isinstance(task, ZeroShotClassification):
+                classes, key = len(task.classnames), f"{task.kind}/{task.name}"
+                levels |= {f"{key}/top{k}": 100.0 * k / classes for k in (1, 5) if k <= classes}
+                levels[f"{key}/mean_per_class_recall"] = 100.0 / classes
+        return levels
 
     @torch.no_grad()
     def run(self, models: Mapping[str, ClipModel], tokenize: Tokenizer) -> Metrics:

@@ -43,7 +43,7 @@ def encode_texts(
     device = model.logit_scale.device
     share = list(my_share(texts))
     chunks = [
-        model.encode_text(tokenize(share[i : i + batch_size]).to(device))
+        model.encode_text(tokenize(share[i : i + batch_size]).to(device), normalize=True)
         for i in range(0, len(share), batch_size)
     ]
     local = torch.cat(chunks) if chunks else torch.empty(0, model.embed_dim, device=device)

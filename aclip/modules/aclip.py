@@ -3,32 +3,40 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from aclip.evaluation.report import flatten_metrics
 from aclip.evaluation.suite import Evaluation, FeatureBank, split_batch
 from aclip.initialize import load_initial_weights
 from aclip.modules.losses import ClipLoss
-from aclip.modules.masking import RandomMasking, TokenMasking, build_policy
-from aclip.modules.model import ClipModel
+from aclip.modules.masking import TokenMasking, build_policy, generator_on
+from aclip.modules.model import ClipModel, l2_normalize
 from aclip.modules.object_metrics import object_diagnostics
 from aclip.modules.schedule import build_optimizer, check_recipe, configure_optimization
 from aclip.modules.score_geometry import kept_score_mass, map_scores_to_views
 from aclip.modules.self_supervision import SelfSupervision
+from aclip.modules.stages import Phase, build_phases, flops_until, phase_at, phase_ends
+from aclip.modules.teacher_warmup import TeacherWarmup
 from aclip.modules.text import TextTower
 from aclip.modules.vision import VisionTower
-from aclip.specs import SpecError, check_plain, is_integer
+from aclip.specs import SpecError, check_plain
 from aclip.tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+# Where a checkpoint keeps the teacher warm-up's state (its running loss and hand-over step).
+TEACHER_WARMUP_KEY = "aclip_teacher_warmup"
 
 
 def _plain(value: Any) -> Any:
@@ -58,6 +66,8 @@ class AClip(pl.LightningModule):
         grad_checkpointing: recompute the online towers' block activations in the backward pass
             (less memory, about one more forward pass of compute).
         compile: `torch.compile` the online towers (in place, so checkpoint keys are unchanged).
+        phases: the phases of the run, each its length and masking (`aclip.modules.stages`); None: one
+            phase of `masking`.
 
     The EMA copy `ema_model` of the whole CLIP model is excluded from the optimizer, saved in
     checkpoints, moved by the `EMAUpdate` callback, and scores patches for attentive masking.
@@ -78,10 +88,13 @@ class AClip(pl.LightningModule):
         grad_checkpointing: bool = False,
         compile: bool = False,
         teacher_warmup_steps: int = 0,
+        teacher_warmup_until_loss: float | None = None,
+        teacher_warmup_max_steps: int | None = None,
+        phases: Sequence[Mapping[str, Any]] | None = None,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
-        vision, text, masking = _plain(vision), _plain(text), _plain(masking)
+        vision, text, masking, phases = _plain(vision), _plain(text), _plain(masking), _plain(phases)
         optimizer, scheduler = _plain(optimizer), _plain(scheduler)
         self_supervision = _plain(self_supervision)
         # Where the towers' initial weights come from is not part of the model's description.
@@ -107,19 +120,22 @@ class AClip(pl.LightningModule):
         self.model.text.set_grad_checkpointing(grad_checkpointing)
         # Built from this project's own policy classes only: a checkpoint's hyper-parameters are data.
         self.masking: TokenMasking = build_policy(masking)
+        self.phases: list[Phase] = build_phases(phases, masking, self.masking)
         # Reject a policy that cannot work on this tower now, not at the first training step.
-        if self.masking.needs_scores:
-            self.model.vision.resolve_layers(self.masking.layers)
-        if not is_integer(teacher_warmup_steps) or teacher_warmup_steps < 0:
-            raise ValueError(f"teacher_warmup_steps must be an integer >= 0, got {teacher_warmup_steps!r}")
-        # While the teacher is still forming, a policy it scores may keep random cells of the same budget.
-        self._warmup_masking = None
-        if teacher_warmup_steps and self.masking.needs_scores:
-            self._warmup_masking = RandomMasking(keep_ratio=self.masking.keep_ratio, unit=self.masking.unit)
-        vision_size, patch_size = self.model.vision.image_size, self.model.vision.patch_size
-        self.kept_tokens = self.masking.num_keep(
-            self.model.vision.grid(self.masking.view_size(vision_size, patch_size))
+        for phase in self.phases:
+            if phase.masking.needs_scores:
+                self.model.vision.resolve_layers(phase.masking.layers)
+        # While the teacher is still forming, a policy it scores keeps random cells of the same budget.
+        self.teacher_warmup = TeacherWarmup(
+            teacher_warmup_steps, teacher_warmup_until_loss, teacher_warmup_max_steps
         )
+        self._warmup_masking = [phase.warmup_masking for phase in self.phases]
+        self._teacher_chooses = any(policy is not None for policy in self._warmup_masking)
+        # Where each phase ends, once the run's length is known (`on_train_start`).
+        self.phase_ends: list[int] | None = None
+        # FLOPs of one training batch on one device in each phase, counted before training
+        # (`aclip.compute`); None where nobody counted them.
+        self.phase_batch_flops: list[int] | None = None
         self.clip_loss = ClipLoss()
         self.self_supervision = SelfSupervision(
             embed_dim, cls_dim=self.model.vision.width, **(self_supervision or {})
@@ -161,11 +177,11 @@ class AClip(pl.LightningModule):
                     f"{key}={source!r}: a checkpoint's description names a file to read weights from, which "
                     "aclip never writes there (the checkpoint holds its weights)"
                 )
-        components = ("masking", "optimizer", "scheduler")
+        components = ("masking", "phases", "optimizer", "scheduler")
         check_plain(
             {key: value for key, value in hparams.items() if key not in components}, "hyper_parameters"
         )
-        build_policy(hparams.get("masking"))
+        build_phases(hparams.get("phases"), hparams.get("masking"))
         if "optimizer" in hparams and "scheduler" in hparams:  # else the constructor names what is missing
             check_recipe(hparams["optimizer"], hparams["scheduler"])
 
@@ -188,28 +204,74 @@ class AClip(pl.LightningModule):
         for group, lr in zip(optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         scheduler._last_lr = lrs
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        self.phase_ends = phase_ends(self.phases, total_steps)
+        if self._teacher_chooses:
+            self._report(self.teacher_warmup.inside_warmup(total_steps))
+
+    def on_train_end(self) -> None:
+        if self._teacher_chooses:
+            self._report(self.teacher_warmup.never_handed_over(self.global_step))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TEACHER_WARMUP_KEY] = self.teacher_warmup.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if TEACHER_WARMUP_KEY in checkpoint:  # checkpoints written before the adaptive warm-up have none
+            self.teacher_warmup.load_state_dict(checkpoint[TEACHER_WARMUP_KEY])
+
+    @staticmethod
+    def _report(warning: str | None) -> None:
+        """Log `warning` (on rank zero) to the console and the run's log file."""
+        if warning is not None:
+            rank_zero_only(log.warning)(warning)
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> dict[str, Any]:
-        images, text = batch["images"], batch["text"]  # [B, k, 3, H, W], [B, L]
+        step = self.forward_step(batch, self.phase, self.masking_policy, self.mask_generator(batch_idx))
+        batch_size = batch["images"].shape[0]
+        self._log_step(step, batch_size)
+        if self._teacher_chooses:  # the loss tells when the teacher may take over
+            self._report(
+                self.teacher_warmup.observe(
+                    self.global_step, step["clip_loss"], batch_size * self.trainer.world_size
+                )
+            )
+        if "object_masks" in batch:  # the built-in data knows where its objects are
+            self._log_object_diagnostics(batch, step, batch_size)
+        # The loss, and what the step showed the encoders, for callbacks (the mask pictures).
+        return {key: step[key] for key in ("loss", "views", "num_views", "keep", "grid", "score_map")}
+
+    def forward_step(
+        self,
+        batch: Mapping[str, Tensor],
+        phase: Phase,
+        selection: TokenMasking,
+        generator: torch.Generator | None,
+    ) -> dict[str, Any]:
+        """One training batch's losses in `phase`, the kept tokens chosen by `selection` (the phase's
+        policy, or what stands in for it: `masking_policy`), and what the encoders saw."""
+        images, text = batch["images"][:, : phase.views], batch["text"]  # [B, k, 3, H, W], [B, L]
         batch_size, num_views = images.shape[:2]
-        views = self.masking.prepare_views(images.flatten(0, 1), self.model.vision.patch_size)
+        views = phase.masking.prepare_views(images.flatten(0, 1), self.model.vision.patch_size)
         grid = self.model.vision.grid(*views.shape[-2:])
 
         # 1. One EMA pass over the crop enclosing all views: its features and patch scores.
-        ema_features, score_map = self.ema_pass(batch.get("ema_image"))
+        ema_features, score_map = self.ema_pass(batch.get("ema_image"), phase.masking)
         # 2. Each view reads its patch scores from the shared map, over its box in the enclosing crop.
-        scores = map_scores_to_views(score_map, batch["boxes"], grid) if score_map is not None else None
+        boxes = batch["boxes"][:, :num_views]
+        scores = map_scores_to_views(score_map, boxes, grid) if score_map is not None else None
         # 3. The masking policy decides which patch tokens the online encoder keeps in each view.
-        keep = self.masking_policy.select(
-            scores, grid, batch_size * num_views, device=self.device, generator=self.mask_generator(batch_idx)
+        keep = selection.select(
+            scores, grid, batch_size * num_views, device=self.device, generator=generator, pixels=views
         )
         # 4. The online encoders: every view of the batch through the vision tower in one call.
         cls_tokens, view_embeddings = self.model.vision(views, keep, return_cls_token=True)
         view_embeddings = view_embeddings.unflatten(0, (batch_size, num_views))
-        image_features = F.normalize(view_embeddings, dim=-1)
-        text_features = self.model.encode_text(text)
+        image_features = l2_normalize(view_embeddings)
+        text_features = self.model.encode_text(text, normalize=True)
 
-        # 5. CLIP loss of each view against the captions, averaged over views, plus the auxiliary losses.
+        # 5. CLIP loss of each view against the captions, averaged over views, plus the auxiliary losses
+        # (a view loss only where the phase has the views it compares).
         logit_scale = self.model.logit_scale
         clip_loss = torch.stack(
             [self.clip_loss(image_features[:, v], text_features, logit_scale) for v in range(num_views)]
@@ -217,81 +279,114 @@ class AClip(pl.LightningModule):
         ssl_inputs = view_embeddings
         if self.self_supervision.source == "cls_token":
             ssl_inputs = cls_tokens.unflatten(0, (batch_size, num_views))
-        auxiliary = self.self_supervision(ssl_inputs, ema_features)
-        loss = clip_loss + sum(auxiliary.values())
+        compares = num_views >= self.self_supervision.views_compared
+        auxiliary = self.self_supervision(ssl_inputs, ema_features, view_loss=compares)
+        return {
+            "loss": clip_loss + sum(auxiliary.values()),
+            "clip_loss": clip_loss,
+            "auxiliary": auxiliary,
+            "views": views,
+            "num_views": num_views,
+            "keep": keep,
+            "grid": grid,
+            "scores": scores,
+            "score_map": score_map,
+        }
 
-        self._log_step(loss, clip_loss, auxiliary, keep, scores, batch_size)
-        if "object_masks" in batch:  # the built-in data knows where its objects are
-            self._log_object_diagnostics(batch, keep, grid, score_map, batch_size)
-        # The loss, and what the step showed the encoders, for callbacks (the mask pictures).
-        return {"loss": loss, "views": views, "keep": keep, "grid": grid, "score_map": score_map}
+    @property
+    def phase_index(self) -> int:
+        """The index of the phase in force at this optimizer step (the first before training starts)."""
+        return 0 if self.phase_ends is None else phase_at(self.phase_ends, self.global_step)
+
+    @property
+    def phase(self) -> Phase:
+        """The phase in force at this optimizer step (`aclip.modules.stages`)."""
+        return self.phases[self.phase_index]
 
     @property
     def masking_policy(self) -> TokenMasking:
-        """The policy of this step: `masking`, or random cells of its budget for the first
-        `teacher_warmup_steps` optimizer steps when `masking` reads the teacher's scores."""
-        if self._warmup_masking is not None and self.global_step < self.hparams.teacher_warmup_steps:
-            return self._warmup_masking
-        return self.masking
+        """The policy of this step: the phase's, or, while the teacher warm-up lasts, random cells of its
+        budget when the phase's policy reads the teacher's scores (`aclip.modules.teacher_warmup`)."""
+        index = self.phase_index
+        return self._warmup_masking[index] if self.in_teacher_warmup else self.phases[index].masking
+
+    @property
+    def in_teacher_warmup(self) -> bool:
+        """Whether this step's cells are random instead of the teacher's: during the warm-up, in a phase
+        whose policy the teacher scores (never in others)."""
+        scored = self._warmup_masking[self.phase_index] is not None
+        return scored and not self.teacher_warmup.teacher_active(self.global_step)
+
+    def token_choice(self) -> dict[str, int | None]:
+        """For a run with a policy the teacher scores: `teacher_handover_step`, the first optimizer step
+        whose kept cells the teacher may choose (None if that never came before the run's last step);
+        else nothing."""
+        if not self._teacher_chooses:
+            return {}
+        handover = self.teacher_warmup.handover_step
+        return {
+            "teacher_handover_step": handover
+            if handover is not None and handover < self.global_step
+            else None
+        }
 
     @property
     def needs_teacher_crop(self) -> bool:
         """Whether training reads the batch's `ema_image` (the crop enclosing the views)."""
-        return self.masking.needs_scores or self.self_supervision.uses_ema
+        return self._teacher_chooses or self.self_supervision.uses_ema
 
     @torch.no_grad()
-    def ema_pass(self, ema_image: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    def ema_pass(
+        self, ema_image: Tensor | None, policy: TokenMasking | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
         """The EMA model's features of the EMA view, as the auxiliary heads read them (its CLS token
         [B, width] or its embedding [B, D], `self_supervision.source`), and its patch-score map
-        [B, gh, gw]. Each is None when neither the masking policy nor the auxiliary losses need it.
+        [B, gh, gw] for `policy` (default: `masking`). Each is None when neither the policy nor the
+        auxiliary losses need it.
         """
-        if not self.needs_teacher_crop:
+        policy = self.masking if policy is None else policy
+        needs_scores = policy.needs_scores
+        if not (needs_scores or self.self_supervision.uses_ema):
             return None, None
-        needs_scores = self.masking.needs_scores
         if ema_image is None:
             raise ValueError("this masking policy or BYOL needs the batch's `ema_image` (the enclosing crop)")
         vision = self.ema_model.vision
         project = self.self_supervision.source == "embedding"
         if not needs_scores:
             return (vision(ema_image) if project else vision.cls_features(ema_image)), None
-        features, scores = vision.forward_with_cls_attention(
-            ema_image, layers=self.masking.layers, project=project
-        )
+        features, scores = vision.forward_with_cls_attention(ema_image, layers=policy.layers, project=project)
         return features, scores.unflatten(1, vision.grid(*ema_image.shape[-2:]))
 
-    def _log_step(
-        self,
-        loss: Tensor,
-        clip_loss: Tensor,
-        auxiliary: Mapping[str, Tensor],
-        keep: Tensor,
-        scores: Tensor | None,
-        batch_size: int,
-    ) -> None:
+    def _log_step(self, step: Mapping[str, Any], batch_size: int) -> None:
         # The progress bar shows the loss and the learning rate; everything else goes to the loggers.
-        progress = {"train/loss": loss, "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"]}
+        trainer, keep, scores = self.trainer, step["keep"], step["scores"]
+        progress = {"train/loss": step["loss"], "train/lr": trainer.optimizers[0].param_groups[0]["lr"]}
         logs = {
-            "train/clip_loss": clip_loss,
-            **{f"train/{name}_loss": value for name, value in auxiliary.items()},
+            "train/clip_loss": step["clip_loss"],
+            **{f"train/{name}_loss": value for name, value in step["auxiliary"].items()},
             "train/logit_scale": self.model.logit_scale.detach(),
             "train/kept_tokens": float(keep.shape[1]),
         }
         if scores is not None:
             logs["train/kept_score_mass"] = kept_score_mass(scores, keep).mean()
+        if self._teacher_chooses:
+            logs["train/teacher_active"] = float(self.teacher_warmup.teacher_active(self.global_step))
+        if len(self.phases) > 1:
+            logs["train/phase"] = float(self.phase_index)
+        if self.phase_batch_flops is not None:  # what the run has spent, this step included
+            devices = trainer.world_size * trainer.accumulate_grad_batches
+            step_flops = [flops * devices for flops in self.phase_batch_flops]
+            logs["train/flops"] = float(flops_until(self.phase_ends, step_flops, self.global_step + 1))
         self.log_dict(progress, prog_bar=True, batch_size=batch_size)
         self.log_dict(logs, batch_size=batch_size)
 
     def _log_object_diagnostics(
-        self,
-        batch: Mapping[str, Tensor],
-        keep: Tensor,
-        grid: tuple[int, int],
-        score_map: Tensor | None,
-        batch_size: int,
+        self, batch: Mapping[str, Tensor], step: Mapping[str, Any], batch_size: int
     ) -> None:
+        object_masks = batch["object_masks"][:, : step["num_views"]]  # the phase's views
         with torch.no_grad():
             metrics = object_diagnostics(
-                batch["object_masks"], keep, grid, score_map, batch.get("ema_object_mask")
+                object_masks, step["keep"], step["grid"], step["score_map"], batch.get("ema_object_mask")
             )
         self.log_dict({f"train/{name}": value for name, value in metrics.items()}, batch_size=batch_size)
 
@@ -334,9 +429,19 @@ class AClip(pl.LightningModule):
         grid = self.model.vision.grid(self.model.vision.image_size)
         notes = {
             "masking": repr(self.masking),
-            "patch tokens per view": f"{self.kept_tokens} of {grid[0] * grid[1]}",
+            "patch tokens per view": f"{self.kept_tokens(self.phases[0])} of {grid[0] * grid[1]}",
         }
+        if len(self.phases) > 1:
+            notes |= {
+                f"phase {index}": f"{phase.describe()}, {self.kept_tokens(phase)} patch tokens per view"
+                for index, phase in enumerate(self.phases)
+            }
         return parts, notes
+
+    def kept_tokens(self, phase: Phase) -> int:
+        """The patch tokens the online image encoder keeps of each view in `phase`."""
+        vision, policy = self.model.vision, phase.masking
+        return policy.num_keep(vision.grid(policy.view_size(vision.image_size, vision.patch_size)))
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(EMA module, online module) pairs that the EMA callback moves."""
@@ -348,7 +453,7 @@ class AClip(pl.LightningModule):
         Runs are reproducible, ranks draw different masks, and a resumed run draws what it would have.
         """
         if self._mask_generator is None or self._mask_generator.device != self.device:
-            self._mask_generator = torch.Generator(device=self.device)
+            self._mask_generator = generator_on(self.device)
         entropy = [self.hparams.seed or 0, self.global_rank, self.global_step, batch_idx]
         self._mask_generator.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         return self._mask_generator

@@ -29,7 +29,8 @@ class ClipLoss(nn.Module):
     (gathered with gradient), so per-rank cost is B_local x B_global rather than B_global^2. The mean
     of the ranks' local losses is the global-batch loss, which is what DDP's gradient averaging
     optimises; the returned value is shifted (without gradient) to that global mean so that every
-    rank reports the global-batch loss itself.
+    rank reports the global-batch loss itself. The logits (`logits`) and the cross-entropy are float32
+    under any autocast.
     """
 
     def forward(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor) -> Tensor:
@@ -39,15 +40,25 @@ class ClipLoss(nn.Module):
                 f"and {tuple(text_features.shape)}"
             )
         rank, _ = rank_and_world()
-        all_images = gather_with_grad(image_features)
-        all_texts = gather_with_grad(text_features)
-        scale = logit_scale.exp()
-        logits_per_image = scale * image_features @ all_texts.T
-        logits_per_text = scale * text_features @ all_images.T
+        logits_per_image, logits_per_text = self.logits(image_features, text_features, logit_scale)
         batch = image_features.shape[0]
         labels = torch.arange(batch, device=image_features.device) + rank * batch
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return _report_global_mean(loss)
+
+    def logits(
+        self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """exp(logit_scale) times the similarities of the local images to every rank's texts and of the
+        local texts to every rank's images, [B, N] each, in float32 under any autocast (half-precision
+        features are upcast after the gather): bf16 keeps 8 significant bits, so logits near the largest
+        scale, 100, would move in steps of 0.5."""
+        all_images = _upcast(gather_with_grad(image_features))
+        all_texts = _upcast(gather_with_grad(text_features))
+        images, texts = _upcast(image_features), _upcast(text_features)
+        with _full_precision(images):
+            scale = logit_scale.exp()
+            return scale * images @ all_texts.T, scale * texts @ all_images.T
 
 
 def _check_views(name: str, views: Tensor, min_views: int) -> None:

@@ -14,6 +14,15 @@ from aclip.modules.vision import VisionTower
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
+def l2_normalize(embeddings: Tensor) -> Tensor:
+    """`embeddings` L2-normalised along the last dimension, in float32 at least under any autocast
+    (half-precision embeddings are upcast first; CUDA's autocast would normalise bf16 in float32, the CPU's
+    in bf16): the contrastive logits scale their dot products by up to 100."""
+    if embeddings.dtype in (torch.float16, torch.bfloat16):
+        embeddings = embeddings.float()
+    return F.normalize(embeddings, dim=-1)
+
+
 class ClipModel(nn.Module):
     """Image and text towers projecting to one embedding space, plus the log temperature `logit_scale`."""
 
@@ -28,13 +37,18 @@ class ClipModel(nn.Module):
         """Width of the shared embedding space."""
         return self.vision.proj.out_features
 
-    def encode_image(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
-        """L2-normalised image embeddings; `keep` selects the patch tokens the tower sees."""
-        return F.normalize(self.vision(images, keep), dim=-1)
+    def encode_image(self, images: Tensor, keep: Tensor | None = None, normalize: bool = False) -> Tensor:
+        """Image embeddings [B, embed_dim] of uint8 images [B, 3, H, W], L2-normalised (`l2_normalize`)
+        with `normalize` (open_clip's `encode_image` convention); `keep` selects the patch tokens the tower
+        sees."""
+        features = self.vision(images, keep)
+        return l2_normalize(features) if normalize else features
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
-        """L2-normalised text embeddings."""
-        return F.normalize(self.text(tokens), dim=-1)
+    def encode_text(self, tokens: Tensor, normalize: bool = False) -> Tensor:
+        """Text embeddings [B, embed_dim] of token ids [B, L], L2-normalised (`l2_normalize`) with `normalize`
+        (open_clip's `encode_text` convention)."""
+        features = self.text(tokens)
+        return l2_normalize(features) if normalize else features
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -107,11 +108,33 @@ class WarmupCosine(LearningRateSchedule):
             if value > lr:
                 raise ValueError(f"{prefix}{name} must be in [0, lr={lr}], got {value}")
 
-    def lr_curve(self, base_lr: float, trainer: pl.Trainer) -> Callable[[int], float]:
+    def run_steps(self, trainer: pl.Trainer) -> tuple[int, int]:
+        """The optimizer steps of `trainer`'s run and of its warm-up."""
         total_steps = int(trainer.estimated_stepping_batches)
         warmup_steps = self.warmup_steps
         if warmup_steps is None:
             warmup_steps = round(self.warmup_epochs * _steps_per_epoch(trainer))
+        return total_steps, warmup_steps
+
+    def scheduler(self, optimizer: Optimizer, trainer: pl.Trainer) -> LambdaLR:
+        total_steps, warmup_steps = self.run_steps(trainer)
+        if warmup_steps >= total_steps:
+            given = (
+                f"model.scheduler.warmup_steps={self.warmup_steps}"
+                if self.warmup_steps is not None
+                else f"model.scheduler.warmup_epochs={self.warmup_epochs} of {_steps_per_epoch(trainer)} "
+                "steps each"
+            )
+            rank_zero_warn(
+                f"the learning-rate warm-up covers the whole run ({warmup_steps} steps, {given}, in a run "
+                f"of {total_steps} optimizer steps): the learning rate never reaches "
+                "model.optimizer.lr. Shorten the warm-up (model.scheduler.warmup_epochs or "
+                "model.scheduler.warmup_steps) or train longer (trainer.max_epochs, trainer.max_steps)"
+            )
+        return super().scheduler(optimizer, trainer)
+
+    def lr_curve(self, base_lr: float, trainer: pl.Trainer) -> Callable[[int], float]:
+        total_steps, warmup_steps = self.run_steps(trainer)
         return partial(
             warmup_cosine_lr,
             total_steps=total_steps,

@@ -96,6 +96,11 @@ class SelfSupervision(nn.Module):
             self.byol_loss = BYOLLoss()
 
     @property
+    def views_compared(self) -> int:
+        """Views per image the view loss compares (1 when it compares none)."""
+        return views_needed(self.view_loss_name, self.view_weight)
+
+    @property
     def uses_ema(self) -> bool:
         """Whether the objectives need the EMA model's embedding of the EMA view."""
         return self.byol_weight > 0
@@ -104,11 +109,16 @@ class SelfSupervision(nn.Module):
         """(EMA module, online module) pairs that the EMA callback moves."""
         return [(self.ema_projector, self.byol_projector)] if self.uses_ema else []
 
-    def forward(self, view_features: Tensor, ema_features: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(
+        self, view_features: Tensor, ema_features: Tensor | None = None, view_loss: bool = True
+    ) -> dict[str, Tensor]:
+        """The weighted losses; `view_loss=False` leaves the view loss out (a phase of a run that trains
+        on fewer views than the loss compares, `aclip.modules.stages`)."""
         losses = {}
-        if self.view_loss_name in ("simclr", "simclr_reference"):  # both logged as the SimCLR term
+        name = self.view_loss_name if view_loss else None
+        if name in ("simclr", "simclr_reference"):  # both logged as the SimCLR term
             losses["simclr"] = self.view_weight * self.view_loss(self.view_projector(view_features))
-        elif self.view_loss_name == "simsiam":
+        elif name == "simsiam":
             projections = self.view_projector(view_features)
             losses["simsiam"] = self.view_weight * self.view_loss(
                 self.view_predictor(projections), projections

@@ -229,11 +229,13 @@ class VisionTower(nn.Module):
 
         The score of patch P is softmax_j(q(CLS) . k(j) / sqrt(d)) at j = P, averaged over heads and
         over the blocks in `layers` ("all", "last", or a list of block indices). Only the CLS query
-        row is formed; the blocks' outputs still come from fused attention.
+        row is formed; the blocks' outputs still come from fused attention. The row and the scores are
+        float32 (float64 in a float64 model) under any autocast: the kept-token choice ranks them.
         """
         chosen = self.resolve_layers(layers)
         tokens = self.embed(images)
-        score_sum = tokens.new_zeros(tokens.shape[0], tokens.shape[1] - self.trunk.num_prefix_tokens)
+        score_shape = (tokens.shape[0], tokens.shape[1] - self.trunk.num_prefix_tokens)
+        score_sum = tokens.new_zeros(score_shape, dtype=_at_least_float32(tokens.dtype))
         for index, block in enumerate(self.trunk.blocks):
             if index in chosen:
                 tokens, scores = _block_with_cls_attention(block, tokens, self.trunk.num_prefix_tokens)
@@ -313,6 +315,11 @@ def keep_tokens(tokens: Tensor, keep: Tensor, num_prefix_tokens: int = 1) -> Ten
     return torch.cat([prefix, patches.gather(1, index)], dim=1)
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision dtypes; float32 and float64 unchanged."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _block_with_cls_attention(block: Block, tokens: Tensor, num_prefix_tokens: int) -> tuple[Tensor, Tensor]:
     """A timm `Block` forward that also returns the CLS query's attention to each patch [B, N_patches].
 
@@ -326,7 +333,11 @@ def _block_with_cls_attention(block: Block, tokens: Tensor, num_prefix_tokens: i
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    cls_row = ((q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # [B, heads, 1, N]
+    # The CLS row in float32 under any autocast, whose op lists differ by device (CUDA's runs softmax in
+    # float32, the CPU's in bf16): the kept-token choice ranks these scores. O(N) work per head.
+    dtype = _at_least_float32(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        cls_row = ((q[:, :, :1].to(dtype) * attn.scale) @ k.to(dtype).transpose(-2, -1)).softmax(dim=-1)
     out = out.transpose(1, 2).reshape(batch, length, attn.attn_dim)
     out = attn.norm(out)
     if attn.gate is not None:
