@@ -33,6 +33,7 @@ from aclip.modules.masking import AttentiveLow, RandomMasking
 from aclip.tasks import load_for_evaluation
 from analysis.report import command_and_table
 
+
 def reported_metric(eval_set: str) -> str:
     """The zero-shot top-1 of a built-in variant's held-out set (`eval=[<eval_set>]`)."""
     return f"zeroshot/{eval_set}/top1"
