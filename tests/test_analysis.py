@@ -20,7 +20,9 @@ def test_agreement_is_one_for_the_same_positions_and_about_a_third_for_random_ha
 
 
 def test_the_untrained_teachers_recall_differs_from_randoms_and_depends_on_the_seed():
-    text = teacher_at_init.main(["--seeds", "1", "3", "--set", "data.batch_size=64"])
+    # The tiny model of docs/attentive_stability.md section 1 (ViT's patch projection, timm's layers).
+    model = ["--set", "model.vision.stem=patch", "--set", "model.vision.weight_init=''"]
+    text = teacher_at_init.main(["--seeds", "1", "3", "--set", "data.batch_size=64", *model])
     rows = {
         int(cells[1]): [float(c) for c in cells[2:-1]]
         for cells in (
@@ -70,6 +72,7 @@ def test_masked_views_keep_the_cells_their_teacher_attends_to_and_the_same_rando
         generator = torch.Generator().manual_seed(0)  # MaskedViews' seed for its first batch
         keep = ClusterMasking().select(None, grid, len(images), generator=generator, pixels=images)
         torch.testing.assert_close(clustered, model.encode_image(images, keep))
+
 
 def test_the_plateau_probe_splits_the_model_into_its_towers_and_stops_after_its_steps(train_config):
     from hydra.utils import instantiate

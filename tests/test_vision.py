@@ -230,9 +230,9 @@ def test_weight_init_chooses_timms_initialisation():
 
 
 def test_weight_init_switch_reaches_the_tower(train_config):
-    module = instantiate(train_config("model.vision.weight_init=jax").model)
-    assert module.model.vision.trunk.weight_init_mode == "jax"
-    assert instantiate(train_config().model).model.vision.trunk.weight_init_mode == ""
+    module = instantiate(train_config("model.vision.weight_init=moco").model)
+    assert module.model.vision.trunk.weight_init_mode == "moco"
+    assert instantiate(train_config().model).model.vision.trunk.weight_init_mode == "jax"  # tiny's
 
 
 # --- The convolutional stem: non-linear patch tokens on ViT's grid, so token removal works as before.
