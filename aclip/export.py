@@ -36,10 +36,17 @@ def open_clip_config(model: ClipModel, interpolation: str = "bicubic") -> dict[s
     """open_clip's `{"model_cfg", "preprocess_cfg"}` describing `model`.
 
     Raises:
-        ValueError: the text tower uses QuickGELU. open_clip's config has one activation switch for
-            both of its native towers, and this image tower (timm's ViT) uses GELU.
+        ValueError: the text tower uses QuickGELU (open_clip's config has one activation switch for
+            both of its native towers, and this image tower, timm's ViT, uses GELU), or the image tower
+            has a convolutional stem (open_clip's ViT has a linear patch embedding only).
     """
     vision, text = model.vision, model.text
+    if vision.stem != "patch":
+        raise ValueError(
+            f"this model's image tower has a convolutional stem (model.vision.stem={vision.stem}); "
+            "open_clip's VisionTransformer embeds patches with one linear projection and cannot express "
+            "it. Evaluate the checkpoint with evaluate.py or aclip.load instead"
+        )
     blocks, text_blocks = vision.trunk.blocks, text.transformer.transformer.resblocks
     if isinstance(text_blocks[0].mlp.gelu, QuickGELU):
         raise ValueError(

@@ -60,6 +60,13 @@ def export_weights(directory: Path, like: ClipModel) -> dict[str, Tensor]:
             f"{', '.join(unknown[:10])} (visual.ln_pre: give model.vision.pre_norm=true; "
             "an open_clip model with attentional pooling or other parts does not fit aclip's towers)"
         )
+    if like.vision.stem != "patch":
+        raise InitializationError(
+            f"{directory} is an open_clip model, whose image tower embeds patches with one linear "
+            f"projection; this model's has a convolutional stem (model.vision.stem={like.vision.stem}), "
+            "which it holds no weights for: start from a checkpoint of a run with that stem, or set "
+            "model.vision.stem=patch"
+        )
     weights = {names[name]: value for name, value in theirs.items()}
     if "vision.proj.weight" in weights:
         weights["vision.proj.weight"] = weights["vision.proj.weight"].T.contiguous()
@@ -101,6 +108,12 @@ def load_vision_weights(trunk: torch.nn.Module, path: str | os.PathLike) -> None
     """
     weights = read_state_dict(path, "model.vision.init_from", prefixes=("module.", "trunk."))
     weights = {name: value for name, value in weights.items() if not name.startswith("head.")}
+    if "patch_embed.proj.weight" in weights and not isinstance(trunk.patch_embed.proj, torch.nn.Conv2d):
+        raise InitializationError(
+            f"model.vision.init_from={path} is a ViT with a linear patch embedding "
+            "(patch_embed.proj.weight); this tower has a convolutional stem (model.vision.stem=conv) in its "
+            "place: set model.vision.stem=patch to start from it"
+        )
     fit_image_positions(weights, "pos_embed", trunk)
     _check_fits(Path(path), "model.vision.init_from", weights, trunk.state_dict())
     trunk.load_state_dict(weights)
