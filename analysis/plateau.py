@@ -22,9 +22,8 @@ recording at every `--every` steps:
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -33,7 +32,7 @@ from hydra.utils import instantiate
 from torch import Tensor, nn
 
 from aclip.modules.aclip import AClip
-from analysis.report import command_and_table
+from analysis.first_steps import FirstSteps, fit_first_steps, parse_arguments, print_rows
 from analysis.teacher_at_init import mean_similarity
 from benchmarks.variants import compose_training
 
@@ -78,71 +77,44 @@ def spread(module: AClip, images: Tensor, text: Tensor) -> dict[str, float]:
     }
 
 
-class PlateauProbe(pl.Callback):
-    """Records the CLIP loss, the towers' spread on a fixed batch and their gradient norms; stops the run
-    after `steps` optimizer steps."""
+class PlateauProbe(FirstSteps):
+    """Records the CLIP loss, the towers' spread on a fixed batch and their gradient norms."""
 
     def __init__(self, images: Tensor, text: Tensor, steps: int, every: int) -> None:
-        self.images, self.text, self.steps, self.every = images, text, steps, every
-        self.rows: dict[int, dict[str, float]] = {}
-        self._window: list[dict[str, float]] = []
+        super().__init__(steps, every)
+        self.images, self.text = images, text
 
     def on_train_start(self, trainer: pl.Trainer, module: AClip) -> None:
         no_step = dict.fromkeys(tower_parts(module), float("nan"))
         self.rows[0] = {"loss": float("nan"), **spread(module, self.images, self.text), **no_step}
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, module: AClip, optimizer: Any) -> None:
-        self._window.append({name: gradient_norm(ps) for name, ps in tower_parts(module).items()})
+        self.measured |= {name: gradient_norm(ps) for name, ps in tower_parts(module).items()}
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, module: AClip, outputs: Mapping[str, Any], batch: Any, batch_idx: int
-    ) -> None:
-        self._window[-1]["loss"] = trainer.callback_metrics["train/clip_loss"].item()
-        step = trainer.global_step
-        if step % self.every == 0 or step >= self.steps:
-            window, self._window = self._window, []
-            means = {key: sum(row[key] for row in window) / len(window) for key in window[0]}
-            grads = {key: value for key, value in means.items() if key != "loss"}
-            self.rows[step] = {"loss": means["loss"], **spread(module, self.images, self.text), **grads}
-        if step >= self.steps:
-            trainer.should_stop = True
+    def on_train_batch_end(self, trainer: pl.Trainer, module: AClip, *args: Any) -> None:
+        self.measured["loss"] = trainer.callback_metrics["train/clip_loss"].item()
+        super().on_train_batch_end(trainer, module, *args)
+
+    def row(self, means: dict[str, float], module: AClip) -> dict[str, float]:
+        loss = means.pop("loss")
+        return {"loss": loss, **spread(module, self.images, self.text), **means}
 
 
 def probe(seed: int, steps: int, every: int, overrides: Sequence[str]) -> dict[int, dict[str, float]]:
     """The probe's rows, by optimizer step, for one seed of the run `overrides` configure."""
     cfg = compose_training([f"seed={seed}", "method=clip", *overrides])
-    pl.seed_everything(seed, workers=True, verbose=False)
-    data = instantiate(cfg.data)
-    module: AClip = instantiate(cfg.model)
-    fixed = next(iter(instantiate(cfg.data, num_workers=0).train_dataloader()))  # the epoch's first batch
-    recorder = PlateauProbe(fixed["images"][:, 0], fixed["text"], steps, every)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        limit_val_batches=0,
-        default_root_dir=None,
-    )
-    trainer.fit(module, datamodule=data)
-    return recorder.rows
+
+    def make_probe() -> PlateauProbe:
+        fixed = next(iter(instantiate(cfg.data, num_workers=0).train_dataloader()))  # the first batch
+        return PlateauProbe(fixed["images"][:, 0], fixed["text"], steps, every)
+
+    return fit_first_steps(cfg, make_probe).rows
 
 
 def main(argv: Sequence[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps to run")
-    parser.add_argument("--every", type=int, default=10, help="a row every N steps")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    rows = probe(args.seed, args.steps, args.every, args.overrides)
-    text = command_and_table("analysis.plateau", argv, "step", rows, digits=3)
-    print(text)
-    return text
+    args = parse_arguments(__doc__, argv)
+    return print_rows("analysis.plateau", argv, probe(args.seed, args.steps, args.every, args.overrides))
 
 
 if __name__ == "__main__":

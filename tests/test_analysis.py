@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from analysis import masked_evaluation, plateau, segment_oracle, teacher_at_init
+from analysis import auxiliary_terms, masked_evaluation, plateau, segment_oracle, teacher_at_init
 from tests.helpers import TINY_OVERRIDES
 
 
@@ -95,6 +95,29 @@ def test_the_plateau_probe_splits_the_model_into_its_towers_and_stops_after_its_
         assert -1 <= image_cos <= 1 and -1 <= text_cos <= 1 and abs(matched) < 1
         if step:
             assert abs(loss - math.log(16)) < 1 and all(g > 0 for g in grads)
+
+
+def table(text: str) -> tuple[list[str], dict[int, list[float]]]:
+    """A probe's printed Markdown table: its column names and its rows by step."""
+    lines = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    header, *body = lines
+    rows = {int(cells[0]): [float(c) for c in cells[1:]] for cells in body if cells[0].strip().isdigit()}
+    return [name.strip() for name in header[1:]], rows
+
+
+@pytest.mark.parametrize("byol_weight", [2, 0])
+def test_the_auxiliary_terms_probe_takes_each_terms_own_trunk_gradient(byol_weight):
+    sizes = [*TINY_OVERRIDES, "data.batch_size=16", "data.train.size=48"]
+    overrides = [*sizes, f"model.self_supervision.byol_weight={byol_weight}"]
+    text = auxiliary_terms.main(["--steps", "2", "--every", "2", *(f"--set={o}" for o in overrides)])
+    columns, rows = table(text)
+    terms = ["clip", "simclr", "byol"] if byol_weight else ["clip", "simclr"]  # the module's own terms
+    spreads = [f"{term} spread" for term in terms[1:]]
+    assert columns == [*terms, *(f"grad {t}" for t in terms), *(f"cos clip-{t}" for t in terms[1:]), *spreads]
+    (values,) = rows.values()
+    named = dict(zip(columns, values, strict=True))
+    assert all(named[f"grad {term}"] > 0 for term in terms)
+    assert all(-1 <= named[name] <= 1 for name in columns if name.startswith("cos") or "spread" in name)
 
 
 def test_half_of_a_segment_digits_patches_often_cannot_name_it():
