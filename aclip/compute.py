@@ -40,8 +40,9 @@ from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
 from aclip.callbacks.resume import collect_random_states, restore_random_states
-from aclip.config import ConfigError, per_device_batch_size, world_size
 from aclip.datamodules.datamodule import ClipDataModule
+from aclip.distributed import per_device_batch_size, world_size
+from aclip.errors import ConfigError
 from aclip.modules.aclip import AClip
 from aclip.modules.masking import TokenMasking
 from aclip.modules.stages import Phase, flops_until, phase_ends

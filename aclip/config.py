@@ -9,6 +9,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from aclip.distributed import per_device_batch_size, world_size
+from aclip.errors import ConfigError
+
 # `${floordiv:${data.image_size},2}`: sizes derived from others, e.g. A-CLIP-eff's half-resolution teacher.
 if not OmegaConf.has_resolver("floordiv"):
     OmegaConf.register_new_resolver(
@@ -30,43 +33,10 @@ if not OmegaConf.has_resolver("aclip.required"):
     OmegaConf.register_new_resolver("aclip.required", _required)
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work, with what to change."""
-
-
 def resolved_job_config(cfg: DictConfig) -> dict[str, Any]:
     """The job's config as plain containers with every interpolation resolved (Hydra's own node left out)."""
     job = OmegaConf.masked_copy(cfg, [key for key in cfg if key != "hydra"])
     return OmegaConf.to_container(job, resolve=True)
-
-
-def world_size(trainer_cfg: DictConfig) -> int:
-    """Processes that will train: devices per node times nodes (1 for `devices: auto` on CPU)."""
-    devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, str):
-        if devices == "auto":
-            devices = 1
-        elif devices.strip().lstrip("-").isdigit():
-            devices = int(devices)
-        else:
-            devices = len([d for d in devices.split(",") if d.strip()])
-    elif not isinstance(devices, int):
-        devices = len(devices)
-    if devices == -1:
-        import torch
-
-        devices = max(1, torch.cuda.device_count())
-    return devices * int(trainer_cfg.get("num_nodes", 1))
-
-
-def per_device_batch_size(batch_size: int, world: int) -> int:
-    """The share of the global `data.batch_size` that each of `world` processes trains on."""
-    if batch_size % world:
-        raise ConfigError(
-            f"data.batch_size={batch_size} is the global batch and must be divisible by the world size "
-            f"{world} (trainer.devices x trainer.num_nodes); use a multiple of {world}"
-        )
-    return batch_size // world
 
 
 def validate_config(cfg: DictConfig) -> None:

@@ -1,8 +1,8 @@
 """How `train.py` and `evaluate.py` report a run that cannot start or go on because of what it was given
 or where it writes: the message alone, without a Python traceback, and exit status 1.
 
-* Errors in what the user gave: an invalid config value (`ConfigError`), a checkpoint that is missing
-  (`CheckpointNotFoundError`) or cannot be used (`CheckpointError`), weights that do not fit
+* Errors in what the user gave (`InputError`): an invalid config value (`ConfigError`), a checkpoint that
+  is missing (`CheckpointNotFoundError`) or cannot be used (`CheckpointError`), weights that do not fit
   (`InitializationError`).
 * A full disk (or quota) while the run writes: the message names the run's directory and its keys.
 * A run or sweep directory that cannot be made or written (`RunDirectoryCheck`, a Hydra callback, before
@@ -31,17 +31,17 @@ T = TypeVar("T")
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
+class InputError(Exception):
+    """An error in what the user gave, whose message names the problem and the fix: the errors the module
+    lists derive from it, where they are raised."""
+
+
+class ConfigError(InputError, ValueError):
+    """A configuration value that cannot work, with what to change."""
+
+
 class RunError(CompactHydraException):
     """An error whose message says everything: Hydra prints the message alone and exits with status 1."""
-
-
-def _input_error_types() -> tuple[type[Exception], ...]:
-    # Imported when an error is raised: `--help` and shell completion never load torch.
-    from aclip.checkpointing import CheckpointError, CheckpointNotFoundError
-    from aclip.config import ConfigError
-    from aclip.initialize import InitializationError
-
-    return ConfigError, CheckpointError, CheckpointNotFoundError, InitializationError
 
 
 def full_disk_message(error: OSError, cfg: DictConfig) -> str:
@@ -70,7 +70,7 @@ def report_run_errors(task: Callable[[DictConfig], T]) -> Callable[[DictConfig],
         except Exception as error:
             if isinstance(error, OSError) and error.errno in _FULL_DISK:
                 raise RunError(full_disk_message(error, cfg)) from error
-            if isinstance(error, _input_error_types()):
+            if isinstance(error, InputError):
                 raise RunError(str(error)) from error
             raise
 

@@ -18,13 +18,14 @@ import torch
 from torch import Tensor
 
 from aclip.checkpointing import load_failure_reason, read_checkpoint, resolve_ckpt_path
+from aclip.errors import InputError
 from aclip.export import CONFIG_FILE, WEIGHTS_FILE, open_clip_names
 from aclip.modules.model import ClipModel
 
 log = logging.getLogger(__name__)
 
 
-class InitializationError(ValueError):
+class InitializationError(InputError, ValueError):
     """Weights that do not fit the model: missing, unexpected or of another shape (all listed)."""
 
 

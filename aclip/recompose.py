@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from aclip.callbacks.resume import RUN_OVERRIDES_KEY
 from aclip.checkpointing import CheckpointError, read_checkpoint, resolve_ckpt_path
-from aclip.config import ConfigError
+from aclip.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

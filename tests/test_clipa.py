@@ -12,7 +12,8 @@ import torch
 from hydra.utils import instantiate
 
 from aclip import export
-from aclip.config import ConfigError, validate_config
+from aclip.config import validate_config
+from aclip.errors import ConfigError
 from aclip.modules.vision import VisionTower
 from aclip.tasks import evaluate_checkpoint, train
 from tests.helpers import SYNTHETIC_DATA_OVERRIDES, SYNTHETIC_EVAL_OVERRIDES, compose_config

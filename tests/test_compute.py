@@ -14,8 +14,8 @@ from hydra.utils import instantiate
 
 from aclip.callbacks.throughput import Throughput
 from aclip.compute import count_batch_flops, example_sample, flop_counter, plan_compute, steps_within
-from aclip.config import ConfigError
 from aclip.datamodules.datamodule import ImageTextDataset
+from aclip.errors import ConfigError
 from aclip.modules.stages import build_phases, flops_until, phase_ends
 from aclip.sweep_compute import COMPUTE_FILE
 from tests.helpers import TINY_SYNTHETIC_OVERRIDES, fresh_copy, run_train_py

@@ -9,7 +9,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from aclip.config import ConfigError, resolved_job_config, validate_config, world_size
+from aclip.config import resolved_job_config, validate_config
+from aclip.distributed import world_size
+from aclip.errors import ConfigError
 from aclip.modules.vision import VisionTower
 from aclip.tasks import train
 from tests.helpers import A_CLIP_OPTIMIZER, CONF_DIR, compose_config

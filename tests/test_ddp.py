@@ -47,7 +47,9 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from aclip.config import ConfigError, per_device_batch_size, resolved_job_config, validate_config, world_size
+from aclip.config import resolved_job_config, validate_config
+from aclip.distributed import per_device_batch_size, world_size
+from aclip.errors import ConfigError
 from aclip.tasks import train
 from tests.helpers import TINY_OVERRIDES, compose_config, run_train_py
 

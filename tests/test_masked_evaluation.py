@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from aclip.config import ConfigError, validate_config
+from aclip.config import validate_config
+from aclip.errors import ConfigError
 from aclip.evaluation.masked import MaskedViews, fold_masked, with_masked_views
 from aclip.modules.masking import NoMasking, RandomMasking, ResizeMasking
 from aclip.summarize import summarize

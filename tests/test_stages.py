@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from aclip.compute import plan_compute
-from aclip.config import ConfigError, validate_config
+from aclip.config import validate_config
+from aclip.errors import ConfigError
 from aclip.modules.aclip import AClip
 from aclip.modules.masking import AttentiveLow, NoMasking, RandomMasking
 from aclip.modules.stages import build_phases, flops_until, phase_at, phase_ends

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from aclip.cli import run_training
-from aclip.config import ConfigError
+from aclip.errors import ConfigError
 from aclip.modules.aclip import AClip
 from aclip.modules.model import MAX_LOGIT_SCALE
 from aclip.tasks import evaluate_checkpoint, load_checkpoint, train
