@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from aclip import config as _config  # noqa: F401  (registers the config resolvers)
+from aclip import resolvers as _resolvers  # noqa: F401  (registers the config resolvers)
 
 
 def __getattr__(name: str):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
@@ -11,26 +10,6 @@ from omegaconf.errors import InterpolationResolutionError
 
 from aclip.distributed import per_device_batch_size, world_size
 from aclip.errors import ConfigError
-
-# `${floordiv:${data.image_size},2}`: sizes derived from others, e.g. A-CLIP-eff's half-resolution teacher.
-if not OmegaConf.has_resolver("floordiv"):
-    OmegaConf.register_new_resolver(
-        "floordiv", lambda numerator, denominator: int(numerator) // int(denominator)
-    )
-# `${aclip.launch_dir:}`: the directory the command was started in (Hydra never changes into the run
-# directory here, `hydra.job.chdir: false`). Unlike `${hydra:runtime.cwd}` it resolves before Hydra's
-# runtime config exists, which is when a multirun's sweeper resolves `hydra.sweep.dir`.
-if not OmegaConf.has_resolver("aclip.launch_dir"):
-    OmegaConf.register_new_resolver("aclip.launch_dir", os.getcwd)
-
-# `${aclip.required:model.init_from,the first stage's run directory}`: a value a preset cannot know and
-# the command line must give (OmegaConf's `???` cannot stand in: merged over a default, it is ignored).
-if not OmegaConf.has_resolver("aclip.required"):
-
-    def _required(key: str, what: str) -> Any:
-        raise ConfigError(f"{key} is required here: give {key}=<{what}> on the command line")
-
-    OmegaConf.register_new_resolver("aclip.required", _required)
 
 
 def resolved_job_config(cfg: DictConfig) -> dict[str, Any]:
