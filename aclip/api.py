@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from aclip.export import CONFIG_FILE, check_export_config, read_export_config
+from aclip.open_clip_format import CONFIG_FILE, check_export_config, read_export_config
 
 
 def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callable, Callable[..., Tensor]]:

@@ -19,8 +19,7 @@ from torch import Tensor
 
 from aclip.checkpointing import load_failure_reason, read_checkpoint, resolve_ckpt_path
 from aclip.errors import InputError
-from aclip.export import CONFIG_FILE, WEIGHTS_FILE, open_clip_names
-from aclip.modules.model import ClipModel
+from aclip.open_clip_format import CONFIG_FILE, WEIGHTS_FILE, open_clip_names
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,7 @@ def checkpoint_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     return weights
 
 
-def export_weights(directory: Path, like: ClipModel) -> dict[str, Tensor]:
+def export_weights(directory: Path, like: torch.nn.Module) -> dict[str, Tensor]:
     """An `aclip.export` folder's weights under `ClipModel` names (the inverse of `open_clip_state_dict`).
 
     The export folds the patch embedding's bias into the patch positions; read back, the bias is zero
@@ -74,9 +73,10 @@ def export_weights(directory: Path, like: ClipModel) -> dict[str, Tensor]:
     return weights
 
 
-def load_initial_weights(model: ClipModel, path: str | os.PathLike) -> None:
-    """Load `model` from `path` (see the module), strictly, the position embeddings of both towers resized
-    to this model's image grid and context length (CLIPA's fine-tuning stage starts this way).
+def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load `model` (a `ClipModel`) from `path` (see the module), strictly, the position embeddings of
+    both towers resized to this model's image grid and context length (CLIPA's fine-tuning stage starts
+    this way).
 
     Raises:
         InitializationError: a weight is missing, unexpected or of another shape; all are listed.

@@ -18,6 +18,7 @@ from aclip import export
 from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY
 from aclip.checkpointing import CheckpointError
 from aclip.cli import run_training
+from aclip.open_clip_format import CONFIG_FILE
 from aclip.tasks import evaluate_checkpoint, train
 from tests.helpers import SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config
 
@@ -260,9 +261,9 @@ def test_an_export_folder_naming_what_open_clip_would_fetch_is_refused(trained, 
     checkpoint = _saved(trained, tmp_path / "run" / "checkpoints" / "last.ckpt")
     export.main([str(checkpoint), str(folder)])
     aclip.load(folder)  # as written, it loads
-    config = json.loads((folder / export.CONFIG_FILE).read_text())
+    config = json.loads((folder / CONFIG_FILE).read_text())
     config["model_cfg"]["text_cfg"]["hf_model_name"] = "someone/any-model"
-    (folder / export.CONFIG_FILE).write_text(json.dumps(config))
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
     import open_clip
 
     def unreachable(*args: Any, **kwargs: Any) -> None:

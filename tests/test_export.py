@@ -16,6 +16,7 @@ from PIL import Image
 
 import aclip
 from aclip import export
+from aclip.open_clip_format import CONFIG_FILE
 from aclip.tasks import train
 
 
@@ -53,7 +54,7 @@ def test_the_export_loads_in_open_clip_and_computes_the_same_embeddings(trained,
         )
         torch.testing.assert_close(theirs.encode_text(tokens), ours.encode_text(tokens), atol=1e-5, rtol=1e-4)
     assert theirs.logit_scale.item() == pytest.approx(ours.logit_scale.item())
-    config = json.loads((tmp_path / "out" / export.CONFIG_FILE).read_text())
+    config = json.loads((tmp_path / "out" / CONFIG_FILE).read_text())
     assert config["preprocess_cfg"]["size"] == ours.vision.image_size  # the model's size, not 224
 
 
