@@ -14,7 +14,10 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from aclip.datamodules.transforms import EvalTransform
 from aclip.open_clip_format import CONFIG_FILE, check_export_config, read_export_config
+from aclip.tokenizer import build_tokenizer
+from aclip.trained import load_trained
 
 
 def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callable, Callable[..., Tensor]]:
@@ -43,10 +46,6 @@ def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callab
         name = f"local-dir:{path}"
         clip, _, preprocess = open_clip.create_model_and_transforms(name)
         return clip.eval(), preprocess, open_clip.get_tokenizer(name)
-
-    from aclip.datamodules.transforms import EvalTransform
-    from aclip.tasks import load_trained
-    from aclip.tokenizer import build_tokenizer
 
     module, interpolation = load_trained(path)
     clip = (module.ema_model if model == "ema" else module.model).eval()

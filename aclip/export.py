@@ -26,6 +26,7 @@ from torch import Tensor
 from aclip.modules.model import ClipModel
 from aclip.modules.vision import NORMALIZATIONS
 from aclip.open_clip_format import CONFIG_FILE, WEIGHTS_FILE, open_clip_names
+from aclip.trained import load_trained
 
 
 def open_clip_config(model: ClipModel, interpolation: str = "bicubic") -> dict[str, Any]:
@@ -106,8 +107,6 @@ def export(model: ClipModel, directory: str | Path, interpolation: str = "bicubi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from aclip.tasks import load_trained
-
     parser = argparse.ArgumentParser(
         prog="python -m aclip.export", description="Export a checkpoint's model as an open_clip folder."
     )

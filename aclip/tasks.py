@@ -23,7 +23,6 @@ from aclip.compute import plan_compute
 from aclip.config import resolved_job_config, validate_config
 from aclip.console import print_model_summary, print_run_header, progress_bars, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
-from aclip.datamodules.transforms import INTERPOLATIONS
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
 from aclip.evaluation.masked import fold_masked, masked_views, with_masked_views
 from aclip.evaluation.report import flatten_metrics, write_chance_levels
@@ -31,6 +30,7 @@ from aclip.modules.aclip import TEACHER_WARMUP_KEY, AClip
 from aclip.modules.teacher_warmup import check_state as check_warmup_state
 from aclip.recompose import job_overrides
 from aclip.specs import SpecError
+from aclip.trained import load_trained
 
 log = logging.getLogger(__name__)
 
@@ -273,54 +273,6 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
             raise failed
     finish_wandb(loggers)
     return metrics
-
-
-def load_checkpoint(path: str | Path) -> AClip:
-    """The trained module of a checkpoint file or run directory (its newest last/interrupted checkpoint),
-    rebuilt from its description (`AClip.check_hparams`), never unpickling objects."""
-    return load_trained(path)[0]
-
-
-def load_trained(path: str | Path) -> tuple[AClip, str]:
-    """`load_checkpoint`'s module and the resize filter its run evaluated with (bicubic for a checkpoint
-    without its run's config), from one read of the checkpoint."""
-    path = resolve_ckpt_path(path, Path.cwd())
-    checkpoint = read_checkpoint(path)
-    hparams, state = checkpoint.get("hyper_parameters"), checkpoint.get("state_dict")
-    if not isinstance(hparams, dict) or not isinstance(state, dict):
-        raise CheckpointError(
-            f"{path} is not a checkpoint of aclip's model: it has no hyper_parameters or state_dict"
-        )
-    try:
-        AClip.check_hparams(hparams)
-        module = AClip(**hparams)
-        module.load_state_dict(state)
-    except SpecError as error:
-        raise CheckpointError(f"{path} cannot be loaded: {error}") from None
-    except (RuntimeError, KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is not a checkpoint of aclip's model (or was written by an incompatible "
-            f"version): {error}"
-        ) from None
-    return module, stored_interpolation(checkpoint, path)
-
-
-def stored_interpolation(checkpoint: dict[str, Any], path: Path) -> str:
-    """The resize filter the checkpoint's run evaluated with, from its run config record (bicubic for a
-    checkpoint without one), checked to be one of `INTERPOLATIONS`: the record is data, and what is read
-    from it reaches the evaluation's loader and the export's preprocessing."""
-    record = checkpoint.get(RUN_CONFIG_KEY)
-    if record is None:
-        return "bicubic"
-    loader = record.get("eval_loader") if isinstance(record, dict) else None
-    interpolation = loader.get("interpolation", "bicubic") if isinstance(loader, dict) else loader
-    if not (isinstance(interpolation, str) and interpolation in INTERPOLATIONS):
-        raise CheckpointError(
-            f"{path} records {RUN_CONFIG_KEY}.eval_loader.interpolation={interpolation!r}, which is not one "
-            f"of {sorted(INTERPOLATIONS)}: the file was altered or written by another program. Use a "
-            "checkpoint written by aclip"
-        )
-    return interpolation
 
 
 def load_for_evaluation(cfg: DictConfig) -> tuple[AClip, Evaluation]:

@@ -18,7 +18,8 @@ from torch import nn
 import aclip.callbacks.ema as ema_module
 from aclip.callbacks.ema import EMAUpdate, ema_momentum, ema_update
 from aclip.config import validate_config
-from aclip.tasks import load_checkpoint, train
+from aclip.tasks import train
+from aclip.trained import load_checkpoint
 from tests.helpers import TINY_SYNTHETIC_OVERRIDES, compose_config
 
 BASE = 0.5  # a fast teacher in the fits below, so that every EMA step moves the weights visibly

@@ -14,7 +14,8 @@ import torch
 from aclip.callbacks.failures import NonFiniteGuard, NonFiniteLossError
 from aclip.checkpointing import AtomicCheckpointIO
 from aclip.modules.aclip import AClip
-from aclip.tasks import load_checkpoint, train
+from aclip.tasks import train
+from aclip.trained import load_checkpoint
 from tests.helpers import callback_overrides
 
 # 32 samples in batches of 8: 4 optimizer steps in the one epoch.

@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 
 from aclip.modules.text import TextTower
 from aclip.modules.vision import VisionTower
-from aclip.tasks import load_checkpoint, train
+from aclip.tasks import train
+from aclip.trained import load_checkpoint
 
 
 def _gradients(tower: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:

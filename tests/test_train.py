@@ -15,7 +15,8 @@ from aclip.cli import run_training
 from aclip.errors import ConfigError
 from aclip.modules.aclip import AClip
 from aclip.modules.model import MAX_LOGIT_SCALE
-from aclip.tasks import evaluate_checkpoint, load_checkpoint, train
+from aclip.tasks import evaluate_checkpoint, train
+from aclip.trained import load_checkpoint
 from tests.helpers import (
     SYNTHETIC_EVAL_OVERRIDES,
     compose_config,

@@ -23,7 +23,8 @@ from aclip.cli import run_training
 from aclip.datamodules.csv_source import CsvCaptions
 from aclip.modules.aclip import AClip
 from aclip.recompose import compose_resumed
-from aclip.tasks import TrainingError, evaluate_checkpoint, load_checkpoint, train
+from aclip.tasks import TrainingError, evaluate_checkpoint, train
+from aclip.trained import load_checkpoint
 from tests.helpers import CONF_DIR, SYNTHETIC_EVAL_OVERRIDES, compose_config
 from tests.test_train import read_csv_metrics
 
