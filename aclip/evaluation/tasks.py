@@ -21,8 +21,8 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, Multicl
 
 from aclip.evaluation.distributed import gather_in_order, my_share
 from aclip.evaluation.linear_probe import fit_linear_probe
-from aclip.evaluation.metrics import retrieval_recall, zero_shot_weights
 from aclip.evaluation.prompts import load_classnames, load_templates
+from aclip.modules.metrics import retrieval_recall, zero_shot_weights
 from aclip.modules.model import ClipModel
 
 Tokenizer = Callable[[list[str]], Tensor]
