@@ -18,7 +18,7 @@ from aclip.datamodules.datamodule import ImageTextDataset
 from aclip.errors import ConfigError
 from aclip.flop_counter import flop_counter
 from aclip.modules.stages import build_phases, flops_until, phase_ends
-from aclip.sweep_compute import COMPUTE_FILE
+from aclip.summary.compute_chart import COMPUTE_FILE
 from tests.helpers import TINY_SYNTHETIC_OVERRIDES, fresh_copy, run_train_py
 from tests.test_summarize import read_csv
 

@@ -13,7 +13,7 @@ from aclip.config import validate_config
 from aclip.errors import ConfigError
 from aclip.evaluation.masked import MaskedViews, fold_masked, with_masked_views
 from aclip.modules.masking import NoMasking, RandomMasking, ResizeMasking
-from aclip.summarize import summarize
+from aclip.summary.sweep import summarize
 from aclip.tasks import train
 from tests.test_summarize import make_job, read_csv
 

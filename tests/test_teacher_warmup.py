@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from aclip.modules.schedule import LearningRateSchedule
 from aclip.modules.teacher_warmup import LOCK_IN_STEPS, SMOOTHING_STEPS, TeacherWarmup
 from aclip.specs import SpecError
-from aclip.summarize import collect, markdown
+from aclip.summary.table import collect, markdown
 from aclip.tasks import train
 from tests.test_summarize import make_job
 from tests.test_train import read_csv_metrics

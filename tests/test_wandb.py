@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from aclip import loggers
-from aclip.summarize import SweepSummary
+from aclip.summary.sweep import SweepSummary
 from aclip.tasks import train
 
 wandb = pytest.importorskip("wandb")
@@ -44,11 +44,11 @@ def no_credentials(monkeypatch, tmp_path: Path) -> None:
 
 
 def test_offline_exactly_without_credentials(no_credentials, monkeypatch):
-    assert loggers._offline()
+    assert loggers.offline_by_default()
     monkeypatch.setattr("wandb.login", lambda **kwargs: True)
-    assert not loggers._offline()
+    assert not loggers.offline_by_default()
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert loggers._offline()
+    assert loggers.offline_by_default()
 
 
 def test_run_names_from_experiment_and_masking(train_config):
