@@ -5,11 +5,19 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from aclip.callbacks.ema import EMAUpdate
 from aclip.distributed import per_device_batch_size, world_size
 from aclip.errors import ConfigError
+from aclip.evaluation.masked import masked_views
+from aclip.modules.schedule import check_recipe
+from aclip.modules.self_supervision import views_needed
+from aclip.modules.stages import build_phases
+from aclip.modules.vision import check_patch_grid, resolve_layers
+from aclip.specs import SpecError, is_number
 
 
 def resolved_job_config(cfg: DictConfig) -> dict[str, Any]:
@@ -21,8 +29,6 @@ def resolved_job_config(cfg: DictConfig) -> dict[str, Any]:
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
     _check_required(cfg)
-    from aclip.evaluation.masked import masked_views
-
     masked_views(cfg.get("evaluation"))
     data, trainer = cfg.data, cfg.trainer
     world = world_size(trainer)
@@ -36,10 +42,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
     if "model" not in cfg:
         return
-    from aclip.modules.schedule import check_recipe
-    from aclip.modules.self_supervision import views_needed
-    from aclip.modules.vision import check_patch_grid
-
     model = cfg.model
     try:
         check_patch_grid(model.vision.image_size, model.vision.patch_size, prefix="model.vision.")
@@ -72,8 +74,6 @@ def validate_config(cfg: DictConfig) -> None:
 def check_optimized_metric(cfg: DictConfig) -> None:
     """For a sweeper that maximises `optimized_metric`: the run must report it, i.e. evaluate, and the
     metric must be one of an `eval` set (`<kind>/<set>/<metric>`, e.g. zeroshot/imagenet/top1)."""
-    from hydra.utils import get_class
-
     key = cfg.get("optimized_metric")
     sets = [
         f"{kind}/{node.get('name', name)}"
@@ -122,10 +122,6 @@ def _check_required(cfg: DictConfig) -> None:
 def _check_masking(cfg: DictConfig) -> Any:
     """Build the masking policy (importing its class, as the config names it) and check that it works on
     the tower's patch grid and blocks, before any tower is built; the policy (None without masking)."""
-    from hydra.utils import instantiate
-
-    from aclip.modules.vision import resolve_layers
-
     if not cfg.get("masking"):
         return None
     try:
@@ -154,10 +150,6 @@ def _check_masking(cfg: DictConfig) -> Any:
 def _check_phases(cfg: DictConfig) -> None:
     """Build the phases of `model.phases` (`stages` group) from the masking registry, as the model will,
     and check each on the tower and the batch's views, naming the key of what cannot work."""
-    from aclip.modules.stages import build_phases
-    from aclip.modules.vision import resolve_layers
-    from aclip.specs import SpecError
-
     model = cfg.model
     phases = OmegaConf.to_container(model.get("phases"), resolve=True) if model.get("phases") else None
     if not phases:
@@ -186,8 +178,6 @@ def _check_phases(cfg: DictConfig) -> None:
 
 def _check_budget(cfg: DictConfig) -> None:
     """`budget.flops` and `budget.seconds`: null or a number > 0."""
-    from aclip.specs import is_number
-
     for name, value in (cfg.get("budget") or {}).items():
         if value is not None and (not is_number(value) or value <= 0):
             raise ConfigError(f"budget.{name} must be null or a number > 0, got {value!r}")
@@ -196,10 +186,6 @@ def _check_budget(cfg: DictConfig) -> None:
 def _check_ema_callback(cfg: DictConfig, policy: Any) -> None:
     """The EMA teacher moves only with an `EMAUpdate` callback: required when the masking reads its scores
     or BYOL its features, otherwise a warning."""
-    from hydra.utils import get_class
-
-    from aclip.callbacks.ema import EMAUpdate
-
     callbacks = [node for node in (cfg.get("callbacks") or {}).values() if node and "_target_" in node]
     if any(issubclass(get_class(node._target_), EMAUpdate) for node in callbacks):
         return
