@@ -14,7 +14,7 @@ from aclip.distributed import per_device_batch_size, world_size
 from aclip.errors import ConfigError
 from aclip.evaluation.masked import masked_views
 from aclip.modules.schedule import check_recipe
-from aclip.modules.self_supervision import views_needed
+from aclip.modules.self_supervision import heads_built, views_needed
 from aclip.modules.stages import build_phases
 from aclip.modules.vision import check_patch_grid, resolve_layers
 from aclip.specs import SpecError, is_number
@@ -190,7 +190,7 @@ def _check_ema_callback(cfg: DictConfig, policy: Any) -> None:
     if any(issubclass(get_class(node._target_), EMAUpdate) for node in callbacks):
         return
     message = "no EMAUpdate callback (callbacks.ema): the EMA model will not move during training"
-    byol = (cfg.model.get("self_supervision") or {}).get("byol_weight", 0) > 0
+    _, byol = _heads(cfg)
     if (policy is not None and policy.needs_scores) or byol:
         raise ConfigError(f"{message}, but the masking or BYOL needs the EMA model; add callbacks.ema")
     warnings.warn(message, stacklevel=2)
@@ -201,7 +201,8 @@ def _check_batch_norm_sync(cfg: DictConfig, world: int) -> None:
     so such a run would fail at its first training step."""
     ssl, trainer = cfg.model.get("self_supervision") or {}, cfg.trainer
     norm = ssl.get("norm", "layer")
-    has_heads = (ssl.get("view_loss") and ssl.get("view_weight", 0) > 0) or ssl.get("byol_weight", 0) > 0
+    view_loss, byol = _heads(cfg)
+    has_heads = view_loss is not None or byol
     synchronised = norm == "sync_batch" or (norm == "batch" and trainer.get("sync_batchnorm", False))
     if has_heads and synchronised and world > 1 and trainer.get("accelerator") == "cpu":
         raise ConfigError(
@@ -209,3 +210,9 @@ def _check_batch_norm_sync(cfg: DictConfig, world: int) -> None:
             "be SyncBatchNorm, which torch runs only on GPU; use model.self_supervision.norm=layer, or "
             "norm=batch with trainer.sync_batchnorm=false for per-process statistics"
         )
+
+
+def _heads(cfg: DictConfig) -> tuple[str | None, bool]:
+    """The auxiliary heads the model will build (`heads_built`) from its `model.self_supervision` node."""
+    ssl = cfg.model.get("self_supervision") or {}
+    return heads_built(ssl.get("view_loss"), ssl.get("view_weight", 1.0), ssl.get("byol_weight", 0.0))
