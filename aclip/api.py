@@ -25,9 +25,10 @@ def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callab
 
     Whatever the path, the model follows open_clip's contract: `encode_image(images, normalize=False)`
     and `encode_text(tokens, normalize=False)` return the projected embeddings [N, embed_dim], unit-norm
-    with `normalize=True` (as CLIP compares them); `logit_scale` is the log temperature; `preprocess`
-    turns a PIL image into the model's input [3, S, S] (add the batch dimension); `tokenizer(texts)`
-    returns token ids [len(texts), context_length]. The model is in eval mode, on the CPU.
+    with `normalize=True` (as CLIP compares them); `logit_scale` is ln(1/T), the log of the inverse
+    temperature; `preprocess` turns a PIL image into the model's input [3, S, S] (add the batch
+    dimension); `tokenizer(texts)` returns token ids [len(texts), context_length]. The model is in eval
+    mode, on the CPU.
 
     * A checkpoint or run directory gives this project's `aclip.modules.model.ClipModel` (the
       `model="ema"` teacher, the paper's, or the `"online"` one); its `preprocess` gives uint8 pixels,
