@@ -17,6 +17,7 @@ from aclip.modules.schedule import check_recipe
 from aclip.modules.self_supervision import heads_built, views_needed
 from aclip.modules.stages import build_phases
 from aclip.modules.vision import check_patch_grid, resolve_layers
+from aclip.renamed import check_config
 from aclip.specs import SpecError, is_number
 
 
@@ -28,6 +29,7 @@ def resolved_job_config(cfg: DictConfig) -> dict[str, Any]:
 
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
+    check_config(cfg)
     _check_required(cfg)
     masked_views(cfg.get("evaluation"))
     data, trainer = cfg.data, cfg.trainer
@@ -73,11 +75,12 @@ def validate_config(cfg: DictConfig) -> None:
 
 def check_optimized_metric(cfg: DictConfig) -> None:
     """For a sweeper that maximises `optimized_metric`: the run must report it, i.e. evaluate, and the
-    metric must be one of an `eval` set (`<kind>/<set>/<metric>`, e.g. zeroshot/imagenet/top1)."""
+    metric must be one of a set of `evaluation.sets` (`<kind>/<set>/<metric>`, e.g.
+    zeroshot/imagenet/top1)."""
     key = cfg.get("optimized_metric")
     sets = [
         f"{kind}/{node.get('name', name)}"
-        for name, node in (cfg.get("eval") or {}).items()
+        for name, node in (cfg.evaluation.get("sets") or {}).items()
         if node and "_target_" in node and (kind := getattr(get_class(node._target_), "kind", None))
     ]
     if sum(name.startswith("zeroshot/") for name in sets) >= 2:
@@ -89,10 +92,10 @@ def check_optimized_metric(cfg: DictConfig) -> None:
     )
     if not key:
         raise ConfigError(f"the sweeper maximises optimized_metric, which is null: {choose}")
-    if not cfg.get("evaluate"):
+    if not cfg.evaluation.get("at_end"):
         raise ConfigError(
-            f"the sweeper maximises optimized_metric={key}, but evaluate=false reports no metric: set "
-            "evaluate=true"
+            f"the sweeper maximises optimized_metric={key}, but evaluation.at_end=false reports no metric: "
+            "set evaluation.at_end=true"
         )
     if not any(key.startswith(f"{name}/") for name in sets):
         raise ConfigError(

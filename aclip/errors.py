@@ -7,6 +7,8 @@ or where it writes: the message alone, without a Python traceback, and exit stat
 * A full disk (or quota) while the run writes: the message names the run's directory and its keys.
 * A run or sweep directory that cannot be made or written (`RunDirectoryCheck`, a Hydra callback, before
   Hydra makes it): the message names the directory and the key.
+* An input error found before Hydra's app runs, e.g. an old spelling on the command line
+  (`exit_on_input_error`, `aclip.renamed`).
 
 Every other error keeps its traceback, and `HYDRA_FULL_ERROR=1` shows the traceback of these too.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -42,6 +45,19 @@ class ConfigError(InputError, ValueError):
 
 class RunError(CompactHydraException):
     """An error whose message says everything: Hydra prints the message alone and exits with status 1."""
+
+
+def exit_on_input_error(check: Callable[..., None], *args: Any) -> None:
+    """`check(*args)`, run where Hydra does not report errors (before its app composes the config, or in
+    one of its callbacks): an `InputError` is printed as a run's would be, the message alone, and the
+    process exits with status 1 (`HYDRA_FULL_ERROR=1` raises it with its traceback)."""
+    try:
+        check(*args)
+    except InputError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def full_disk_message(error: OSError, cfg: DictConfig) -> str:

@@ -29,6 +29,7 @@ from aclip.evaluation.report import flatten_metrics, write_chance_levels
 from aclip.modules.aclip import TEACHER_WARMUP_KEY, AClip
 from aclip.modules.teacher_warmup import check_state as check_warmup_state
 from aclip.recompose import job_overrides
+from aclip.renamed import check_config
 from aclip.specs import SpecError
 from aclip.trained import load_trained
 
@@ -47,20 +48,21 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 
 def build_eval_tasks(cfg: DictConfig) -> list[EvalTask]:
-    """The evaluation tasks of the `eval` group, each named by its config key unless it sets `name`."""
+    """The evaluation tasks of `evaluation.sets` (the `eval` group's), each named by its config key unless
+    it sets `name`."""
     return [
         instantiate(node, **({} if "name" in node else {"name": key}))
-        for key, node in (cfg.get("eval") or {}).items()
+        for key, node in (cfg.evaluation.get("sets") or {}).items()
     ]
 
 
 def build_evaluation(cfg: DictConfig) -> Evaluation:
-    """The `eval` group's tasks with the `eval_loader` settings."""
-    return Evaluation(build_eval_tasks(cfg), instantiate(cfg.eval_loader))
+    """The tasks of `evaluation.sets` with the `evaluation.loader` settings."""
+    return Evaluation(build_eval_tasks(cfg), instantiate(cfg.evaluation.loader))
 
 
 def validation_schedule(cfg: DictConfig) -> dict[str, Any]:
-    """Trainer arguments that run the `eval` sets as Lightning validation every `evaluation.every_n_steps`
+    """Trainer arguments that run `evaluation.sets` as Lightning validation every `evaluation.every_n_steps`
     optimizer steps or `evaluation.every_n_epochs` epochs (neither: no validation)."""
     schedule = cfg.get("evaluation") or {}
     steps, epochs = schedule.get("every_n_steps"), schedule.get("every_n_epochs")
@@ -189,7 +191,8 @@ def _evaluate(
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
-    """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`.
+    """Train the configured model on the configured data; evaluate it at the end if
+    `cfg.evaluation.at_end`.
 
     `overrides`: the command-line overrides `cfg` was composed with (default: this Hydra job's), recorded
     in its checkpoints so that `ckpt_path=<run>` alone composes it again (`aclip.recompose`).
@@ -205,7 +208,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
         pl.seed_everything(cfg.seed, workers=True)
     schedule = validation_schedule(cfg)
     validating = schedule["limit_val_batches"] != 0
-    evaluation = build_evaluation(cfg) if cfg.get("evaluate") or validating else None
+    evaluation = build_evaluation(cfg) if cfg.evaluation.at_end or validating else None
     if evaluation is not None:
         evaluation.check()  # a broken evaluation image stops the run now, not after training
     datamodule: ClipDataModule = instantiate(cfg.data, evaluation=evaluation if validating else None)
@@ -262,7 +265,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
         )
 
     metrics: Metrics = {}
-    if cfg.get("evaluate"):
+    if cfg.evaluation.at_end:
         # Every rank evaluates its share of each set; rank 0 reports the gathered results.
         module.to(trainer.strategy.root_device)
         metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
@@ -276,22 +279,24 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
 
 
 def load_for_evaluation(cfg: DictConfig) -> tuple[AClip, Evaluation]:
-    """The module of `cfg.ckpt_path` on the device, and the `eval` group's sets (checked) loaded at its
+    """The module of `cfg.ckpt_path` on the device, and `evaluation.sets` (checked) loaded at its
     image size with the resize filter its run evaluated with."""
     module, interpolation = load_trained(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    cfg.eval_loader.image_size = module.model.vision.image_size
-    if cfg.eval_loader.get("interpolation") is None:
-        cfg.eval_loader.interpolation = interpolation
+    loader = cfg.evaluation.loader
+    loader.image_size = module.model.vision.image_size
+    if loader.get("interpolation") is None:
+        loader.interpolation = interpolation
     evaluation = build_evaluation(cfg)
     evaluation.check()
     return module.to("cuda" if torch.cuda.is_available() else "cpu"), evaluation
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
-    """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
+    """Evaluate `cfg.ckpt_path` on `evaluation.sets` (the `eval` group's)."""
     quiet_known_noise()
+    check_config(cfg)
     module, evaluation = load_for_evaluation(cfg)
     metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
     loggers = _instantiate_all(cfg.get("logger"))

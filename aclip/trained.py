@@ -51,12 +51,16 @@ def stored_interpolation(checkpoint: dict[str, Any], path: Path) -> str:
     record = checkpoint.get(RUN_CONFIG_KEY)
     if record is None:
         return "bicubic"
-    loader = record.get("eval_loader") if isinstance(record, dict) else None
+    evaluation = record.get("evaluation") if isinstance(record, dict) else None
+    if isinstance(evaluation, dict) and "loader" in evaluation:
+        key, loader = "evaluation.loader", evaluation["loader"]
+    else:  # a run from before the evaluation's settings were one node (aclip.renamed)
+        key, loader = "eval_loader", record.get("eval_loader") if isinstance(record, dict) else None
     interpolation = loader.get("interpolation", "bicubic") if isinstance(loader, dict) else loader
     if not (isinstance(interpolation, str) and interpolation in INTERPOLATIONS):
         raise CheckpointError(
-            f"{path} records {RUN_CONFIG_KEY}.eval_loader.interpolation={interpolation!r}, which is not one "
-            f"of {sorted(INTERPOLATIONS)}: the file was altered or written by another program. Use a "
+            f"{path} records {RUN_CONFIG_KEY}.{key}.interpolation={interpolation!r}, which is not one of "
+            f"{sorted(INTERPOLATIONS)}: the file was altered or written by another program. Use a "
             "checkpoint written by aclip"
         )
     return interpolation

@@ -185,7 +185,7 @@ def test_the_tiny_two_stage_recipe_runs_end_to_end(tmp_path):
         [
             f"ckpt_path={tmp_path / 'stage2' / 'checkpoints' / 'last.ckpt'}",
             *SYNTHETIC_EVAL_OVERRIDES,
-            "eval_loader.num_workers=0",
+            "evaluation.loader.num_workers=0",
         ],
         tmp_path / "eval",
     )

@@ -74,7 +74,7 @@ def test_eval_config_composes(tmp_path):
     cfg = compose_config("eval", ["ckpt_path=some.ckpt"], tmp_path)
     resolved = resolved_job_config(cfg)
     assert resolved["ckpt_path"] == "some.ckpt"
-    assert resolved["eval_loader"]["image_size"] is None  # filled from the checkpoint
+    assert resolved["evaluation"]["loader"]["image_size"] is None  # filled from the checkpoint
 
 
 def test_paper_towers(tmp_path):

@@ -23,7 +23,7 @@ from aclip.tasks import evaluate_checkpoint, train
 from tests.helpers import SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config
 
 WRITTEN = "written by the crafted file"
-QUICK = ["evaluate=false", "evaluation.every_n_steps=null"]
+QUICK = ["evaluation.at_end=false", "evaluation.every_n_steps=null"]
 
 
 class WritesOnUnpickle:
@@ -47,8 +47,8 @@ def writes(victim: Path) -> dict[str, Any]:
 # Each payload alters a trained checkpoint's contents (to be saved in `run_dir`) so as to act on `victim`,
 # and returns the key that a refusal must name.
 def run_config_interpolation(checkpoint: dict[str, Any], victim: Path, run_dir: Path) -> str:
-    checkpoint[RUN_CONFIG_KEY]["eval_loader"]["interpolation"] = writes(victim)
-    return "eval_loader.interpolation"
+    checkpoint[RUN_CONFIG_KEY]["evaluation"]["loader"]["interpolation"] = writes(victim)
+    return "evaluation.loader.interpolation"
 
 
 def run_config_callback(checkpoint: dict[str, Any], victim: Path, run_dir: Path) -> str:

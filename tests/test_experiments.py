@@ -51,7 +51,10 @@ def test_multi_view_steps_log_every_loss(train_config, tmp_path, method, losses)
     """A-CLIP's step (k = 2, SimCLR + BYOL) and a k = 3 step run and log each loss component."""
     train(
         train_config(
-            f"method={method}", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "evaluate=false"
+            f"method={method}",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "evaluation.at_end=false",
         )
     )
     with open(tmp_path / "run" / "csv" / "metrics.csv") as file:
@@ -73,7 +76,7 @@ def test_mask_pictures_are_drawn_once_per_accumulated_step(train_config, monkeyp
             "trainer.max_steps=2",
             "trainer.accumulate_grad_batches=2",
             "callbacks.mask_pictures.every_n_steps=2",
-            "evaluate=false",
+            "evaluation.at_end=false",
         )
     )
     assert drawn == ["step0000000.png"]  # step 0's first micro-batch, not its second
@@ -89,7 +92,7 @@ def test_mask_pictures_written(train_config, tmp_path):
             "model.teacher_warmup_until_loss=null",
             "trainer.max_steps=3",
             "callbacks.mask_pictures.every_n_steps=2",
-            "evaluate=false",
+            "evaluation.at_end=false",
         )
     )
     pictures = sorted((tmp_path / "run" / "mask_pictures").glob("*.png"))

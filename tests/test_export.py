@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("export")
     cfg = compose_config(
-        "train", [*TINY_SYNTHETIC_OVERRIDES, "trainer.max_steps=2", "evaluate=false"], root / "run"
+        "train", [*TINY_SYNTHETIC_OVERRIDES, "trainer.max_steps=2", "evaluation.at_end=false"], root / "run"
     )
     train(cfg)
     return root / "run" / "checkpoints" / "last.ckpt"
@@ -119,7 +119,7 @@ def test_init_from_an_export_or_a_checkpoint_starts_from_its_weights(trained, tm
                 )
                 torch.testing.assert_close(model.encode_text(tokens), reference.encode_text(tokens))
         assert "init_from" not in module.hparams  # a checkpoint of the new run holds its own weights
-    cfg = train_config(f"model.init_from={tmp_path / 'out'}", "debug=fast_dev_run", "evaluate=false")
+    cfg = train_config(f"model.init_from={tmp_path / 'out'}", "debug=fast_dev_run", "evaluation.at_end=false")
     train(cfg)  # and it trains
 
 

@@ -82,8 +82,11 @@ def test_paper_presets_pin_the_published_recipe(tmp_path, experiment):
     assert (model.teacher_warmup_steps, model.teacher_warmup_until_loss) == (0, None)
     assert (data.batch_size, cfg.trainer.max_epochs, cfg.callbacks.ema.base_momentum) == (4096, 25, 0.996)
     # Evaluation: SLIP's 7 ImageNet templates, bilinear resize.
-    assert cfg.eval.imagenet.templates == "simple" and cfg.eval_loader.interpolation == "bilinear"
-    assert cfg.eval.imagenet.get("reported_metric", "top1") == "top1"
+    assert (
+        cfg.evaluation.sets.imagenet.templates == "simple"
+        and cfg.evaluation.loader.interpolation == "bilinear"
+    )
+    assert cfg.evaluation.sets.imagenet.get("reported_metric", "top1") == "top1"
 
 
 def test_paper_module_freezes_the_patch_embedding_and_uses_quick_gelu(train_config):
@@ -122,7 +125,7 @@ def test_self_supervised_gradients_reach_the_trunk_not_the_image_projection(
     from aclip.modules.losses import ClipLoss
 
     monkeypatch.setattr(ClipLoss, "forward", lambda self, image, text, scale: (image.sum() + text.sum()) * 0)
-    cfg = train_config("method=aclip", f"model.self_supervision.source={source}", "evaluate=false")
+    cfg = train_config("method=aclip", f"model.self_supervision.source={source}", "evaluation.at_end=false")
     module = instantiate(cfg.model)
     probe = GradientProbe()
     callbacks = [instantiate(cfg.callbacks.ema), probe]

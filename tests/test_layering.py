@@ -38,6 +38,7 @@ LAYERS = {
     "aclip.trained": TASKS,
     "aclip.export": TASKS,
     "aclip.config": TASKS,
+    "aclip.renamed": TASKS,
     "aclip.recompose": TASKS,
     "aclip.compute": TASKS,
     "aclip.summary": TASKS,

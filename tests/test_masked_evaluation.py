@@ -92,8 +92,8 @@ def test_masked_inference_reaches_metrics_json_and_the_sweep_summary(train_confi
         "debug=fast_dev_run",
         "method=attentive_2x50",
         "evaluation.masked.views=[1,3]",
-        "eval.synthetic.dataset.size=16",
-        "eval.synthetic_retrieval.dataset.size=8",
+        "evaluation.sets.synthetic.dataset.size=16",
+        "evaluation.sets.synthetic_retrieval.dataset.size=8",
     )
     metrics = train(cfg)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -100,10 +100,10 @@ TRAIN_OVERRIDES = [o.replace("data.train.size=32", "data.train.size=16") for o i
 # A documented sweep over many seeds runs one seed here (a command-line value replaces the preset's sweep).
 ONE_SEED = {"hparams_search=table2": "seed=0"}
 EVAL_OVERRIDES = [
-    "eval.synthetic.dataset.size=48",
-    "eval.synthetic_retrieval.dataset.size=12",
-    "eval_loader.batch_size=32",
-    "eval_loader.num_workers=0",
+    "evaluation.sets.synthetic.dataset.size=48",
+    "evaluation.sets.synthetic_retrieval.dataset.size=12",
+    "evaluation.loader.batch_size=32",
+    "evaluation.loader.num_workers=0",
 ]
 
 

@@ -156,7 +156,7 @@ def test_each_phase_trains_with_its_policy_tokens_and_views_until_the_budget(
         f"budget.flops={budget}",
         "data.train.size=80",
         "trainer.log_every_n_steps=1",
-        "evaluate=false",
+        "evaluation.at_end=false",
         "callbacks.model_checkpoint=null",
         *callback_overrides(Path(__file__).stem, "RecordSteps", path=record),
     )

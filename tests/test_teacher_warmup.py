@@ -101,7 +101,7 @@ class HeldThenConstant(LearningRateSchedule):
         return lambda step: 1e-9 if step < self.held_steps else base_lr
 
 
-ATTENTIVE = ["method=attentive_2x50", "evaluate=false", "evaluation.every_n_steps=null"]
+ATTENTIVE = ["method=attentive_2x50", "evaluation.at_end=false", "evaluation.every_n_steps=null"]
 # The tiny scale's model and batch, which leave the loss plateau of the built-in shapes within tens of
 # steps (the tests' 32 px towers at batch 8 take hundreds).
 TINY_SCALE = [
