@@ -35,7 +35,7 @@ def wandb_logger(
 
     Args:
         name: the run's name; None gives `<experiment>-<method>-<masking>` (the method left out when
-            none is chosen or it names the experiment too), with `-<job number>` in a multirun (the
+            none is chosen), with `-<job number>` in a multirun (the
             model choice stands for the experiment when no experiment is chosen).
         group: None gives the experiment, with the sweep's timestamp in a multirun, so that the jobs
             of one sweep are grouped together.
@@ -112,8 +112,7 @@ def _names(hydra: DictConfig) -> tuple[str, str]:
     """Run name and group from the Hydra config node (`hydra`) of a job."""
     choices = hydra.runtime.choices
     experiment, method = choices.get("experiment") or choices.get("model"), choices.get("method")
-    # The method when it is not the experiment's own name (`experiment=aclip` is paper + method aclip).
-    parts = [experiment, method if method not in (None, experiment) else None, choices.get("masking")]
+    parts = [experiment, method, choices.get("masking")]
     name = "-".join(str(part) for part in parts if part is not None)
     if hydra.mode == RunMode.MULTIRUN:
         return f"{name}-{hydra.job.num}", run_group(choices, hydra.sweep.dir)

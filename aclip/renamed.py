@@ -5,6 +5,8 @@ key is not in the config), and a checkpoint that records an old one resumes with
 * The evaluation's settings are one node, `evaluation`: `evaluate` is `evaluation.at_end`, `eval_loader`
   is `evaluation.loader`, and a set's settings `eval.<set>.*` are `evaluation.sets.<set>.*`. The group
   `eval` still chooses the sets: `eval=[imagenet,flickr30k]`.
+* The paper's rows are methods, at a scale of the `experiment` group: `experiment=aclip` is
+  `experiment=paper method=aclip` (also `aclip_eff`, `clip`).
 
 Light on purpose (no torch): `train.py` checks its command line with it before Hydra starts.
 """
@@ -28,6 +30,10 @@ RENAMED_KEYS = {
 }
 # Config groups whose name is also an old key: the group itself (`eval=[...]`) is current.
 GROUPS = {"eval"}
+# Old options of a group -> the overrides that compose the same config now.
+RENAMED_OPTIONS = {
+    ("experiment", row): ("experiment=paper", f"method={row}") for row in ("aclip", "aclip_eff", "clip")
+}
 
 
 def _split(override: str) -> tuple[str, str, str | None]:
@@ -47,11 +53,15 @@ def new_key(key: str) -> str | None:
 
 def renamed(override: str) -> list[str] | None:
     """The overrides that replace an old-spelling `override` (`key=value`, `+key=value`, `~key`), None
-    when it is current."""
+    when it is current. A sweep over a renamed group option (`experiment=aclip,paper`) has no one
+    replacement: it gives the replacement of its first old option, for the message."""
     prefix, key, value = _split(override)
     key_now = new_key(key)
     if key_now is not None:
         return [f"{prefix}{key_now}" + ("" if value is None else f"={value}")]
+    for option in (value or "").split(","):
+        if (key, option.strip()) in RENAMED_OPTIONS:
+            return list(RENAMED_OPTIONS[key, option.strip()])
     return None
 
 
@@ -64,12 +74,17 @@ def check_overrides(overrides: Sequence[str], where: str = "on the command line"
         if replacement is None:
             continue
         _, key, _ = _split(override)
-        # `evaluation.at_end` and `evaluation.loader` are in every config: an addition (`+`) of them would
-        # be refused (a set of `evaluation.sets` may be new).
-        give = replacement[0] if key.startswith("eval.") else replacement[0].lstrip("+")
+        if new_key(key) is not None:
+            # `evaluation.at_end` and `evaluation.loader` are in every config: an addition (`+`) of them
+            # would be refused (a set of `evaluation.sets` may be new).
+            give = replacement[0] if key.startswith("eval.") else replacement[0].lstrip("+")
+            raise ConfigError(
+                f"{override} {where}: `{key}` is now `{new_key(key)}` (the evaluation's settings are one "
+                f"node, `evaluation`); give {give}"
+            )
         raise ConfigError(
-            f"{override} {where}: `{key}` is now `{new_key(key)}` (the evaluation's settings are one "
-            f"node, `evaluation`); give {give}"
+            f"{override} {where}: the paper's rows are methods now, at the paper's scale: give "
+            f"{' '.join(replacement)}"
         )
 
 

@@ -51,6 +51,8 @@ def test_help_lists_no_internal_node():
     assert {"data", "model", "experiment", "method", "eval"} <= set(groups)
     options = {group: value.split(", ") for group, value in groups.items()}
     assert not sorted(f"{group}={o}" for group, names in options.items() for o in names if o.startswith("_"))
+    assert "paper" in options["experiment"] and "aclip" in options["method"]
+    assert "aclip" not in options["experiment"]  # a paper row is a method
 
 
 OLD_SPELLINGS = [
@@ -58,6 +60,8 @@ OLD_SPELLINGS = [
     ("+evaluate=false", "evaluation.at_end=false"),
     ("eval_loader.batch_size=64", "evaluation.loader.batch_size=64"),
     ("eval.synthetic.dataset.size=48", "evaluation.sets.synthetic.dataset.size=48"),
+    ("experiment=aclip", "experiment=paper method=aclip"),
+    ("experiment=clip,aclip", "experiment=paper method=clip"),
 ]
 
 
@@ -81,6 +85,8 @@ def test_current_spellings_pass_the_check():
             "evaluation.at_end=false",
             "evaluation.every_n_steps=10",
             "evaluation.sets.synthetic.dataset.size=48",
+            "experiment=paper",
+            "method=aclip",
             "-m",
             "--cfg",
             "job",
@@ -110,10 +116,18 @@ def test_a_sweep_over_an_old_key_stops_before_its_first_job(capsys, monkeypatch)
 
 
 def test_a_run_recorded_with_old_spellings_resumes_with_the_new_ones():
-    recorded = ["evaluate=false", "eval_loader.num_workers=0", "eval=[synthetic]", "seed=1"]
+    recorded = [
+        "evaluate=false",
+        "eval_loader.num_workers=0",
+        "experiment=aclip",
+        "eval=[synthetic]",
+        "seed=1",
+    ]
     assert translate(recorded) == [
         "evaluation.at_end=false",
         "evaluation.loader.num_workers=0",
+        "experiment=paper",
+        "method=aclip",
         "eval=[synthetic]",
         "seed=1",
     ]

@@ -86,7 +86,8 @@ def test_sweep_dir_and_launcher_resolve_before_hydra_runtime_exists(launcher, tm
                 f"launcher={launcher}",
                 "hydra.launcher.partition=p",
                 "trainer=ddp",
-                "experiment=clip",
+                "experiment=paper",
+                "method=clip",
             ]
             if launcher == "slurm"
             else [f"launcher={launcher}"],

@@ -67,8 +67,8 @@ def test_run_names_from_experiment_and_masking(train_config):
     assert loggers._run_names() == ("tiny-none", "tiny")
     train_config("experiment=paper", "method=aclip")  # a method at a scale
     assert loggers._run_names() == ("paper-aclip-attentive_low", "paper")
-    train_config("experiment=aclip")  # its short name
-    assert loggers._run_names() == ("aclip-attentive_low", "aclip")
+    train_config("method=aclip")  # a method at the default scale
+    assert loggers._run_names() == ("tiny-aclip-attentive_low", "tiny")
 
 
 def test_offline_run_holds_metrics_config_and_mask_pictures(
