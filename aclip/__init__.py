@@ -1,4 +1,7 @@
-"""aclip: efficient CLIP pre-training by token removal (A-CLIP and its baselines)."""
+"""aclip: efficient CLIP pre-training by token removal (A-CLIP and its baselines).
+
+The package's own module sits with the tasks (layer 2 of README "What is here"): it offers `aclip.load`.
+"""
 
 __version__ = "0.1.0"
 
