@@ -82,9 +82,18 @@ def example_sample(datamodule: ClipDataModule, teacher_crop: bool) -> dict[str, 
         restore_random_states(states)
 
 
+def _start_autograd_engine() -> None:
+    """Run one backward pass on real tensors. The autograd engine decides at its first backward how many
+    device threads to start; a first backward on fake tensors starts threads for devices that a CPU
+    machine does not have, and no process forked afterwards (Lightning's `ddp_fork` and
+    `ddp_notebook` ranks) could then run a backward pass."""
+    torch.ones((), requires_grad=True).backward()
+
+
 def count_batch_flops(module: AClip, sample: Mapping[str, Tensor], batch_size: int) -> list[int]:
     """The FLOPs of one training batch of `batch_size` copies of `sample` on one device (forward and
     backward) in each of `module`'s phases, counted on fake tensors (see the module)."""
+    _start_autograd_engine()
     fake_mode = FakeTensorMode()
     with FakeCopyMode(fake_mode):
         counting = copy.deepcopy(module, memo={id(module.tokenizer): module.tokenizer})

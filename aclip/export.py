@@ -25,7 +25,7 @@ from torch import Tensor
 
 from aclip.modules.model import ClipModel
 from aclip.modules.vision import NORMALIZATIONS
-from aclip.open_clip_format import CONFIG_FILE, WEIGHTS_FILE, open_clip_names
+from aclip.open_clip_format import CONFIG_FILE, WEIGHTS_FILE, open_clip_names, stem_without_counterpart
 from aclip.trained import load_trained
 
 
@@ -33,10 +33,17 @@ def open_clip_config(model: ClipModel, interpolation: str = "bicubic") -> dict[s
     """open_clip's `{"model_cfg", "preprocess_cfg"}` describing `model`.
 
     Raises:
-        ValueError: the text tower uses QuickGELU. open_clip's config has one activation switch for
-            both of its native towers, and this image tower (timm's ViT) uses GELU.
+        ValueError: the text tower uses QuickGELU (open_clip's config has one activation switch for
+            both of its native towers, and this image tower, timm's ViT, uses GELU), or the image tower
+            has a convolutional stem (open_clip's ViT has a linear patch embedding only).
     """
     vision, text = model.vision, model.text
+    stem_mismatch = stem_without_counterpart(vision)
+    if stem_mismatch is not None:
+        raise ValueError(
+            f"{stem_mismatch}: the export cannot express it. Evaluate the checkpoint with evaluate.py or "
+            "aclip.load instead"
+        )
     blocks, text_blocks = vision.trunk.blocks, text.transformer.transformer.resblocks
     if isinstance(text_blocks[0].mlp.gelu, QuickGELU):
         raise ValueError(

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from aclip.checkpointing import load_failure_reason, read_checkpoint, resolve_ckpt_path
 from aclip.errors import InputError
-from aclip.open_clip_format import CONFIG_FILE, WEIGHTS_FILE, open_clip_names
+from aclip.open_clip_format import CONFIG_FILE, WEIGHTS_FILE, open_clip_names, stem_without_counterpart
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,12 @@ def export_weights(directory: Path, like: torch.nn.Module) -> dict[str, Tensor]:
             f"{directory / WEIGHTS_FILE} holds weights this model has no place for: "
             f"{', '.join(unknown[:10])} (visual.ln_pre: give model.vision.pre_norm=true; "
             "an open_clip model with attentional pooling or other parts does not fit aclip's towers)"
+        )
+    stem_mismatch = stem_without_counterpart(like.vision)
+    if stem_mismatch is not None:
+        raise InitializationError(
+            f"{directory} holds an open_clip model: {stem_mismatch}, so the folder has no weights for "
+            "this stem. Start from a checkpoint of a run with that stem, or set model.vision.stem=patch"
         )
     weights = {names[name]: value for name, value in theirs.items()}
     if "vision.proj.weight" in weights:
@@ -102,6 +108,12 @@ def load_vision_weights(trunk: torch.nn.Module, path: str | os.PathLike) -> None
     """
     weights = read_state_dict(path, "model.vision.init_from", prefixes=("module.", "trunk."))
     weights = {name: value for name, value in weights.items() if not name.startswith("head.")}
+    if "patch_embed.proj.weight" in weights and not isinstance(trunk.patch_embed.proj, torch.nn.Conv2d):
+        raise InitializationError(
+            f"model.vision.init_from={path} is a ViT with a linear patch embedding "
+            "(patch_embed.proj.weight); this tower has a convolutional stem (model.vision.stem=conv) in its "
+            "place: set model.vision.stem=patch to start from it"
+        )
     fit_image_positions(weights, "pos_embed", trunk)
     _check_fits(Path(path), "model.vision.init_from", weights, trunk.state_dict())
     trunk.load_state_dict(weights)

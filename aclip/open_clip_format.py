@@ -88,6 +88,18 @@ _BLOCK_PARTS = (
 )
 
 
+def stem_without_counterpart(vision: nn.Module) -> str | None:
+    """Why the image tower `vision` (a `VisionTower`) has no open_clip counterpart, None when it has one:
+    open_clip's VisionTransformer embeds patches with one linear projection (`visual.conv1`), which a
+    convolutional stem replaces."""
+    if vision.stem == "patch":
+        return None
+    return (
+        f"this model's image tower has a convolutional stem (model.vision.stem={vision.stem}), and "
+        "open_clip's VisionTransformer embeds patches with one linear projection"
+    )
+
+
 def open_clip_names(model: nn.Module) -> dict[str, str]:
     """A `ClipModel`'s weight name -> open_clip `CLIP` name, for every weight the export writes (the patch
     embedding's bias is folded into the positions instead, see `aclip.export.open_clip_state_dict`)."""

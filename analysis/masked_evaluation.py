@@ -15,6 +15,7 @@ the held-out set three ways, at the same budget and cell size for every run:
 
 The evaluation of a run on its own policy's views, one or an ensemble, is a setting of the evaluation
 itself: `evaluation.masked.views=[1,4]` (aclip/evaluation/masked.py, whose `MaskedViews` this uses).
+Another built-in variant's held-out set: `--eval segments` (or `glyphs`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ from aclip.modules.masking import AttentiveLow, RandomMasking
 from aclip.tasks import load_for_evaluation
 from analysis.report import command_and_table
 
-REPORTED = "zeroshot/synthetic/top1"
+
+def reported_metric(eval_set: str) -> str:
+    """The zero-shot top-1 of a built-in variant's held-out set (`eval=[<eval_set>]`)."""
+    return f"zeroshot/{eval_set}/top1"
 
 
-def measure(run: Path, keep_ratio: float, unit: int) -> dict[str, float]:
-    """Zero-shot top-1 on the built-in held-out set of `run`'s EMA and online models, full and masked."""
-    module, evaluation = load_for_evaluation(compose("eval", [f"ckpt_path={run}"]))
+def measure(run: Path, keep_ratio: float, unit: int, eval_set: str = "synthetic") -> dict[str, float]:
+    """Zero-shot top-1 on the built-in held-out set `eval_set` (a conf/eval option) of `run`'s EMA and
+    online models, full and masked."""
+    module, evaluation = load_for_evaluation(compose("eval", [f"ckpt_path={run}", f"eval=[{eval_set}]"]))
     teacher = module.ema_model.vision
     policies = {"random": RandomMasking(keep_ratio, unit), "attentive": AttentiveLow(keep_ratio, unit)}
     models: dict[str, nn.Module] = {}
@@ -45,12 +50,15 @@ def measure(run: Path, keep_ratio: float, unit: int) -> dict[str, float]:
         models[f"{name} full"] = model
         models |= {f"{name} {view}": MaskedViews(model, policy, teacher) for view, policy in policies.items()}
     metrics = evaluation.run(models, module.tokenizer)
-    return {name: values[REPORTED] for name, values in metrics.items()}
+    return {name: values[reported_metric(eval_set)] for name, values in metrics.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--eval", dest="eval_set", default="synthetic", help="the built-in variant's held-out set (conf/eval)"
     )
     parser.add_argument("runs", nargs="+", type=Path, help="run directories or checkpoints")
     parser.add_argument("--keep-ratio", type=float, default=0.5)
@@ -59,8 +67,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     )
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    rows = {run: measure(run, args.keep_ratio, args.unit) for run in args.runs}
-    text = f"{REPORTED} (%) on full and masked views\n\n" + command_and_table(
+    rows = {run: measure(run, args.keep_ratio, args.unit, args.eval_set) for run in args.runs}
+    text = f"{reported_metric(args.eval_set)} (%) on full and masked views\n\n" + command_and_table(
         "analysis.masked_evaluation", argv, "run", rows, digits=1
     )
     print(text)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from analysis import masked_evaluation, teacher_at_init
+from analysis import auxiliary_terms, masked_evaluation, plateau, segment_oracle, teacher_at_init
+from tests.helpers import TINY_OVERRIDES
 
 
 def test_agreement_is_one_for_the_same_positions_and_about_a_third_for_random_halves():
@@ -17,7 +20,9 @@ def test_agreement_is_one_for_the_same_positions_and_about_a_third_for_random_ha
 
 
 def test_the_untrained_teachers_recall_differs_from_randoms_and_depends_on_the_seed():
-    text = teacher_at_init.main(["--seeds", "1", "3", "--set", "data.batch_size=64"])
+    # The tiny model of docs/attentive_stability.md section 1 (ViT's patch projection, timm's layers).
+    model = ["--set", "model.vision.stem=patch", "--set", "model.vision.weight_init=''"]
+    text = teacher_at_init.main(["--seeds", "1", "3", "--set", "data.batch_size=64", *model])
     rows = {
         int(cells[1]): [float(c) for c in cells[2:-1]]
         for cells in (
@@ -67,3 +72,60 @@ def test_masked_views_keep_the_cells_their_teacher_attends_to_and_the_same_rando
         generator = torch.Generator().manual_seed(0)  # MaskedViews' seed for its first batch
         keep = ClusterMasking().select(None, grid, len(images), generator=generator, pixels=images)
         torch.testing.assert_close(clustered, model.encode_image(images, keep))
+
+
+def test_the_plateau_probe_splits_the_model_into_its_towers_and_stops_after_its_steps(train_config):
+    from hydra.utils import instantiate
+
+    module = instantiate(train_config().model)
+    parts = plateau.tower_parts(module)
+    counted = [id(p) for parameters in parts.values() for p in parameters]
+    assert len(counted) == len(set(counted))  # no parameter counted twice ...
+    assert set(counted) | {id(module.model.logit_scale)} == {id(p) for p in module.model.parameters()}
+
+    sizes = [*TINY_OVERRIDES, "data.batch_size=16", "data.train.size=48"]
+    text = plateau.main(["--steps", "2", "--every", "1", *(f"--set={override}" for override in sizes)])
+    rows = {
+        int(cells[1]): [float(c) for c in cells[2:-1]]
+        for cells in (line.split("|") for line in text.splitlines() if line.startswith("| "))
+        if cells[1].strip().isdigit()
+    }
+    assert list(rows) == [0, 1, 2]  # it stopped after 2 of the epoch's 3 steps
+    for step, (loss, image_cos, text_cos, matched, *grads) in rows.items():
+        assert -1 <= image_cos <= 1 and -1 <= text_cos <= 1 and abs(matched) < 1
+        if step:
+            assert abs(loss - math.log(16)) < 1 and all(g > 0 for g in grads)
+
+
+def table(text: str) -> tuple[list[str], dict[int, list[float]]]:
+    """A probe's printed Markdown table: its column names and its rows by step."""
+    lines = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    header, *body = lines
+    rows = {int(cells[0]): [float(c) for c in cells[1:]] for cells in body if cells[0].strip().isdigit()}
+    return [name.strip() for name in header[1:]], rows
+
+
+@pytest.mark.parametrize("byol_weight", [2, 0])
+def test_the_auxiliary_terms_probe_takes_each_terms_own_trunk_gradient(byol_weight):
+    sizes = [*TINY_OVERRIDES, "data.batch_size=16", "data.train.size=48"]
+    overrides = [*sizes, f"model.self_supervision.byol_weight={byol_weight}"]
+    text = auxiliary_terms.main(["--steps", "2", "--every", "2", *(f"--set={o}" for o in overrides)])
+    columns, rows = table(text)
+    terms = ["clip", "simclr", "byol"] if byol_weight else ["clip", "simclr"]  # the module's own terms
+    spreads = [f"{term} spread" for term in terms[1:]]
+    assert columns == [*terms, *(f"grad {t}" for t in terms), *(f"cos clip-{t}" for t in terms[1:]), *spreads]
+    (values,) = rows.values()
+    named = dict(zip(columns, values, strict=True))
+    assert all(named[f"grad {term}"] > 0 for term in terms)
+    assert all(-1 <= named[name] <= 1 for name in columns if name.startswith("cos") or "spread" in name)
+
+
+def test_half_of_a_segment_digits_patches_often_cannot_name_it():
+    text = segment_oracle.main(["--samples", "30", "--draws", "2", "--keep-ratios", "1", "0.5"])
+    rows = {
+        float(cells[1]): float(cells[2])
+        for cells in (line.split("|") for line in text.splitlines() if line.startswith("| "))
+        if cells[1].strip()[:1].isdigit()
+    }
+    assert rows[1.0] == 100.0  # the whole digit always names it
+    assert rows[0.5] < 60.0  # a random half of its patches, often not

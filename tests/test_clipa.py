@@ -58,7 +58,12 @@ def test_average_pooling_averages_the_patches_the_tower_saw():
 
 def test_pre_norm_and_average_pooling_export_to_open_clip(train_config, tmp_path):
     """open_clip's `ln_pre` and `pool_type="avg"` carry the two switches: equal embeddings."""
-    module = instantiate(train_config("model.vision.pre_norm=true", "model.vision.pool=avg").model)
+    overrides = (
+        "model.vision.pre_norm=true",
+        "model.vision.pool=avg",
+        "model.vision.stem=patch",
+    )  # exportable
+    module = instantiate(train_config(*overrides).model)
     model = module.model.eval()
     with torch.no_grad():  # weights away from their initial ones, so that a dropped norm would show
         model.vision.trunk.norm_pre.weight.uniform_(0.5, 1.5)

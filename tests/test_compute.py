@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from aclip.errors import ConfigError
 from aclip.flop_counter import flop_counter
 from aclip.modules.stages import build_phases, flops_until, phase_ends
 from aclip.summary.compute_chart import COMPUTE_FILE
-from tests.helpers import TINY_SYNTHETIC_OVERRIDES, fresh_copy, run_train_py
+from tests.helpers import REPO, TINY_SYNTHETIC_OVERRIDES, fresh_copy, run_train_py
 from tests.test_summarize import read_csv
 
 RANDOM = {"_target_": "aclip.modules.masking.RandomMasking", "keep_ratio": 0.5}
@@ -65,6 +67,37 @@ def test_the_count_on_fake_tensors_is_a_real_steps_and_changes_nothing(train_con
         assert 0 < real - counted < 0.001 * real
     else:
         assert counted == real
+
+
+# In a fresh interpreter, whose first backward pass is then the count's on fake tensors, as in a run.
+FORK_AFTER_THE_COUNT = """
+import os, sys
+import torch
+from hydra.utils import instantiate
+from aclip.compute import count_batch_flops, example_sample
+from tests.helpers import TINY_SYNTHETIC_OVERRIDES, compose_config
+
+cfg = compose_config("train", TINY_SYNTHETIC_OVERRIDES, __import__("pathlib").Path(sys.argv[1]))
+datamodule, module = instantiate(cfg.data), instantiate(cfg.model)
+count_batch_flops(module, example_sample(datamodule, module.needs_teacher_crop), 2)
+child = os.fork()
+if child == 0:  # a fork-started DDP rank's first step
+    torch.nn.Linear(2, 2)(torch.ones(1, 2)).sum().backward()
+    os._exit(0)
+_, status = os.waitpid(child, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_process_forked_after_the_count_can_still_train(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_THE_COUNT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_a_budget_buys_the_steps_whose_next_one_would_overspend():

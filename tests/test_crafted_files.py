@@ -23,7 +23,8 @@ from aclip.tasks import evaluate_checkpoint, train
 from tests.helpers import SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config
 
 WRITTEN = "written by the crafted file"
-QUICK = ["evaluation.at_end=false", "evaluation.every_n_steps=null"]
+# ViT's patch projection, so that every entry point, aclip.export included, reaches the crafted contents.
+QUICK = ["evaluation.at_end=false", "evaluation.every_n_steps=null", "model.vision.stem=patch"]
 
 
 class WritesOnUnpickle:

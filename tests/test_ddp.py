@@ -248,8 +248,14 @@ def sampler_order(rank: int, world: int, seed: int) -> list[int]:
     )
 
 
+# The tiny default's convolutional stem has batch norms: trainer=ddp_cpu cannot synchronise them (each
+# process normalises over its own batch), which would part the ranks from the single process.
+# These tests run the DDP code path with ViT's patch projection.
+PATCH_STEM = "model.vision.stem=patch"
+
+
 def compose(tmp: Path, *overrides: str) -> DictConfig:
-    return compose_config("train", [*TINY_OVERRIDES, *overrides], tmp / "run")
+    return compose_config("train", [*TINY_OVERRIDES, PATCH_STEM, *overrides], tmp / "run")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,8 +263,9 @@ def compose(tmp: Path, *overrides: str) -> DictConfig:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_ddp_cpu_trainer_is_two_gloo_processes_with_sync_batchnorm(tmp_path):
-    """The tiny global batch of 8 splits into 4 per process; the strategy is Lightning's DDP over gloo."""
+def test_ddp_cpu_trainer_is_two_gloo_processes_with_their_own_batch_statistics(tmp_path):
+    """The tiny global batch of 8 splits into 4 per process; the strategy is Lightning's DDP over gloo;
+    batch norms keep each process's statistics (torch's SyncBatchNorm runs only on GPU)."""
     cfg = compose(tmp_path, "trainer=ddp_cpu")
     validate_config(cfg)
     assert world_size(cfg.trainer) == WORLD
@@ -268,7 +275,7 @@ def test_ddp_cpu_trainer_is_two_gloo_processes_with_sync_batchnorm(tmp_path):
     assert trainer.strategy.process_group_backend == "gloo"
     assert trainer.num_devices == WORLD and trainer.num_nodes == 1
     assert [device.type for device in trainer.strategy.parallel_devices] == ["cpu", "cpu"]
-    assert cfg.trainer.sync_batchnorm and cfg.trainer.precision == "32-true"
+    assert not cfg.trainer.sync_batchnorm and cfg.trainer.precision == "32-true"
 
 
 def test_ddp_gpu_trainer(tmp_path):
@@ -286,9 +293,11 @@ def test_ddp_gpu_trainer(tmp_path):
 
 
 def test_ddp_cpu_trainer_turns_batch_norm_heads_into_sync_batch_norm(tmp_path):
-    """`sync_batchnorm: true`: the layer sync that DDPStrategy.setup applies before wrapping the module in
-    DDP converts the heads' BatchNorm1d. (A CPU fit cannot show it: DDP rejects SyncBatchNorm on CPU.)"""
-    cfg = compose(tmp_path, "trainer=ddp_cpu", "method=aclip", "model.self_supervision.norm=batch")
+    """`sync_batchnorm: true` (trainer=ddp's): the layer sync that DDPStrategy.setup applies before wrapping
+    the module in DDP converts the heads' BatchNorm1d. (A CPU fit cannot show it: DDP rejects SyncBatchNorm
+    on CPU.)"""
+    overrides = ["method=aclip", "model.self_supervision.norm=batch", "trainer.sync_batchnorm=true"]
+    cfg = compose(tmp_path, "trainer=ddp_cpu", *overrides)
     module = instantiate(cfg.model)
     assert batch_norm_types(module) == ["BatchNorm1d"]
     layer_sync = instantiate(cfg.trainer, logger=False).strategy._layer_sync
@@ -300,12 +309,22 @@ def test_ddp_cpu_trainer_turns_batch_norm_heads_into_sync_batch_norm(tmp_path):
 def test_batch_statistics_across_cpu_processes_are_rejected_at_start_up(tmp_path, norm):
     """torch's SyncBatchNorm runs only on GPU: a CPU DDP run with batch-norm heads would fail at step 1."""
     overrides = ["method=aclip", f"model.self_supervision.norm={norm}"]
+    synchronised = [*overrides, "trainer.sync_batchnorm=true"] if norm == "batch" else overrides
     with pytest.raises(ConfigError, match="SyncBatchNorm"):
-        validate_config(compose(tmp_path, "trainer=ddp_cpu", *overrides))
+        validate_config(compose(tmp_path, "trainer=ddp_cpu", *synchronised))
     validate_config(compose(tmp_path, "trainer=ddp", *overrides))
     validate_config(compose(tmp_path, "trainer=ddp_cpu", "method=aclip", "model.self_supervision.norm=layer"))
-    if norm == "batch":  # per-process statistics are allowed when asked for
-        validate_config(compose(tmp_path, "trainer=ddp_cpu", *overrides, "trainer.sync_batchnorm=false"))
+    if norm == "batch":  # trainer=ddp_cpu's own: each process's statistics
+        validate_config(compose(tmp_path, "trainer=ddp_cpu", *overrides))
+
+
+def test_a_convolutional_stem_across_cpu_processes_is_rejected_at_start_up(tmp_path):
+    """Its batch norms would be SyncBatchNorm, which torch runs only on GPU: the run would fail at step 1."""
+    conv = ["model.vision.stem=conv", "trainer.sync_batchnorm=true"]
+    with pytest.raises(ConfigError, match="stem's batch norms SyncBatchNorm"):
+        validate_config(compose(tmp_path, "trainer=ddp_cpu", *conv))
+    validate_config(compose(tmp_path, "trainer=ddp", *conv))
+    validate_config(compose(tmp_path, "trainer=ddp_cpu", "model.vision.stem=conv"))  # per-process statistics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -525,6 +544,7 @@ def train_py_run(tmp_path_factory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("train_py")
     run_train_py(
         *TINY_OVERRIDES,
+        PATCH_STEM,
         "trainer=ddp_cpu",
         "method=aclip",
         "masking=random",  # seeded per rank: the masks must differ between the ranks

@@ -131,8 +131,9 @@ def test_karpathy_rejects_bad_splits_and_captions(tmp_path):
 # --- The `eval` config group: one option per set, and the suite that pulls in the SLIP/A-CLIP 26.
 
 SET_OPTIONS = sorted(p.stem for p in EVAL_DIR.glob("*.yaml") if p.stem != SUITE)
-# synthetic.yaml and glyphs.yaml hold two sets of the built-in data each; every other option is one set.
-BUILT_IN = ("synthetic", "glyphs")
+# synthetic.yaml, glyphs.yaml and segments.yaml hold two sets of the built-in data each; every other option
+# is one set.
+BUILT_IN = ("synthetic", "glyphs", "segments")
 SINGLE_SET_OPTIONS = [option for option in SET_OPTIONS if option not in BUILT_IN]
 
 

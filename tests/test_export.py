@@ -16,8 +16,14 @@ from PIL import Image
 
 import aclip
 from aclip import export
+from aclip.modules.vision import ConvStem
 from aclip.open_clip_format import CONFIG_FILE
 from aclip.tasks import train
+from aclip.trained import load_checkpoint
+
+# open_clip's ViT embeds patches with one linear projection: the towers these tests export have it (the
+# tiny default's convolutional stem is refused, tested below).
+PATCH_STEM = "model.vision.stem=patch"
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +32,8 @@ def trained(tmp_path_factory):
     from tests.helpers import TINY_SYNTHETIC_OVERRIDES, compose_config
 
     root = tmp_path_factory.mktemp("export")
-    cfg = compose_config(
-        "train", [*TINY_SYNTHETIC_OVERRIDES, "trainer.max_steps=2", "evaluation.at_end=false"], root / "run"
-    )
+    overrides = [*TINY_SYNTHETIC_OVERRIDES, PATCH_STEM, "trainer.max_steps=2", "evaluation.at_end=false"]
+    cfg = compose_config("train", overrides, root / "run")
     train(cfg)
     return root / "run" / "checkpoints" / "last.ckpt"
 
@@ -86,9 +91,42 @@ def test_load_gives_a_run_and_its_export_one_contract(trained, tmp_path):
 
 
 def test_a_quick_gelu_text_tower_is_refused_with_the_reason(train_config):
-    module = instantiate(train_config("model.text.activation=quick_gelu").model)
+    module = instantiate(train_config("model.text.activation=quick_gelu", PATCH_STEM).model)
     with pytest.raises(ValueError, match="QuickGELU and its image tower GELU"):
         export.open_clip_config(module.model)
+
+
+def test_a_convolutional_stem_is_refused_by_the_export_and_by_weights_without_one(
+    trained, tmp_path, train_config
+):
+    conv = train_config("model.vision.stem=conv")
+    with pytest.raises(ValueError, match=r"convolutional stem .* cannot express it"):
+        export.open_clip_config(instantiate(conv.model).model)
+    export.main([str(trained), str(tmp_path / "out")])
+    for key, source in (
+        ("model.init_from", tmp_path / "out"),
+        ("model.vision.init_from", tmp_path / "vit.pt"),
+    ):
+        if key == "model.vision.init_from":  # a timm ViT's state dict, with its linear patch embedding
+            torch.save(instantiate(train_config(PATCH_STEM).model).model.vision.trunk.state_dict(), source)
+        with pytest.raises(InstantiationException, match=r"linear (patch embedding|projection)") as error:
+            instantiate(train_config("model.vision.stem=conv", f"{key}={source}").model)
+        assert "model.vision.stem=patch" in str(error.value)
+
+
+def test_a_convolutional_stem_run_is_served_from_its_checkpoint_batch_statistics_included(
+    tmp_path, train_config
+):
+    train(train_config("model.vision.stem=conv", "trainer.max_steps=2", "evaluation.at_end=false"))
+    loaded, _, _ = aclip.load(tmp_path / "run")
+    stem = loaded.vision.trunk.patch_embed.proj
+    assert isinstance(stem, ConvStem)  # rebuilt from the description
+    # The teacher's running statistics, copied from the student at each step, are saved and restored.
+    assert stem[1].num_batches_tracked.item() == 2 and stem[1].running_mean.abs().sum() > 0
+    module = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    pixels, _ = images_and_texts(loaded.vision.image_size)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(pixels), module.ema_model.encode_image(pixels))
 
 
 def test_the_readme_lines_run_as_written(trained, tmp_path, monkeypatch):
@@ -111,7 +149,7 @@ def test_init_from_an_export_or_a_checkpoint_starts_from_its_weights(trained, tm
     tokens = tokenizer(["a red circle"])
     pixels, _ = images_and_texts(reference.vision.image_size)
     for source in (tmp_path / "out", trained):
-        module = instantiate(train_config(f"model.init_from={source}").model)
+        module = instantiate(train_config(f"model.init_from={source}", PATCH_STEM).model)
         with torch.no_grad():
             for model in (module.model, module.ema_model):  # the teacher starts as the initialised student
                 torch.testing.assert_close(
@@ -119,7 +157,9 @@ def test_init_from_an_export_or_a_checkpoint_starts_from_its_weights(trained, tm
                 )
                 torch.testing.assert_close(model.encode_text(tokens), reference.encode_text(tokens))
         assert "init_from" not in module.hparams  # a checkpoint of the new run holds its own weights
-    cfg = train_config(f"model.init_from={tmp_path / 'out'}", "debug=fast_dev_run", "evaluation.at_end=false")
+    cfg = train_config(
+        f"model.init_from={tmp_path / 'out'}", PATCH_STEM, "debug=fast_dev_run", "evaluation.at_end=false"
+    )
     train(cfg)  # and it trains
 
 
@@ -127,7 +167,7 @@ def test_init_from_weights_of_other_widths_lists_what_does_not_fit(trained, trai
     with pytest.raises(
         InstantiationException, match=r"does not fit this model \(.*other shapes: vision\.proj\.weight"
     ):
-        instantiate(train_config(f"model.init_from={trained}", "model.vision.width=32").model)
+        instantiate(train_config(f"model.init_from={trained}", PATCH_STEM, "model.vision.width=32").model)
 
 
 def test_init_from_a_run_of_another_grid_and_context_resizes_both_towers_positions(trained, train_config):
@@ -138,7 +178,10 @@ def test_init_from_a_run_of_another_grid_and_context_resizes_both_towers_positio
     source, _, _ = aclip.load(trained)
     module = instantiate(
         train_config(
-            f"model.init_from={trained}", "model.vision.image_size=48", "model.text.context_length=24"
+            f"model.init_from={trained}",
+            PATCH_STEM,
+            "model.vision.image_size=48",
+            "model.text.context_length=24",
         ).model
     )
     vision, text = module.model.vision, module.model.text.transformer
@@ -206,14 +249,14 @@ def test_a_timm_vision_state_dict_of_another_grid_loads_with_resized_positions(t
     from safetensors.torch import save_file
     from timm.layers import resample_abs_pos_embed
 
-    source = instantiate(train_config().model).model.vision.trunk  # 32 px: a 4 x 4 grid
+    source = instantiate(train_config(PATCH_STEM).model).model.vision.trunk  # 32 px: a 4 x 4 grid
     weights = {f"trunk.{name}": value.clone() for name, value in source.state_dict().items()}
     weights["trunk.head.weight"] = torch.zeros(10, source.embed_dim)  # a classifier the tower has no use for
     save_file(weights, str(tmp_path / "vit.safetensors"))
 
     module = instantiate(
         train_config(
-            "model.vision.image_size=48", f"model.vision.init_from={tmp_path / 'vit.safetensors'}"
+            "model.vision.image_size=48", PATCH_STEM, f"model.vision.init_from={tmp_path / 'vit.safetensors'}"
         ).model
     )
     trunk = module.model.vision.trunk  # 48 px: a 6 x 6 grid
@@ -227,4 +270,6 @@ def test_a_timm_vision_state_dict_of_another_grid_loads_with_resized_positions(t
     del weights["trunk.blocks.0.attn.qkv.weight"]
     save_file(weights, str(tmp_path / "partial.safetensors"))
     with pytest.raises(InstantiationException, match=r"missing: blocks\.0\.attn\.qkv\.weight"):
-        instantiate(train_config(f"model.vision.init_from={tmp_path / 'partial.safetensors'}").model)
+        instantiate(
+            train_config(f"model.vision.init_from={tmp_path / 'partial.safetensors'}", PATCH_STEM).model
+        )

@@ -268,8 +268,9 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
     Each command without a placeholder runs in a fresh copy of its own; the commands with placeholders
     run one after another in one copy, after the README's plain `train.py` (and the sweep a placeholder
     for a sweep directory follows in the docs), whose run (or sweep) they then name; a second training
-    stage (`model.init_from=<run>` right after a `train.py` command) runs after its first stage, the
-    pairs in a copy of their own.
+    stage (`model.init_from=<run>` right after a `train.py` command), and a command naming a run right
+    after a `train.py` command of another model (`model.*`), runs after that command, the pairs in a copy
+    of their own.
     """
     runnable = [command for _, command in COMMANDS if command not in SKIPPED]
     chain, stages = [".venv/bin/python train.py"], []
@@ -278,12 +279,16 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
             continue
         before = runnable[index - 1]
         if (
-            "init_from=logs/train/runs/<" in command
+            (
+                "init_from=logs/train/runs/<" in command
+                or ("logs/train/runs/<" in command and " model." in before)
+            )
             and re.search(r"\btrain\.py\b", before)
             and "<" not in before
         ):
-            # A second stage starts from the run the docs train just before it: the pairs run in a copy
-            # of their own, so that no other command names a second stage's run.
+            # A second stage starts from the run the docs train just before it, and a command names the run
+            # of another model the docs train just before it: the pairs run in a copy of their own, so that
+            # no other command names their runs.
             stages += [before, command]
             continue
         if "logs/train/multiruns/<" in command:  # names the sweep the docs ran just before it

@@ -2,6 +2,7 @@
 
 import colorsys
 import dataclasses
+import hashlib
 import re
 from collections import Counter
 
@@ -59,7 +60,10 @@ def _items(dataset, indices):
     out = []
     for i in indices:
         item = dataset[i]
-        image, extra = item if isinstance(item, tuple) else (item, None)
+        image, *extra = item if isinstance(item, tuple) else (item,)
+        extra = extra[0] if len(extra) == 1 else tuple(extra) or None
+        if isinstance(extra, tuple):  # (caption, {"object_mask": ...})
+            extra = (extra[0], extra[1]["object_mask"].numpy().tobytes())
         out.append((image.numpy().tobytes(), extra))
     return out
 
@@ -70,8 +74,18 @@ def _items(dataset, indices):
         lambda: SyntheticCaptions(size=40, seed=5),
         lambda: SyntheticClassification(size=40, seed=5),
         lambda: SyntheticRetrieval(size=40, seed=5, captions_per_image=3),
+        lambda: SyntheticCaptions(size=40, seed=5, variant="segments", object_masks=True),
+        lambda: SyntheticClassification(size=40, seed=5, variant="segments"),
+        lambda: SyntheticRetrieval(size=40, seed=5, captions_per_image=3, variant="segments"),
     ],
-    ids=["captions", "classification", "retrieval"],
+    ids=[
+        "captions",
+        "classification",
+        "retrieval",
+        "segments captions",
+        "segments classification",
+        "segments retrieval",
+    ],
 )
 def test_deterministic_across_instances_and_access_order(make) -> None:
     first, second = make(), make()
@@ -286,3 +300,122 @@ def test_retrieval_captions() -> None:
 def test_invalid_arguments(make) -> None:
     with pytest.raises(ValueError):
         make()
+
+
+# --- Every variant's outputs are pinned: a change to the shared machinery must not move them.
+
+
+def digest(dataset, count: int) -> str:
+    """A short hash of the first `count` items of `dataset`: pixels, captions or labels, object masks."""
+    hashed = hashlib.sha256()
+    for i in range(count):
+        item = dataset[i]
+        for part in item if isinstance(item, tuple) else (item,):
+            if isinstance(part, dict):
+                part = part["object_mask"]
+            hashed.update(part.numpy().tobytes() if isinstance(part, torch.Tensor) else repr(part).encode())
+    if isinstance(dataset, SyntheticRetrieval):
+        hashed.update(repr(dataset.captions).encode())
+    return hashed.hexdigest()[:16]
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        # Recorded before the segments variant was added: the shapes and glyphs draw as they always did.
+        ("shapes", ("1f79c462378ae113", "a987a2567400cabb", "59cff46a015e7243")),
+        ("glyphs", ("ecfc0751d53b2e19", "0df97c7781606079", "9cbd45af481a89a0")),
+        ("segments", ("0bd8d8115250354c", "fd1e24b928ccda76", "c44caace9cd5a2e8")),
+    ],
+)
+def test_each_variant_draws_the_samples_it_always_drew(variant, expected) -> None:
+    assert (
+        digest(SyntheticCaptions(size=16, seed=3, variant=variant, object_masks=True), 16),
+        digest(SyntheticClassification(size=16, seed=3, variant=variant), 16),
+        digest(SyntheticRetrieval(size=8, seed=3, variant=variant), 8),
+    ) == expected
+
+
+# --- The segments variant: seven-segment digits in thin strokes on a noisy ground among loose strokes.
+
+DIGIT_NAMES = "|".join(synthetic.SEGMENT_DIGITS)
+
+
+def named_digits(caption: str) -> list[str]:
+    return re.findall(rf"digit ({DIGIT_NAMES})\b", caption)
+
+
+def test_segment_digits_are_told_apart_by_one_or_two_of_their_segments() -> None:
+    lit = [set(segments) for segments in synthetic.SEGMENTS_LIT]
+    assert len(lit) == len(synthetic.SEGMENT_CLASSNAMES) == 10
+    assert len({frozenset(segments) for segments in lit}) == 10  # every digit is drawn differently
+    nearest = [min(len(a ^ b) for b in lit if b is not a) for a in lit]
+    assert max(nearest) <= 2 and nearest.count(1) >= 6  # what makes half a digit ambiguous
+
+
+def test_segments_captions_name_one_or_two_different_digits_and_the_masks_are_their_strokes() -> None:
+    dataset = SyntheticCaptions(size=40, variant="segments", object_masks=True)
+    counts = Counter()
+    for i in range(len(dataset)):
+        image, caption, masks = dataset[i]
+        digits = named_digits(caption)
+        counts[len(digits)] += 1
+        assert len(digits) == len(set(digits)) and "colour" not in caption.replace("coloured", ""), caption
+        mask = masks["object_mask"].numpy()
+        # Thin strokes: a few percent of the image per digit.
+        assert 0.005 < (mask / 255).mean() < 0.05 * len(digits), (i, caption)
+        if len(digits) == 1:
+            rows, cols = np.nonzero(mask)
+            assert 0.08 < (np.ptp(rows) + 1) * (np.ptp(cols) + 1) / mask.size < 0.25  # the digit's frame
+            # Where the mask is full, the pixels are the digit's one colour, a stroke colour.
+            drawn = hwc(image)[mask == 255]
+            assert len(np.unique(drawn, axis=0)) == 1, i
+            _, saturation, value = colorsys.rgb_to_hsv(*(drawn[0] / 255))
+            assert saturation > 0.35 and value > 0.65
+    assert set(counts) == {1, 2}
+
+
+def test_segments_classification_draws_the_labelled_digit_in_a_tenth_of_the_image() -> None:
+    dataset = SyntheticClassification(size=30, seed=1, variant="segments")
+    assert dataset.classnames == synthetic.SEGMENT_CLASSNAMES
+    assert dataset.templates == synthetic.SEGMENT_PROMPT_TEMPLATES
+    for i in range(len(dataset)):
+        image, label = dataset[i]
+        (digit,) = dataset.objects(i)
+        assert label == i % 10 == digit.digit and image.shape == (3, 64, 64)
+        x0, y0, x1, y1 = digit.box
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+        assert 0.08 < (x1 - x0) * (y1 - y0) / 64**2 < 0.25  # "about 10 to 20 % of the image"
+        assert len(digit.lit) == len(synthetic.SEGMENTS_LIT[label])
+
+
+def test_segments_clutter_is_loose_grey_strokes_like_the_digits_on_a_noisier_finer_ground() -> None:
+    for i in range(20):
+        scene = synthetic._sample_scene(np.random.default_rng(i), 64, 1, variant="segments")
+        (digit,) = scene.objects
+        assert 8 <= len(scene.clutter) <= 16
+        for item in scene.clutter:
+            assert item.kind == "line" and len(item.points) == 2
+            assert 0.022 * 64 <= item.width <= 0.036 * 64 and 0.022 * 64 <= digit.width <= 0.036 * 64
+            _, saturation, value = colorsys.rgb_to_hsv(*(c / 255 for c in item.colour))
+            assert value > 0.69  # as bright as the digits' strokes, but never saturated as they are
+            assert saturation <= synthetic._CLUTTER_MAX_SATURATION + 0.02
+
+    def ground(variant: str) -> np.ndarray:
+        scene = synthetic._sample_scene(np.random.default_rng(0), 64, 1, variant=variant)
+        bare = dataclasses.replace(scene, objects=(), clutter=())
+        return hwc(synthetic._render(bare, 64, np.random.default_rng(0))).astype(np.float32)
+
+    def fine_detail(image: np.ndarray) -> float:  # the mean change from one pixel to the next
+        return float(np.abs(np.diff(image, axis=0)).mean() + np.abs(np.diff(image, axis=1)).mean())
+
+    assert fine_detail(ground("segments")) > 2.5 * fine_detail(ground("shapes"))
+
+
+def test_segments_retrieval_captions_describe_the_same_digits() -> None:
+    dataset = SyntheticRetrieval(size=12, captions_per_image=3, seed=2, variant="segments")
+    for captions in dataset.captions:
+        assert len(set(captions)) == 3
+        assert len({frozenset(named_digits(caption)) for caption in captions}) == 1
+    with pytest.raises(ValueError):
+        SyntheticRetrieval(size=2, variant="segments", captions_per_image=9)

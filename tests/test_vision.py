@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from timm.layers import Attention
 from timm.models import VisionTransformer
 
-from aclip.modules.vision import VisionTower, keep_tokens
+from aclip.modules.vision import ConvStem, VisionTower, keep_tokens
 
 PATCH = 8
 
@@ -230,6 +230,67 @@ def test_weight_init_chooses_timms_initialisation():
 
 
 def test_weight_init_switch_reaches_the_tower(train_config):
-    module = instantiate(train_config("model.vision.weight_init=jax").model)
-    assert module.model.vision.trunk.weight_init_mode == "jax"
-    assert instantiate(train_config().model).model.vision.trunk.weight_init_mode == ""
+    module = instantiate(train_config("model.vision.weight_init=moco").model)
+    assert module.model.vision.trunk.weight_init_mode == "moco"
+    assert instantiate(train_config().model).model.vision.trunk.weight_init_mode == "jax"  # tiny's
+
+
+# --- The convolutional stem: non-linear patch tokens on ViT's grid, so token removal works as before.
+
+
+def test_conv_stem_replaces_the_patch_projection_on_the_same_grid():
+    tower = make_tower(stem="conv")
+    stem = tower.trunk.patch_embed.proj
+    assert isinstance(stem, ConvStem) and make_tower().stem == "patch"
+    convolutions = [layer for layer in stem if isinstance(layer, torch.nn.Conv2d)]
+    # log2(8) = 3 stride-2 3x3 convolutions, channels doubling up to the width, then a 1x1 one.
+    assert [(c.out_channels, c.kernel_size, c.stride) for c in convolutions] == [
+        (8, (3, 3), (2, 2)),
+        (16, (3, 3), (2, 2)),
+        (32, (3, 3), (2, 2)),
+        (32, (1, 1), (1, 1)),
+    ]
+    x = images()
+    with torch.no_grad():
+        assert tower.embed(x).shape == make_tower().embed(x).shape == (2, 1 + 16, 32)
+        assert tower.cls_attention(x).shape == (2, 16)
+        assert tower.grid(48, 64) == (6, 8) and tower(images(height=48, width=64)).shape == (2, 16)
+        # Its tokens are not linear in the pixels, as a patch projection's are.
+        assert not torch.allclose(tower.embed(2 * x) - tower.embed(x), tower.embed(x) - tower.embed(0 * x))
+
+
+def test_conv_stem_tokens_are_removed_as_the_patch_projections():
+    tower = make_tower(stem="conv")
+    x = images()
+    keep = torch.tensor([[0, 3, 5, 10, 15], [1, 2, 7, 8, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x, keep), reference_forward(tower, x, keep))
+        assert not torch.allclose(tower(x, keep), tower(x), atol=1e-4)
+        # A dropped patch away from every kept one is not seen (its border pixels reach the neighbours).
+        lone = torch.tensor([[0, 1, 4, 5]])  # the top-left 2 x 2 patches; patch 15 (bottom right) dropped
+        changed = x[:1].clone()
+        changed[..., 24:32, 24:32] = torch.randn(3, 8, 8) * 5
+        torch.testing.assert_close(tower(changed, lone), tower(x[:1], lone))
+        features, scores = tower.forward_with_cls_attention(x)  # the teacher's pass
+        torch.testing.assert_close(features, tower(x))
+        assert scores.shape == (2, 16)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"stem": "convnext"}, "stem must be one of"),
+        ({"stem": "conv", "patch_size": 6, "image_size": 36}, "power of 2"),
+        ({"stem": "conv", "freeze_patch_embed": True}, "replaces that projection"),
+    ],
+)
+def test_conv_stem_options_that_cannot_work_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        make_tower(**options)
+
+
+def test_stem_switch_reaches_the_towers_and_trains_the_stem(train_config):
+    module = instantiate(train_config("model.vision.stem=conv").model)
+    assert isinstance(module.model.vision.trunk.patch_embed.proj, ConvStem)
+    assert isinstance(module.ema_model.vision.trunk.patch_embed.proj, ConvStem)  # the teacher's too
+    assert all(p.requires_grad for p in module.model.vision.trunk.patch_embed.parameters())

@@ -71,7 +71,13 @@ def convex_polygon(xs: np.ndarray, ys: np.ndarray, vertices: Sequence[Point]) ->
 def polyline(xs: np.ndarray, ys: np.ndarray, points: Sequence[Point], width: float) -> np.ndarray:
     """Coverage of a polyline `width` pixels thick, with round joints and caps."""
     ends = np.asarray(points, dtype=np.float32)
-    start, step = ends[:-1, :, None, None], (ends[1:] - ends[:-1])[:, :, None, None]  # [segments, 2, 1, 1]
+    return strokes(xs, ys, ends[:-1], ends[1:], width)
+
+
+def strokes(xs: np.ndarray, ys: np.ndarray, starts: np.ndarray, ends: np.ndarray, width: float) -> np.ndarray:
+    """Coverage of the union of straight strokes from `starts` to `ends` (float32 [n, 2] each), `width`
+    pixels thick, with round caps."""
+    start, step = starts[:, :, None, None], (ends - starts)[:, :, None, None]  # [segments, 2, 1, 1]
     length = np.maximum((step**2).sum(axis=1), 1e-12)
     dx, dy = xs[None] - start[:, 0], ys[None] - start[:, 1]  # every segment at once: [segments, h, w]
     t = np.clip((dx * step[:, 0] + dy * step[:, 1]) / length, 0.0, 1.0)

@@ -12,7 +12,12 @@ random draw comes from ``numpy.random.default_rng([seed, split_index, kind, i, s
 byte-identical whatever the worker or access order, and the splits "train", "val" and "test" are
 independent streams.
 
-Three datasets share one scene sampler and renderer:
+Three variants share the scene sampling, rendering and captioning (``variant``): "shapes" (the above),
+"glyphs" (letters and digits in any hue among the same clutter, captions naming the glyphs) and
+"segments" (seven-segment digits in thin strokes on a noisy, high-frequency ground among loose grey
+strokes of the same widths: an object's identity needs most of its patches, as in small real data).
+
+Each variant comes as three datasets:
 
 * :class:`SyntheticCaptions`: ``(image, caption)`` training pairs.
 * :class:`SyntheticClassification`: zero-shot classification, one object per image, balanced labels.
@@ -159,10 +164,22 @@ class _Clutter:
 
 
 @dataclass(frozen=True)
+class _Ground:
+    """A variant's background: per-pixel noise, uniform in [-noise, noise], over a brightness texture of
+    standard deviation `texture_std` interpolated from a `texture_grid` x `texture_grid` grid (the finer
+    the grid, the higher its frequencies)."""
+
+    noise: int = _NOISE
+    texture_std: float = _TEXTURE_STD
+    texture_grid: int = _TEXTURE_GRID
+
+
+@dataclass(frozen=True)
 class _Scene:
-    objects: tuple[_Object, ...]
+    objects: tuple[_Object | _Glyph | _SegmentDigit, ...]
     clutter: tuple[_Clutter, ...]
     background: _RGB
+    ground: _Ground = _Ground()
 
 
 # Geometry is plain Python: with at most 12 vertices, numpy's per-call overhead would dominate.
@@ -261,24 +278,25 @@ def _sample_scene(
     variant: str = "shapes",
 ) -> _Scene:
     """Sample a scene with ``n_objects`` objects of distinct classes (``classes`` if given) of the
-    `variant` ("shapes": coloured shapes; "glyphs": letters and digits)."""
-    classnames, sample_object = VARIANTS[variant].classnames, VARIANTS[variant].sample_object
+    `variant` (a key of `VARIANTS`: "shapes", coloured shapes; "glyphs", letters and digits; "segments",
+    seven-segment digits in thin strokes)."""
+    spec = VARIANTS[variant]
     u_hue, u_sat, u_val, u_clutter = rng.random(4).tolist()
     background = _hsv(
         _lerp(u_hue, _BACKGROUND_HUE), u_sat * _BACKGROUND_MAX_SATURATION, _lerp(u_val, _BACKGROUND_VALUE)
     )
-    n_clutter = _N_CLUTTER[0] + int(u_clutter * (_N_CLUTTER[1] - _N_CLUTTER[0] + 1))
-    clutter = tuple(_sample_clutter(rng, image_size) for _ in range(n_clutter))
+    n_clutter = spec.n_clutter[0] + int(u_clutter * (spec.n_clutter[1] - spec.n_clutter[0] + 1))
+    clutter = tuple(spec.sample_clutter(rng, image_size) for _ in range(n_clutter))
     if classes is None:
-        classes = rng.choice(len(classnames), size=n_objects, replace=False).tolist()
+        classes = rng.choice(len(spec.classnames), size=n_objects, replace=False).tolist()
     if len(classes) != n_objects:
         raise ValueError(f"got {len(classes)} classes for {n_objects} objects")
-    objects: list[_Object] = []
+    objects: list[_Object | _Glyph | _SegmentDigit] = []
     for label in classes:
         # Keep objects mostly separate: retry placement, falling back to the least overlapping one.
         best: tuple[float, _Object] | None = None
         for _ in range(_PLACEMENT_TRIES):
-            candidate = sample_object(rng, image_size, int(label))
+            candidate = spec.sample_object(rng, image_size, int(label))
             overlap = max((_overlap(candidate.box, other.box) for other in objects), default=0.0)
             if best is None or overlap < best[0]:
                 best = (overlap, candidate)
@@ -286,7 +304,7 @@ def _sample_scene(
                 break
         assert best is not None
         objects.append(best[1])
-    return _Scene(objects=tuple(objects), clutter=clutter, background=background)
+    return _Scene(objects=tuple(objects), clutter=clutter, background=background, ground=spec.ground)
 
 
 def _num_objects(rng: np.random.Generator, max_objects: int) -> int:
@@ -295,35 +313,35 @@ def _num_objects(rng: np.random.Generator, max_objects: int) -> int:
     return 2
 
 
-@functools.lru_cache(maxsize=4)
-def _noise_bank(size: int) -> np.ndarray:
-    """Per-pixel noise, uniform in [-_NOISE, _NOISE], on a [3, 2 * size, 2 * size] tile that every image
-    of that size cuts its noise from at an offset of its own (drawing fresh noise per image would be the
-    renderer's largest cost)."""
-    rng = np.random.default_rng([_NOISE, size])
-    return rng.integers(-_NOISE, _NOISE + 1, size=(3, 2 * size, 2 * size)).astype(np.float32)
+@functools.lru_cache(maxsize=8)
+def _noise_bank(size: int, amplitude: int) -> np.ndarray:
+    """Per-pixel noise, uniform in [-amplitude, amplitude], on a [3, 2 * size, 2 * size] tile that every
+    image of that size cuts its noise from at an offset of its own (drawing fresh noise per image would be
+    the renderer's largest cost)."""
+    rng = np.random.default_rng([amplitude, size])
+    return rng.integers(-amplitude, amplitude + 1, size=(3, 2 * size, 2 * size)).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=4)
-def _bilinear_upsampling(size: int) -> np.ndarray:
-    """The [size, _TEXTURE_GRID] matrix of bilinear interpolation weights from the texture grid's cell
-    centres to the pixel centres (clamped at the borders, as `F.interpolate(align_corners=False)`)."""
-    position = np.clip((np.arange(size) + 0.5) * _TEXTURE_GRID / size - 0.5, 0, _TEXTURE_GRID - 1)
-    low = np.minimum(np.floor(position).astype(int), _TEXTURE_GRID - 2)
-    weights = np.zeros((size, _TEXTURE_GRID), dtype=np.float32)
+@functools.lru_cache(maxsize=8)
+def _bilinear_upsampling(size: int, grid: int) -> np.ndarray:
+    """The [size, grid] matrix of bilinear interpolation weights from the texture grid's cell centres to
+    the pixel centres (clamped at the borders, as `F.interpolate(align_corners=False)`)."""
+    position = np.clip((np.arange(size) + 0.5) * grid / size - 0.5, 0, grid - 1)
+    low = np.minimum(np.floor(position).astype(int), grid - 2)
+    weights = np.zeros((size, grid), dtype=np.float32)
     weights[np.arange(size), low] = 1 - (position - low)
     weights[np.arange(size), low + 1] = position - low
     return weights
 
 
-def _background(base: _RGB, size: int, rng: np.random.Generator) -> np.ndarray:
-    """The background [3, size, size] float32: a base colour, a low-frequency brightness texture and
-    per-pixel noise."""
-    coarse = rng.normal(0.0, _TEXTURE_STD, size=(_TEXTURE_GRID, _TEXTURE_GRID)).astype(np.float32)
-    upsample = _bilinear_upsampling(size)
+def _background(base: _RGB, size: int, rng: np.random.Generator, ground: _Ground) -> np.ndarray:
+    """The background [3, size, size] float32: a base colour, a brightness texture and per-pixel noise."""
+    grid = ground.texture_grid
+    coarse = rng.normal(0.0, ground.texture_std, size=(grid, grid)).astype(np.float32)
+    upsample = _bilinear_upsampling(size, grid)
     texture = upsample @ coarse @ upsample.T  # bilinear interpolation of the coarse grid
     top, left = rng.integers(0, size, size=2)
-    canvas = _noise_bank(size)[:, top : top + size, left : left + size] + texture
+    canvas = _noise_bank(size, ground.noise)[:, top : top + size, left : left + size] + texture
     canvas += np.asarray(base, dtype=np.float32)[:, None, None]
     return canvas
 
@@ -378,7 +396,7 @@ def _draw(scene: _Scene, image_size: int, rng: np.random.Generator, channels: in
     (255: fully the captioned objects'). ``rng`` only drives the background texture and noise.
 
     Channels last, as decoded images are stored: the views resize faster from it."""
-    canvas = _background(scene.background, image_size, rng)
+    canvas = _background(scene.background, image_size, rng, scene.ground)
     for item in scene.clutter:
         _paint_clutter(canvas, item)
     objects = np.zeros((image_size, image_size), dtype=np.float32)
@@ -415,7 +433,7 @@ def _article(phrase: str) -> str:
     return "an" if phrase[:1].lower() in "aeiou" else "a"
 
 
-def _caption(objects: Sequence[_Object | _Glyph], template: tuple[str, str]) -> str:
+def _caption(objects: Sequence[_Object | _Glyph | _SegmentDigit], template: tuple[str, str]) -> str:
     """Caption ``objects`` (in this order) with one of their variant's caption templates."""
     sentence, phrase = template
     phrases = [phrase.format(**obj.phrases) for obj in objects]
@@ -518,19 +536,148 @@ def _sample_glyph(rng: np.random.Generator, image_size: int, label: int) -> _Gly
     return _Glyph(GLYPHS[label], colour, (left, top, left + width, top + height), pixels, angle)
 
 
+# -- The variant hard the way small real data is: thin-stroke digits on a noisy ground among strokes -------
+
+# Seven-segment digits: an object's identity is the arrangement of its strokes, and most digits differ
+# from another in one or two segments (8 from 0, 6 and 9; 7 from 1; 3 from 9), so a view that drops a
+# few of its patches often cannot tell which digit it is. The clutter is loose strokes of the same widths
+# and brightness, desaturated as all clutter: a stroke's colour marks a digit, but which digit it is
+# needs the arrangement of its strokes.
+SEGMENT_DIGITS: tuple[str, ...] = (
+    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+)  # fmt: skip
+SEGMENT_CLASSNAMES: tuple[str, ...] = tuple(f"digit {name}" for name in SEGMENT_DIGITS)
+SEGMENT_PROMPT_TEMPLATES: tuple[str, ...] = PROMPT_TEMPLATES
+_SEGMENT_CAPTION_TEMPLATES: tuple[tuple[str, str], ...] = (
+    *_GLYPH_CAPTION_TEMPLATES[:7],
+    ("{objs} drawn in thin strokes.", "{name}"),
+)
+# The segments a..g as pairs of frame corners, in units of the digit's width (x) and height (y) around
+# its centre: a top, b upper right, c lower right, d bottom, e lower left, f upper left, g middle.
+_SEGMENT_ENDS: tuple[tuple[_Point, _Point], ...] = (
+    ((-0.5, -0.5), (0.5, -0.5)),
+    ((0.5, -0.5), (0.5, 0.0)),
+    ((0.5, 0.0), (0.5, 0.5)),
+    ((-0.5, 0.5), (0.5, 0.5)),
+    ((-0.5, 0.0), (-0.5, 0.5)),
+    ((-0.5, -0.5), (-0.5, 0.0)),
+    ((-0.5, 0.0), (0.5, 0.0)),
+)
+# The lit segments of each digit, as a seven-segment display draws them.
+SEGMENTS_LIT: tuple[str, ...] = (
+    "abcdef", "bc", "abdeg", "abcdg", "bcfg", "acdfg", "acdefg", "abc", "abcdefg", "abcdfg",
+)  # fmt: skip
+_SEGMENT_HEIGHT = (0.38, 0.50)  # the digit's height, as a fraction of the image side
+_SEGMENT_ASPECT = (0.50, 0.62)  # width over height
+_SEGMENT_GAP = 0.12  # of a segment's length, left out at each end: every segment is a stroke of its own
+_SEGMENT_SLANT = 0.15  # the largest italic shear, x shift per unit of height
+_SEGMENT_ROTATION = 10.0  # degrees
+_STROKE_WIDTH = (0.022, 0.036)  # of the image side: 1.4 to 2.3 px at 64 px
+_STROKE_SATURATION = (0.4, 1.0)  # a digit's, in any hue (the clutter's: below _CLUTTER_MAX_SATURATION)
+_STROKE_VALUE = (0.7, 1.0)  # digits and clutter strokes alike
+_STROKE_LENGTH = (0.08, 0.22)  # a clutter stroke, as a fraction of the image side (a segment: ~0.1-0.2)
+_SEGMENT_CLUTTER = (8, 16)
+_SEGMENT_GROUND = _Ground(noise=24, texture_std=16.0, texture_grid=16)  # noise and 4 px texture at 64 px
+
+
+@dataclass(frozen=True)
+class _SegmentDigit:
+    """A captioned seven-segment digit, in pixels of the output image; it lies fully inside the image."""
+
+    digit: int
+    rgb: _RGB
+    segments: tuple[tuple[_Point, _Point], ...]  # all seven positions a..g, lit or not
+    width: float  # stroke width in pixels
+    box: _Box  # the frame's bounds, strokes included
+
+    @property
+    def label(self) -> int:
+        return self.digit
+
+    @property
+    def lit(self) -> tuple[tuple[_Point, _Point], ...]:
+        """The segments the digit draws."""
+        return tuple(self.segments["abcdefg".index(name)] for name in SEGMENTS_LIT[self.digit])
+
+    @property
+    def phrases(self) -> dict[str, str]:
+        return {"name": SEGMENT_CLASSNAMES[self.digit]}
+
+    def coverage(self, size: int) -> tuple[tuple[slice, slice], np.ndarray] | None:
+        found = raster.region(self.box, size, margin=0.0)
+        if found is None:
+            return None
+        where, xs, ys = found
+        starts, ends = np.asarray(self.lit, dtype=np.float32).transpose(1, 0, 2)  # [lit, 2] each
+        return where, raster.strokes(xs, ys, starts, ends, self.width)
+
+
+def _sample_segment_digit(rng: np.random.Generator, image_size: int, label: int) -> _SegmentDigit:
+    u_height, u_aspect, u_width, u_slant, u_angle, u_hue, u_sat, u_val, u_x, u_y = rng.random(10).tolist()
+    height = _lerp(u_height, _SEGMENT_HEIGHT) * image_size
+    aspect = 1 / _lerp(u_aspect, _SEGMENT_ASPECT)  # `_place` scales y by it, x by the width
+    slant = _lerp(u_slant, (-_SEGMENT_SLANT, _SEGMENT_SLANT)) * aspect
+    angle = _lerp(u_angle, (-_SEGMENT_ROTATION, _SEGMENT_ROTATION))
+    ends = []
+    for (x0, y0), (x1, y1) in _SEGMENT_ENDS:
+        inset_x, inset_y = _SEGMENT_GAP * (x1 - x0), _SEGMENT_GAP * (y1 - y0)
+        ends += [(x0 + inset_x - slant * y0, y0 + inset_y), (x1 - inset_x - slant * y1, y1 - inset_y)]
+    points = _place(ends, (0.0, 0.0), height / aspect, angle, aspect)
+    width = _lerp(u_width, _STROKE_WIDTH) * image_size
+    x0, y0, x1, y1 = _bounds(points)
+    x0, y0, x1, y1 = x0 - width / 2, y0 - width / 2, x1 + width / 2, y1 + width / 2
+    dx = -x0 + u_x * max(image_size - (x1 - x0), 0.0)
+    dy = -y0 + u_y * max(image_size - (y1 - y0), 0.0)
+    moved = [(x + dx, y + dy) for x, y in points]
+    return _SegmentDigit(
+        digit=label,
+        rgb=_hsv(u_hue, _lerp(u_sat, _STROKE_SATURATION), _lerp(u_val, _STROKE_VALUE)),
+        segments=tuple(zip(moved[::2], moved[1::2], strict=True)),
+        width=width,
+        box=(x0 + dx, y0 + dy, x1 + dx, y1 + dy),
+    )
+
+
+def _sample_stroke(rng: np.random.Generator, image_size: int) -> _Clutter:
+    """A loose stroke, straight, with the digits' widths and brightness, desaturated as all clutter."""
+    u_hue, u_sat, u_val, u_length, u_angle, u_width, u_x, u_y = rng.random(8).tolist()
+    length = _lerp(u_length, _STROKE_LENGTH) * image_size
+    dx, dy = length / 2 * math.cos(math.pi * u_angle), length / 2 * math.sin(math.pi * u_angle)
+    cx, cy = u_x * image_size, u_y * image_size
+    return _Clutter(
+        "line",
+        ((cx - dx, cy - dy), (cx + dx, cy + dy)),
+        _hsv(u_hue, u_sat * _CLUTTER_MAX_SATURATION, _lerp(u_val, _STROKE_VALUE)),
+        width=_lerp(u_width, _STROKE_WIDTH) * image_size,
+    )
+
+
 @dataclass(frozen=True)
 class _Variant:
-    """What a variant's scenes hold: its classes, prompts and captions, and how it draws an object."""
+    """What a variant's scenes hold: its classes, prompts and captions, how it draws an object, and its
+    ground: the background and the clutter (how many items, each drawn by `sample_clutter`)."""
 
     classnames: tuple[str, ...]
     templates: tuple[str, ...]
     caption_templates: tuple[tuple[str, str], ...]
-    sample_object: Callable[[np.random.Generator, int, int], _Object | _Glyph]
+    sample_object: Callable[[np.random.Generator, int, int], _Object | _Glyph | _SegmentDigit]
+    sample_clutter: Callable[[np.random.Generator, int], _Clutter] = _sample_clutter
+    n_clutter: tuple[int, int] = _N_CLUTTER
+    ground: _Ground = _Ground()
 
 
 VARIANTS: dict[str, _Variant] = {
     "shapes": _Variant(CLASSNAMES, PROMPT_TEMPLATES, _CAPTION_TEMPLATES, _sample_object),
     "glyphs": _Variant(GLYPH_CLASSNAMES, GLYPH_PROMPT_TEMPLATES, _GLYPH_CAPTION_TEMPLATES, _sample_glyph),
+    "segments": _Variant(
+        SEGMENT_CLASSNAMES,
+        SEGMENT_PROMPT_TEMPLATES,
+        _SEGMENT_CAPTION_TEMPLATES,
+        _sample_segment_digit,
+        sample_clutter=_sample_stroke,
+        n_clutter=_SEGMENT_CLUTTER,
+        ground=_SEGMENT_GROUND,
+    ),
 }
 
 
@@ -653,13 +800,17 @@ class SyntheticClassification(_SyntheticBase):
         """The label of sample ``index`` without rendering it."""
         return self._index(index) % len(self.classnames)
 
+    def objects(self, index: int) -> tuple[_Object | _Glyph | _SegmentDigit, ...]:
+        """The captioned object of sample ``index`` as drawn (its geometry, for analyses), in a 1-tuple."""
+        return self._labelled_scene(self._index(index)).objects
+
+    def _labelled_scene(self, index: int) -> _Scene:
+        scene = self._scene(index, 1, classes=(self.label(index),))
+        return scene if self.clutter else replace(scene, clutter=())
+
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         index = self._index(index)
-        label = self.label(index)
-        scene = self._scene(index, 1, classes=(label,))
-        if not self.clutter:
-            scene = replace(scene, clutter=())
-        return self._render(scene, index), label
+        return self._render(self._labelled_scene(index), index), self.label(index)
 
 
 class SyntheticRetrieval(_SyntheticBase):

@@ -123,11 +123,14 @@ class TeacherWarmup:
         """A warning, at the end of training, when the teacher never chose the kept cells."""
         if self.handover_step is not None and self.handover_step < last_step:
             return None
-        running = "none" if self.running_loss is None else f"{float(self.running_loss):.3f}"
+        if last_step <= self.min_steps:
+            why = f"the run ended within the warm-up's first {self.min_steps} steps"
+        else:
+            running = "none" if self.running_loss is None else f"{float(self.running_loss):.3f}"
+            why = f"the student's running CLIP loss ({running}) never left the plateau"
         return (
-            f"the EMA teacher never chose the kept cells in this run's {last_step} optimizer steps: the "
-            f"student's running CLIP loss ({running}) did not leave the plateau before the run ended, so "
-            "it trained with random cells of the same budget, as random masking does "
+            f"the EMA teacher never chose the kept cells in this run's {last_step} optimizer steps: {why}, "
+            "so the run trained with random cells of the same budget, as random masking does "
             f"(model.teacher_warmup_steps={self.min_steps}, teacher_warmup_until_loss={self.until_loss})"
         )
 

@@ -28,12 +28,46 @@ POSITION_EMBEDDINGS = ("learned", "sincos")
 # timm's initialisations of the trunk: "" (timm's: truncated normal of std 0.02 for every linear layer,
 # as A-CLIP's code), "jax" (Xavier uniform, the original ViT's) or "moco" (Xavier uniform per q, k, v).
 WEIGHT_INITS = ("", "jax", "moco")
+# How pixels become patch tokens: "patch" (ViT's linear projection of each patch) or "conv" (`ConvStem`).
+STEMS = ("patch", "conv")
 
 # Per-channel pixel statistics the tower normalises its input with, by name.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "openai": (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
 }
+
+
+class ConvStem(nn.Sequential):
+    """A convolutional stem in place of ViT's patch projection (Xiao et al. 2021, "Early Convolutions Help
+    Transformers See Better"): log2(`patch_size`) 3 x 3 convolutions of stride 2, each followed by batch
+    norm and a ReLU, their channels doubling up to `width`, then a 1 x 1 convolution to `width`. The batch
+    norms are what makes it learn fine strokes at once (docs/attentive_stability.md, section 7: per-image
+    norms, or none, do not): in training they normalise over the batch's whole views, before any token
+    is removed, with each process's own statistics unless `trainer.sync_batchnorm` makes them
+    SyncBatchNorm (GPU only); evaluation and the EMA teacher use the running statistics.
+
+    It maps an image to the same grid of tokens as the patch projection, one per `patch_size` patch, so
+    token removal keeps and drops the same patches; a token's receptive field reaches a few pixels into
+    its neighbours (15 px for 8 px patches, 31 px for 16 px ones), so a dropped patch's border pixels
+    still reach the tokens kept beside it. Its features are non-linear from the first step, where a patch
+    projection's are linear in the pixels.
+    """
+
+    def __init__(self, patch_size: int, width: int, in_channels: int = 3) -> None:
+        stages = patch_size.bit_length() - 1
+        if patch_size < 2 or patch_size != 1 << stages:
+            raise ValueError(f"stem=conv needs a patch_size that is a power of 2, got {patch_size}")
+        layers: list[nn.Module] = []
+        for stage in range(stages):
+            channels = max(width >> (stages - 1 - stage), 1)
+            layers += [
+                nn.Conv2d(in_channels, channels, 3, stride=2, padding=1, bias=False),
+                nn.BatchNorm2d(channels),
+                nn.ReLU(inplace=True),
+            ]
+            in_channels = channels
+        super().__init__(*layers, nn.Conv2d(in_channels, width, 1))
 
 
 class VisionTower(nn.Module):
@@ -51,8 +85,9 @@ class VisionTower(nn.Module):
     stabiliser, which A-CLIP's code applies). `pre_norm` adds a LayerNorm before the first block (CLIP's
     and open_clip's `ln_pre`), `pool` chooses the pooled feature ("token": the CLS token; "avg": the mean
     of the patch tokens the tower saw, after the final norm, as open_clip's "avg"), and `pos_embed` the
-    position embeddings ("learned", or "sincos": MAE's fixed 2-D sin-cos table, as CLIPA pre-trains), and
-    `weight_init` timm's initialisation of the trunk (`WEIGHT_INITS`).
+    position embeddings ("learned", or "sincos": MAE's fixed 2-D sin-cos table, as CLIPA pre-trains),
+    `weight_init` timm's initialisation of the trunk (`WEIGHT_INITS`), and `stem` how pixels become
+    patch tokens ("patch": ViT's linear projection; "conv": a `ConvStem` in its place, on the same grid).
     `init_from` loads the trunk from a timm ViT state dict, its position embeddings resized to this grid
     (`aclip.initialize.load_vision_weights`).
     """
@@ -73,6 +108,7 @@ class VisionTower(nn.Module):
         pool: str = "token",
         pos_embed: str = "learned",
         weight_init: str = "",
+        stem: str = "patch",
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -87,6 +123,13 @@ class VisionTower(nn.Module):
             raise ValueError(f"pos_embed must be one of {list(POSITION_EMBEDDINGS)}, got {pos_embed!r}")
         if weight_init not in WEIGHT_INITS:
             raise ValueError(f"weight_init must be one of {list(WEIGHT_INITS)}, got {weight_init!r}")
+        if stem not in STEMS:
+            raise ValueError(f"stem must be one of {list(STEMS)}, got {stem!r}")
+        if stem == "conv" and freeze_patch_embed:
+            raise ValueError(
+                "freeze_patch_embed=true keeps ViT's linear patch projection at its initialisation (MoCo "
+                "v3's stabiliser); stem=conv replaces that projection: set one of them"
+            )
         if pos_embed == "sincos" and width % 4:
             raise ValueError(f"pos_embed=sincos needs a vision width divisible by 4, got {width}")
         self.image_size = image_size
@@ -95,6 +138,7 @@ class VisionTower(nn.Module):
         self.normalize = normalize
         self.pre_norm = pre_norm
         self.pool = pool
+        self.stem = stem
         mean, std = NORMALIZATIONS[normalize]
         # Not saved: they follow from `normalize`, which the checkpoint's description holds.
         self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
@@ -114,6 +158,8 @@ class VisionTower(nn.Module):
             drop_path_rate=drop_path_rate,
             weight_init=weight_init,
         )
+        if stem == "conv":
+            self.trunk.patch_embed.proj = ConvStem(patch_size, width)
         for module in self.trunk.modules():
             if isinstance(module, Attention):
                 module.fused_attn = True  # F.scaled_dot_product_attention, whatever TIMM_FUSED_ATTN says
@@ -138,7 +184,7 @@ class VisionTower(nn.Module):
     def normalize_pixels(self, images: Tensor) -> Tensor:
         """Pixels (uint8 in [0, 255], or float in [0, 1]) to the normalised input of the patch embedding."""
         if images.dtype == torch.uint8:
-            images = images.to(self.trunk.patch_embed.proj.weight.dtype).div_(255)
+            images = images.to(self.trunk.cls_token.dtype).div_(255)
         return (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
     def embed(self, images: Tensor, keep: Tensor | None = None) -> Tensor:
