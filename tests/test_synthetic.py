@@ -336,6 +336,31 @@ def test_each_variant_draws_the_samples_it_always_drew(variant, expected) -> Non
     ) == expected
 
 
+# The evaluation sets as conf/eval/<variant>.yaml builds them (classification also its names and prompts),
+# and 40 training pairs with their object masks, at the tiny model's 64 px: recorded on the one-module
+# synthetic.py, before it was split by job (captions, objects, scenes, rendering, datasets).
+EVALUATION_SIZES = {"shapes": 960, "glyphs": 1020, "segments": 1000}
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ("shapes", ("ec84314392618703", "f5be336887bd02a7", "3c73df757d3ba2e2", "8ae2f9569e3a3a07")),
+        ("glyphs", ("46b4c549fc29a974", "1ccb3ad9f233e454", "b44ceda470126f73", "07875f42a0ab496e")),
+        ("segments", ("6b7833873f73aa03", "0e79d56fe4bd288f", "4bcc4820fde751be", "bcaf5f1c3d581c29")),
+    ],
+)
+def test_forty_samples_of_each_dataset_keep_their_hashes(variant, expected) -> None:
+    classification = SyntheticClassification(size=EVALUATION_SIZES[variant], variant=variant)
+    names = hashlib.sha256(repr((classification.classnames, classification.templates)).encode())
+    assert (
+        digest(SyntheticCaptions(variant=variant, object_masks=True), 40),
+        digest(classification, 40),
+        names.hexdigest()[:16],
+        digest(SyntheticRetrieval(variant=variant), 40),
+    ) == expected
+
+
 # --- The segments variant: seven-segment digits in thin strokes on a noisy ground among loose strokes.
 
 DIGIT_NAMES = "|".join(synthetic.SEGMENT_DIGITS)
