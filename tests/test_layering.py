@@ -158,7 +158,7 @@ def test_no_import_circle():
 def test_a_layer_does_not_import_the_one_above_it(layer, forbidden):
     """Beyond the order: the LightningModule (a model part's neighbour) drives no callback, and the data
     code needs no model part (the tokenizer and the bad-sample protocol are shared utilities)."""
-    files = sorted((ROOT / "aclip" / layer).glob("*.py"))
+    files = sorted((ROOT / "aclip" / layer).rglob("*.py"))
     assert files, f"aclip/{layer} holds no modules"
     offenders = {
         str(path.relative_to(ROOT)): sorted(
