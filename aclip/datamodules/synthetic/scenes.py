@@ -71,6 +71,8 @@ class Ground:
 
 @dataclass(frozen=True)
 class Scene:
+    """One image as plain data: its captioned objects (drawn on top), clutter, base colour and ground."""
+
     objects: tuple[CaptionedObject, ...]
     clutter: tuple[Clutter, ...]
     background: RGB
