@@ -5,7 +5,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from aclip.cli import run_training
+from aclip.cli import check_command_line, run_training
 from aclip.errors import report_run_errors
 
 
@@ -16,4 +16,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    check_command_line()
     main()

@@ -1,8 +1,11 @@
-"""aclip: efficient CLIP pre-training by token removal (A-CLIP and its baselines)."""
+"""aclip: efficient CLIP pre-training by token removal (A-CLIP and its baselines).
+
+The package's own module sits with the tasks (layer 2 of README "What is here"): it offers `aclip.load`.
+"""
 
 __version__ = "0.1.0"
 
-from aclip import config as _config  # noqa: F401  (registers the config resolvers)
+from aclip import resolvers as _resolvers  # noqa: F401  (registers the config resolvers)
 
 
 def __getattr__(name: str):

@@ -14,7 +14,10 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from aclip.export import CONFIG_FILE, check_export_config, read_export_config
+from aclip.datamodules.transforms import EvalTransform
+from aclip.open_clip_format import CONFIG_FILE, check_export_config, read_export_config
+from aclip.tokenizer import build_tokenizer
+from aclip.trained import load_trained
 
 
 def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callable, Callable[..., Tensor]]:
@@ -22,9 +25,10 @@ def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callab
 
     Whatever the path, the model follows open_clip's contract: `encode_image(images, normalize=False)`
     and `encode_text(tokens, normalize=False)` return the projected embeddings [N, embed_dim], unit-norm
-    with `normalize=True` (as CLIP compares them); `logit_scale` is the log temperature; `preprocess`
-    turns a PIL image into the model's input [3, S, S] (add the batch dimension); `tokenizer(texts)`
-    returns token ids [len(texts), context_length]. The model is in eval mode, on the CPU.
+    with `normalize=True` (as CLIP compares them); `logit_scale` is ln(1/T), the log of the inverse
+    temperature; `preprocess` turns a PIL image into the model's input [3, S, S] (add the batch
+    dimension); `tokenizer(texts)` returns token ids [len(texts), context_length]. The model is in eval
+    mode, on the CPU.
 
     * A checkpoint or run directory gives this project's `aclip.modules.model.ClipModel` (the
       `model="ema"` teacher, the paper's, or the `"online"` one); its `preprocess` gives uint8 pixels,
@@ -43,10 +47,6 @@ def load(path: str | os.PathLike, model: str = "ema") -> tuple[nn.Module, Callab
         name = f"local-dir:{path}"
         clip, _, preprocess = open_clip.create_model_and_transforms(name)
         return clip.eval(), preprocess, open_clip.get_tokenizer(name)
-
-    from aclip.datamodules.transforms import EvalTransform
-    from aclip.tasks import load_trained
-    from aclip.tokenizer import build_tokenizer
 
     module, interpolation = load_trained(path)
     clip = (module.ema_model if model == "ema" else module.model).eval()

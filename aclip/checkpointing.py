@@ -12,6 +12,8 @@ import torch
 from lightning_fabric.utilities.types import _PATH
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from aclip.errors import InputError
+
 # What `ckpt_path=last` and `ckpt_path=<run dir>` look for: ModelCheckpoint's last.ckpt (last-v1.ckpt ...)
 # and the checkpoint written on Ctrl-C (`aclip.callbacks.failures.InterruptCheckpoint`).
 RESUMABLE_PATTERNS = ("last.ckpt", "last-v*.ckpt", "interrupted.ckpt")
@@ -70,7 +72,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         _fsync_directory(target.parent)
 
 
-class CheckpointNotFoundError(FileNotFoundError):
+class CheckpointNotFoundError(InputError, FileNotFoundError):
     """`ckpt_path` names no checkpoint: the message says how to name one."""
 
 
@@ -133,7 +135,7 @@ def resolve_ckpt_path(ckpt_path: str | os.PathLike | None, run_dir: Path) -> Pat
     return path
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError, ValueError):
     """A checkpoint file that cannot be used: unreadable, truncated, foreign, or holding code."""
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 import aclip  # noqa: F401  (registers the config resolvers before Hydra resolves any path)
-from aclip.errors import report_run_errors
+from aclip.errors import exit_on_input_error, report_run_errors
+from aclip.renamed import check_overrides
 
 
 def config_dir() -> str:
@@ -69,14 +71,22 @@ def sweeper_optimises() -> bool:
 
 
 def run_evaluation(cfg: DictConfig) -> None:
-    """Evaluate the checkpoint `cfg.ckpt_path` on the sets of the `eval` group."""
+    """Evaluate the checkpoint `cfg.ckpt_path` on `evaluation.sets` (the `eval` group's)."""
     from aclip.tasks import evaluate_checkpoint
 
     evaluate_checkpoint(cfg)
 
 
+def check_command_line(arguments: Sequence[str] | None = None) -> None:
+    """Stop a command whose overrides (default: this process's arguments) use an old spelling of a
+    renamed key or option (`aclip.renamed`), printing the current one, before Hydra composes the config
+    (its own error would only say that the key is not in it)."""
+    exit_on_input_error(check_overrides, sys.argv[1:] if arguments is None else arguments)
+
+
 def train() -> None:
     """`aclip-train [overrides]`: `python train.py [overrides]` from any directory."""
+    check_command_line()
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")(
         report_run_errors(run_training)
     )()
@@ -84,6 +94,7 @@ def train() -> None:
 
 def evaluate() -> None:
     """`aclip-eval ckpt_path=<checkpoint> [overrides]`: `python evaluate.py ...` from any directory."""
+    check_command_line()
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")(
         report_run_errors(run_evaluation)
     )()

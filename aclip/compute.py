@@ -37,39 +37,17 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop, sdpa_flop
 
 from aclip.callbacks.resume import collect_random_states, restore_random_states
-from aclip.config import ConfigError, per_device_batch_size, world_size
 from aclip.datamodules.datamodule import ClipDataModule
+from aclip.distributed import per_device_batch_size, world_size
+from aclip.errors import ConfigError
+from aclip.flop_counter import flop_counter
 from aclip.modules.aclip import AClip
 from aclip.modules.masking import TokenMasking
 from aclip.modules.stages import Phase, flops_until, phase_ends
 
 log = logging.getLogger(__name__)
-
-
-def _raw(formula: Any) -> Any:
-    """torch's (shape-wrapped) FLOP formula in the form `FlopCounterMode(custom_mapping=...)` takes."""
-
-    def count(*args: Any, **kwargs: Any) -> int:
-        return formula(*args, **kwargs)
-
-    count._get_raw = True
-    return count
-
-
-# torch's FLOP counter knows the CUDA attention kernels, not the one scaled_dot_product_attention picks on
-# a CPU: without these, attention would count zero on a CPU.
-_CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _raw(sdpa_flop),
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _raw(sdpa_backward_flop),
-}
-
-
-def flop_counter() -> FlopCounterMode:
-    """torch's FLOP counter (matrix products, convolutions, attention on every device), silent."""
-    return FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
 
 
 class _SameBudget(TokenMasking):

@@ -2,36 +2,23 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
-# `${floordiv:${data.image_size},2}`: sizes derived from others, e.g. A-CLIP-eff's half-resolution teacher.
-if not OmegaConf.has_resolver("floordiv"):
-    OmegaConf.register_new_resolver(
-        "floordiv", lambda numerator, denominator: int(numerator) // int(denominator)
-    )
-# `${aclip.launch_dir:}`: the directory the command was started in (Hydra never changes into the run
-# directory here, `hydra.job.chdir: false`). Unlike `${hydra:runtime.cwd}` it resolves before Hydra's
-# runtime config exists, which is when a multirun's sweeper resolves `hydra.sweep.dir`.
-if not OmegaConf.has_resolver("aclip.launch_dir"):
-    OmegaConf.register_new_resolver("aclip.launch_dir", os.getcwd)
-
-# `${aclip.required:model.init_from,the first stage's run directory}`: a value a preset cannot know and
-# the command line must give (OmegaConf's `???` cannot stand in: merged over a default, it is ignored).
-if not OmegaConf.has_resolver("aclip.required"):
-
-    def _required(key: str, what: str) -> Any:
-        raise ConfigError(f"{key} is required here: give {key}=<{what}> on the command line")
-
-    OmegaConf.register_new_resolver("aclip.required", _required)
-
-
-class ConfigError(ValueError):
-    """A configuration value that cannot work, with what to change."""
+from aclip.callbacks.ema import EMAUpdate
+from aclip.distributed import per_device_batch_size, world_size
+from aclip.errors import ConfigError
+from aclip.evaluation.masked import masked_views
+from aclip.modules.schedule import check_recipe
+from aclip.modules.self_supervision import heads_built, views_needed
+from aclip.modules.stages import build_phases
+from aclip.modules.vision import check_patch_grid, resolve_layers
+from aclip.renamed import check_config
+from aclip.specs import SpecError, is_number
 
 
 def resolved_job_config(cfg: DictConfig) -> dict[str, Any]:
@@ -40,40 +27,10 @@ def resolved_job_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(job, resolve=True)
 
 
-def world_size(trainer_cfg: DictConfig) -> int:
-    """Processes that will train: devices per node times nodes (1 for `devices: auto` on CPU)."""
-    devices = trainer_cfg.get("devices", 1)
-    if isinstance(devices, str):
-        if devices == "auto":
-            devices = 1
-        elif devices.strip().lstrip("-").isdigit():
-            devices = int(devices)
-        else:
-            devices = len([d for d in devices.split(",") if d.strip()])
-    elif not isinstance(devices, int):
-        devices = len(devices)
-    if devices == -1:
-        import torch
-
-        devices = max(1, torch.cuda.device_count())
-    return devices * int(trainer_cfg.get("num_nodes", 1))
-
-
-def per_device_batch_size(batch_size: int, world: int) -> int:
-    """The share of the global `data.batch_size` that each of `world` processes trains on."""
-    if batch_size % world:
-        raise ConfigError(
-            f"data.batch_size={batch_size} is the global batch and must be divisible by the world size "
-            f"{world} (trainer.devices x trainer.num_nodes); use a multiple of {world}"
-        )
-    return batch_size // world
-
-
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
+    check_config(cfg)
     _check_required(cfg)
-    from aclip.evaluation.masked import masked_views
-
     masked_views(cfg.get("evaluation"))
     data, trainer = cfg.data, cfg.trainer
     world = world_size(trainer)
@@ -87,10 +44,6 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1, got {accumulate}")
     if "model" not in cfg:
         return
-    from aclip.modules.schedule import check_recipe
-    from aclip.modules.self_supervision import views_needed
-    from aclip.modules.vision import check_patch_grid
-
     model = cfg.model
     try:
         check_patch_grid(model.vision.image_size, model.vision.patch_size, prefix="model.vision.")
@@ -122,13 +75,12 @@ def validate_config(cfg: DictConfig) -> None:
 
 def check_optimized_metric(cfg: DictConfig) -> None:
     """For a sweeper that maximises `optimized_metric`: the run must report it, i.e. evaluate, and the
-    metric must be one of an `eval` set (`<kind>/<set>/<metric>`, e.g. zeroshot/imagenet/top1)."""
-    from hydra.utils import get_class
-
+    metric must be one of a set of `evaluation.sets` (`<kind>/<set>/<metric>`, e.g.
+    zeroshot/imagenet/top1)."""
     key = cfg.get("optimized_metric")
     sets = [
         f"{kind}/{node.get('name', name)}"
-        for name, node in (cfg.get("eval") or {}).items()
+        for name, node in (cfg.evaluation.get("sets") or {}).items()
         if node and "_target_" in node and (kind := getattr(get_class(node._target_), "kind", None))
     ]
     if sum(name.startswith("zeroshot/") for name in sets) >= 2:
@@ -140,10 +92,10 @@ def check_optimized_metric(cfg: DictConfig) -> None:
     )
     if not key:
         raise ConfigError(f"the sweeper maximises optimized_metric, which is null: {choose}")
-    if not cfg.get("evaluate"):
+    if not cfg.evaluation.get("at_end"):
         raise ConfigError(
-            f"the sweeper maximises optimized_metric={key}, but evaluate=false reports no metric: set "
-            "evaluate=true"
+            f"the sweeper maximises optimized_metric={key}, but evaluation.at_end=false reports no metric: "
+            "set evaluation.at_end=true"
         )
     if not any(key.startswith(f"{name}/") for name in sets):
         raise ConfigError(
@@ -173,10 +125,6 @@ def _check_required(cfg: DictConfig) -> None:
 def _check_masking(cfg: DictConfig) -> Any:
     """Build the masking policy (importing its class, as the config names it) and check that it works on
     the tower's patch grid and blocks, before any tower is built; the policy (None without masking)."""
-    from hydra.utils import instantiate
-
-    from aclip.modules.vision import resolve_layers
-
     if not cfg.get("masking"):
         return None
     try:
@@ -205,10 +153,6 @@ def _check_masking(cfg: DictConfig) -> Any:
 def _check_phases(cfg: DictConfig) -> None:
     """Build the phases of `model.phases` (`stages` group) from the masking registry, as the model will,
     and check each on the tower and the batch's views, naming the key of what cannot work."""
-    from aclip.modules.stages import build_phases
-    from aclip.modules.vision import resolve_layers
-    from aclip.specs import SpecError
-
     model = cfg.model
     phases = OmegaConf.to_container(model.get("phases"), resolve=True) if model.get("phases") else None
     if not phases:
@@ -237,8 +181,6 @@ def _check_phases(cfg: DictConfig) -> None:
 
 def _check_budget(cfg: DictConfig) -> None:
     """`budget.flops` and `budget.seconds`: null or a number > 0."""
-    from aclip.specs import is_number
-
     for name, value in (cfg.get("budget") or {}).items():
         if value is not None and (not is_number(value) or value <= 0):
             raise ConfigError(f"budget.{name} must be null or a number > 0, got {value!r}")
@@ -247,15 +189,11 @@ def _check_budget(cfg: DictConfig) -> None:
 def _check_ema_callback(cfg: DictConfig, policy: Any) -> None:
     """The EMA teacher moves only with an `EMAUpdate` callback: required when the masking reads its scores
     or BYOL its features, otherwise a warning."""
-    from hydra.utils import get_class
-
-    from aclip.callbacks.ema import EMAUpdate
-
     callbacks = [node for node in (cfg.get("callbacks") or {}).values() if node and "_target_" in node]
     if any(issubclass(get_class(node._target_), EMAUpdate) for node in callbacks):
         return
     message = "no EMAUpdate callback (callbacks.ema): the EMA model will not move during training"
-    byol = (cfg.model.get("self_supervision") or {}).get("byol_weight", 0) > 0
+    _, byol = _heads(cfg)
     if (policy is not None and policy.needs_scores) or byol:
         raise ConfigError(f"{message}, but the masking or BYOL needs the EMA model; add callbacks.ema")
     warnings.warn(message, stacklevel=2)
@@ -277,7 +215,8 @@ def _check_batch_norm_sync(cfg: DictConfig, world: int) -> None:
             "trainer.sync_batchnorm=false (each process's own statistics) or model.vision.stem=patch"
         )
     norm = ssl.get("norm", "layer")
-    has_heads = (ssl.get("view_loss") and ssl.get("view_weight", 0) > 0) or ssl.get("byol_weight", 0) > 0
+    view_loss, byol = _heads(cfg)
+    has_heads = view_loss is not None or byol
     synchronised = norm == "sync_batch" or (norm == "batch" and trainer.get("sync_batchnorm", False))
     if has_heads and synchronised and world > 1 and trainer.get("accelerator") == "cpu":
         raise ConfigError(
@@ -285,3 +224,9 @@ def _check_batch_norm_sync(cfg: DictConfig, world: int) -> None:
             "be SyncBatchNorm, which torch runs only on GPU; use model.self_supervision.norm=layer, or "
             "norm=batch with trainer.sync_batchnorm=false for per-process statistics"
         )
+
+
+def _heads(cfg: DictConfig) -> tuple[str | None, bool]:
+    """The auxiliary heads the model will build (`heads_built`) from its `model.self_supervision` node."""
+    ssl = cfg.model.get("self_supervision") or {}
+    return heads_built(ssl.get("view_loss"), ssl.get("view_weight", 1.0), ssl.get("byol_weight", 0.0))

@@ -20,7 +20,7 @@ from rich.tree import Tree
 from torch import nn
 
 # The config groups printed first, in this order; the other top-level keys follow.
-_FIRST = ("data", "model", "masking", "text_masking", "trainer", "callbacks", "logger", "eval", "paths")
+_FIRST = ("data", "model", "masking", "text_masking", "trainer", "callbacks", "logger", "evaluation", "paths")
 
 
 # Columns of a console that is not a terminal (a file, e.g. a SLURM log): lines are never cut there.

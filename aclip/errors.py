@@ -1,12 +1,14 @@
 """How `train.py` and `evaluate.py` report a run that cannot start or go on because of what it was given
 or where it writes: the message alone, without a Python traceback, and exit status 1.
 
-* Errors in what the user gave: an invalid config value (`ConfigError`), a checkpoint that is missing
-  (`CheckpointNotFoundError`) or cannot be used (`CheckpointError`), weights that do not fit
+* Errors in what the user gave (`InputError`): an invalid config value (`ConfigError`), a checkpoint that
+  is missing (`CheckpointNotFoundError`) or cannot be used (`CheckpointError`), weights that do not fit
   (`InitializationError`).
 * A full disk (or quota) while the run writes: the message names the run's directory and its keys.
 * A run or sweep directory that cannot be made or written (`RunDirectoryCheck`, a Hydra callback, before
   Hydra makes it): the message names the directory and the key.
+* An input error found before Hydra's app runs, e.g. an old spelling on the command line
+  (`exit_on_input_error`, `aclip.renamed`).
 
 Every other error keeps its traceback, and `HYDRA_FULL_ERROR=1` shows the traceback of these too.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -31,17 +34,30 @@ T = TypeVar("T")
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
+class InputError(Exception):
+    """An error in what the user gave, whose message names the problem and the fix: the errors the module
+    lists derive from it, where they are raised."""
+
+
+class ConfigError(InputError, ValueError):
+    """A configuration value that cannot work, with what to change."""
+
+
 class RunError(CompactHydraException):
     """An error whose message says everything: Hydra prints the message alone and exits with status 1."""
 
 
-def _input_error_types() -> tuple[type[Exception], ...]:
-    # Imported when an error is raised: `--help` and shell completion never load torch.
-    from aclip.checkpointing import CheckpointError, CheckpointNotFoundError
-    from aclip.config import ConfigError
-    from aclip.initialize import InitializationError
-
-    return ConfigError, CheckpointError, CheckpointNotFoundError, InitializationError
+def exit_on_input_error(check: Callable[..., None], *args: Any) -> None:
+    """`check(*args)`, run where Hydra does not report errors (before its app composes the config, or in
+    one of its callbacks): an `InputError` is printed as a run's would be, the message alone, and the
+    process exits with status 1 (`HYDRA_FULL_ERROR=1` raises it with its traceback)."""
+    try:
+        check(*args)
+    except InputError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def full_disk_message(error: OSError, cfg: DictConfig) -> str:
@@ -70,7 +86,7 @@ def report_run_errors(task: Callable[[DictConfig], T]) -> Callable[[DictConfig],
         except Exception as error:
             if isinstance(error, OSError) and error.errno in _FULL_DISK:
                 raise RunError(full_disk_message(error, cfg)) from error
-            if isinstance(error, _input_error_types()):
+            if isinstance(error, InputError):
                 raise RunError(str(error)) from error
             raise
 

@@ -23,13 +23,10 @@ from typing import Any
 from open_clip.transformer import QuickGELU
 from torch import Tensor
 
-from aclip.checkpointing import CheckpointError
 from aclip.modules.model import ClipModel
 from aclip.modules.vision import NORMALIZATIONS
-from aclip.specs import SpecError, check_plain
-
-CONFIG_FILE = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_model.safetensors"
+from aclip.open_clip_format import CONFIG_FILE, WEIGHTS_FILE, open_clip_names, stem_without_counterpart
+from aclip.trained import load_trained
 
 
 def open_clip_config(model: ClipModel, interpolation: str = "bicubic") -> dict[str, Any]:
@@ -41,11 +38,11 @@ def open_clip_config(model: ClipModel, interpolation: str = "bicubic") -> dict[s
             has a convolutional stem (open_clip's ViT has a linear patch embedding only).
     """
     vision, text = model.vision, model.text
-    if vision.stem != "patch":
+    stem_mismatch = stem_without_counterpart(vision)
+    if stem_mismatch is not None:
         raise ValueError(
-            f"this model's image tower has a convolutional stem (model.vision.stem={vision.stem}); "
-            "open_clip's VisionTransformer embeds patches with one linear projection and cannot express "
-            "it. Evaluate the checkpoint with evaluate.py or aclip.load instead"
+            f"{stem_mismatch}: the export cannot express it. Evaluate the checkpoint with evaluate.py or "
+            "aclip.load instead"
         )
     blocks, text_blocks = vision.trunk.blocks, text.transformer.transformer.resblocks
     if isinstance(text_blocks[0].mlp.gelu, QuickGELU):
@@ -89,97 +86,6 @@ def open_clip_config(model: ClipModel, interpolation: str = "bicubic") -> dict[s
     }
 
 
-# The keys `open_clip_config` writes, nested as it nests them: the only ones `check_export_config` accepts.
-_CONFIG_KEYS: dict[str, Any] = {
-    "model_cfg": {
-        "embed_dim": None,
-        "vision_cfg": {
-            **dict.fromkeys(("image_size", "patch_size", "width", "layers", "head_width", "mlp_ratio")),
-            **dict.fromkeys(("no_ln_pre", "pool_type", "final_ln_after_pool")),
-            "norm_kwargs": {"eps": None},
-        },
-        "text_cfg": dict.fromkeys(("context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio")),
-    },
-    "preprocess_cfg": dict.fromkeys(("size", "mean", "std", "interpolation", "resize_mode")),
-}
-
-
-def check_export_config(
-    config: Any, path: Path, keys: dict[str, Any] = _CONFIG_KEYS, prefix: str = ""
-) -> None:
-    """Raise `CheckpointError` unless `config` (an export folder's `open_clip_config.json`) holds only the
-    keys `open_clip_config` writes, with plain values. open_clip acts on other keys of its own schema
-    (`hf_model_name` and `timm_model_pretrained` download weights, `custom_text` builds other towers): a
-    folder is data, and must not choose what runs or what is fetched."""
-    if not isinstance(config, dict):
-        what = prefix.rstrip(".") or "the config"
-        raise CheckpointError(f"{path}: {what} must be a mapping, got {type(config).__name__}")
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if key not in keys:
-            raise CheckpointError(
-                f"{path} has {name}, which aclip's exports never write (open_clip would act on it); load a "
-                "folder written by `python -m aclip.export`, or other open_clip folders with open_clip itself"
-            )
-        if keys[key] is not None:
-            check_export_config(value, path, keys[key], f"{name}.")
-            continue
-        try:
-            check_plain(value, name)
-        except SpecError as error:
-            raise CheckpointError(f"{path}: {error}") from None
-
-
-def read_export_config(directory: Path) -> Any:
-    """The parsed `open_clip_config.json` of an export folder (`CheckpointError` if it is not JSON)."""
-    path = directory / CONFIG_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} is not a JSON config written by aclip.export: {error}") from None
-
-
-# A timm ViT block's parts and their open_clip names (timm's `attn.qkv` is open_clip's packed in_proj).
-_BLOCK_PARTS = (
-    ("norm1.weight", "ln_1.weight"),
-    ("norm1.bias", "ln_1.bias"),
-    ("attn.qkv.weight", "attn.in_proj_weight"),
-    ("attn.qkv.bias", "attn.in_proj_bias"),
-    ("attn.proj.weight", "attn.out_proj.weight"),
-    ("attn.proj.bias", "attn.out_proj.bias"),
-    ("norm2.weight", "ln_2.weight"),
-    ("norm2.bias", "ln_2.bias"),
-    ("mlp.fc1.weight", "mlp.c_fc.weight"),
-    ("mlp.fc1.bias", "mlp.c_fc.bias"),
-    ("mlp.fc2.weight", "mlp.c_proj.weight"),
-    ("mlp.fc2.bias", "mlp.c_proj.bias"),
-)
-
-
-def open_clip_names(model: ClipModel) -> dict[str, str]:
-    """`ClipModel` weight name -> open_clip `CLIP` name, for every weight the export writes (the patch
-    embedding's bias is folded into the positions instead, see `open_clip_state_dict`)."""
-    names = {
-        "vision.trunk.patch_embed.proj.weight": "visual.conv1.weight",
-        "vision.trunk.cls_token": "visual.class_embedding",
-        "vision.trunk.pos_embed": "visual.positional_embedding",
-        "vision.trunk.norm.weight": "visual.ln_post.weight",
-        "vision.trunk.norm.bias": "visual.ln_post.bias",
-        "vision.proj.weight": "visual.proj",
-        "logit_scale": "logit_scale",
-    }
-    if model.vision.pre_norm:
-        names["vision.trunk.norm_pre.weight"] = "visual.ln_pre.weight"
-        names["vision.trunk.norm_pre.bias"] = "visual.ln_pre.bias"
-    for index in range(len(model.vision.trunk.blocks)):
-        for ours, theirs in _BLOCK_PARTS:
-            names[f"vision.trunk.blocks.{index}.{ours}"] = f"visual.transformer.resblocks.{index}.{theirs}"
-    for name in model.text.transformer.state_dict():
-        if name != "attn_mask":  # a buffer open_clip rebuilds
-            names[f"text.transformer.{name}"] = name
-    return names
-
-
 def open_clip_state_dict(model: ClipModel) -> dict[str, Tensor]:
     """`model`'s weights under open_clip `CLIP`'s names (contiguous CPU tensors, for safetensors)."""
     ours = dict(model.state_dict())
@@ -208,8 +114,6 @@ def export(model: ClipModel, directory: str | Path, interpolation: str = "bicubi
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from aclip.tasks import load_trained
-
     parser = argparse.ArgumentParser(
         prog="python -m aclip.export", description="Export a checkpoint's model as an open_clip folder."
     )

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from aclip.checkpointing import load_failure_reason, read_checkpoint, resolve_ckpt_path
-from aclip.export import CONFIG_FILE, WEIGHTS_FILE, open_clip_names
-from aclip.modules.model import ClipModel
+from aclip.errors import InputError
+from aclip.open_clip_format import CONFIG_FILE, WEIGHTS_FILE, open_clip_names, stem_without_counterpart
 
 log = logging.getLogger(__name__)
 
 
-class InitializationError(ValueError):
+class InitializationError(InputError, ValueError):
     """Weights that do not fit the model: missing, unexpected or of another shape (all listed)."""
 
 
@@ -43,7 +43,7 @@ def checkpoint_weights(path: str | os.PathLike) -> dict[str, Tensor]:
     return weights
 
 
-def export_weights(directory: Path, like: ClipModel) -> dict[str, Tensor]:
+def export_weights(directory: Path, like: torch.nn.Module) -> dict[str, Tensor]:
     """An `aclip.export` folder's weights under `ClipModel` names (the inverse of `open_clip_state_dict`).
 
     The export folds the patch embedding's bias into the patch positions; read back, the bias is zero
@@ -60,12 +60,11 @@ def export_weights(directory: Path, like: ClipModel) -> dict[str, Tensor]:
             f"{', '.join(unknown[:10])} (visual.ln_pre: give model.vision.pre_norm=true; "
             "an open_clip model with attentional pooling or other parts does not fit aclip's towers)"
         )
-    if like.vision.stem != "patch":
+    stem_mismatch = stem_without_counterpart(like.vision)
+    if stem_mismatch is not None:
         raise InitializationError(
-            f"{directory} is an open_clip model, whose image tower embeds patches with one linear "
-            f"projection; this model's has a convolutional stem (model.vision.stem={like.vision.stem}), "
-            "which it holds no weights for: start from a checkpoint of a run with that stem, or set "
-            "model.vision.stem=patch"
+            f"{directory} holds an open_clip model: {stem_mismatch}, so the folder has no weights for "
+            "this stem. Start from a checkpoint of a run with that stem, or set model.vision.stem=patch"
         )
     weights = {names[name]: value for name, value in theirs.items()}
     if "vision.proj.weight" in weights:
@@ -80,9 +79,10 @@ def export_weights(directory: Path, like: ClipModel) -> dict[str, Tensor]:
     return weights
 
 
-def load_initial_weights(model: ClipModel, path: str | os.PathLike) -> None:
-    """Load `model` from `path` (see the module), strictly, the position embeddings of both towers resized
-    to this model's image grid and context length (CLIPA's fine-tuning stage starts this way).
+def load_initial_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    """Load `model` (a `ClipModel`) from `path` (see the module), strictly, the position embeddings of
+    both towers resized to this model's image grid and context length (CLIPA's fine-tuning stage starts
+    this way).
 
     Raises:
         InitializationError: a weight is missing, unexpected or of another shape; all are listed.

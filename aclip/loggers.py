@@ -1,5 +1,5 @@
 """Weights & Biases logging: run names from the Hydra choices, offline when there are no credentials, the
-same run continued on resume, and a sweep's summary table.
+same run continued on resume (a sweep's summary run: `aclip.summary.wandb_run`).
 """
 
 from __future__ import annotations
@@ -9,18 +9,15 @@ import secrets
 import string
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
 
 from aclip.checkpointing import resolve_ckpt_path, run_dir_of
-
-if TYPE_CHECKING:
-    from aclip.summarize import Summary
 
 # The W&B run id of a run, in its run directory: a run resumed from its checkpoint continues that W&B run.
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -38,7 +35,7 @@ def wandb_logger(
 
     Args:
         name: the run's name; None gives `<experiment>-<method>-<masking>` (the method left out when
-            none is chosen or it names the experiment too), with `-<job number>` in a multirun (the
+            none is chosen), with `-<job number>` in a multirun (the
             model choice stands for the experiment when no experiment is chosen).
         group: None gives the experiment, with the sweep's timestamp in a multirun, so that the jobs
             of one sweep are grouped together.
@@ -52,7 +49,7 @@ def wandb_logger(
     """
     default_name, default_group = _run_names()
     if offline is None:
-        offline = _offline()
+        offline = offline_by_default()
     save_dir = Path(kwargs.get("save_dir") or ".")
     if offline:
         # Given to wandb.init explicitly: W&B reads WANDB_MODE (which WandbLogger sets) once per process.
@@ -94,7 +91,7 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def _offline() -> bool:
+def offline_by_default() -> bool:
     """Whether W&B must run offline: WANDB_MODE says so, or it finds no credentials (checked locally)."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
@@ -104,7 +101,7 @@ def _offline() -> bool:
     return not wandb.login(prompt=False, verify=False)
 
 
-def _group(choices: Mapping[str, Any], sweep_dir: str | None) -> str:
+def run_group(choices: Mapping[str, Any], sweep_dir: str | None) -> str:
     """The W&B group: the experiment (the model choice without one), with the sweep directory's name
     (its timestamp) in a multirun (`sweep_dir`)."""
     experiment = choices.get("experiment") or choices.get("model")
@@ -115,12 +112,11 @@ def _names(hydra: DictConfig) -> tuple[str, str]:
     """Run name and group from the Hydra config node (`hydra`) of a job."""
     choices = hydra.runtime.choices
     experiment, method = choices.get("experiment") or choices.get("model"), choices.get("method")
-    # The method when it is not the experiment's own name (`experiment=aclip` is paper + method aclip).
-    parts = [experiment, method if method not in (None, experiment) else None, choices.get("masking")]
+    parts = [experiment, method, choices.get("masking")]
     name = "-".join(str(part) for part in parts if part is not None)
     if hydra.mode == RunMode.MULTIRUN:
-        return f"{name}-{hydra.job.num}", _group(choices, hydra.sweep.dir)
-    return name, _group(choices, None)
+        return f"{name}-{hydra.job.num}", run_group(choices, hydra.sweep.dir)
+    return name, run_group(choices, None)
 
 
 def _run_names() -> tuple[str | None, str | None]:
@@ -128,39 +124,3 @@ def _run_names() -> tuple[str | None, str | None]:
     if not HydraConfig.initialized():
         return None, None
     return _names(HydraConfig.get())
-
-
-def sweep_groups(sweep_dir: Path, hydra: DictConfig) -> list[str]:
-    """The W&B groups the sweep's jobs logged to (several where the sweep varies the experiment), from
-    the choices each job folder's `.hydra/hydra.yaml` records; the sweep's own config (`hydra`, whose
-    choices are the defaults the jobs override) decides where no job folder tells."""
-    groups = []
-    for path in sorted(sweep_dir.glob("*/.hydra/hydra.yaml")):
-        choices = OmegaConf.load(path).hydra.runtime.choices
-        groups.append(_group(choices, str(sweep_dir)))
-    return list(dict.fromkeys(groups)) or [_group(hydra.runtime.choices, str(sweep_dir))]
-
-
-def log_sweep_summary(summary: Summary, paths: dict[str, Path], config: DictConfig) -> None:
-    """The sweep's per-job table (and its chart) as a W&B run of its own (job type `sweep-summary`) in
-    the jobs' group (`logger.wandb.group` where given), one per group."""
-    import wandb
-
-    node = config.logger.wandb
-    offline = node.get("offline")
-    offline = _offline() if offline is None else offline
-    header, rows = summary.rows()
-    for group in [node.group] if node.get("group") else sweep_groups(summary.sweep_dir, config.hydra):
-        run = wandb.init(
-            project=node.get("project"),
-            group=group,
-            name=f"{group}-summary",
-            job_type="sweep-summary",
-            dir=str(summary.sweep_dir),
-            mode="offline" if offline else "online",
-        )
-        logged: dict[str, Any] = {"sweep/summary": wandb.Table(columns=header, data=rows)}
-        if "png" in paths:
-            logged["sweep/summary_plot"] = wandb.Image(str(paths["png"]))
-        run.log(logged)
-        run.finish()

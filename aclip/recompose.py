@@ -27,7 +27,8 @@ from omegaconf import DictConfig
 
 from aclip.callbacks.resume import RUN_OVERRIDES_KEY
 from aclip.checkpointing import CheckpointError, read_checkpoint, resolve_ckpt_path
-from aclip.config import ConfigError
+from aclip.errors import ConfigError
+from aclip.renamed import translate
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def compose_resumed(cfg: DictConfig, config_dir: str) -> tuple[DictConfig, list[
     config_name = HydraConfig.get().job.config_name if HydraConfig.initialized() else "train"
     with _hydra(config_dir):
         options = GlobalHydra.instance().config_loader().get_group_options
-        kept, left_out = replayable_overrides(recorded, options)
+        # A run from before a rename records the old spellings: it resumes with the current ones.
+        kept, left_out = replayable_overrides(translate(recorded), options)
         overrides = [*kept, *typed]
         try:
             composed = hydra.compose(config_name, overrides)

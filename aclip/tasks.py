@@ -23,14 +23,15 @@ from aclip.compute import plan_compute
 from aclip.config import resolved_job_config, validate_config
 from aclip.console import print_model_summary, print_run_header, progress_bars, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
-from aclip.datamodules.transforms import INTERPOLATIONS
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
 from aclip.evaluation.masked import fold_masked, masked_views, with_masked_views
 from aclip.evaluation.report import flatten_metrics, write_chance_levels
 from aclip.modules.aclip import TEACHER_WARMUP_KEY, AClip
 from aclip.modules.teacher_warmup import check_state as check_warmup_state
 from aclip.recompose import job_overrides
+from aclip.renamed import check_config
 from aclip.specs import SpecError
+from aclip.trained import load_trained
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +48,21 @@ def _output_dir(cfg: DictConfig) -> Path:
 
 
 def build_eval_tasks(cfg: DictConfig) -> list[EvalTask]:
-    """The evaluation tasks of the `eval` group, each named by its config key unless it sets `name`."""
+    """The evaluation tasks of `evaluation.sets` (the `eval` group's), each named by its config key unless
+    it sets `name`."""
     return [
         instantiate(node, **({} if "name" in node else {"name": key}))
-        for key, node in (cfg.get("eval") or {}).items()
+        for key, node in (cfg.evaluation.get("sets") or {}).items()
     ]
 
 
 def build_evaluation(cfg: DictConfig) -> Evaluation:
-    """The `eval` group's tasks with the `eval_loader` settings."""
-    return Evaluation(build_eval_tasks(cfg), instantiate(cfg.eval_loader))
+    """The tasks of `evaluation.sets` with the `evaluation.loader` settings."""
+    return Evaluation(build_eval_tasks(cfg), instantiate(cfg.evaluation.loader))
 
 
 def validation_schedule(cfg: DictConfig) -> dict[str, Any]:
-    """Trainer arguments that run the `eval` sets as Lightning validation every `evaluation.every_n_steps`
+    """Trainer arguments that run `evaluation.sets` as Lightning validation every `evaluation.every_n_steps`
     optimizer steps or `evaluation.every_n_epochs` epochs (neither: no validation)."""
     schedule = cfg.get("evaluation") or {}
     steps, epochs = schedule.get("every_n_steps"), schedule.get("every_n_epochs")
@@ -189,7 +191,8 @@ def _evaluate(
 
 
 def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
-    """Train the configured model on the configured data; evaluate it at the end if `cfg.evaluate`.
+    """Train the configured model on the configured data; evaluate it at the end if
+    `cfg.evaluation.at_end`.
 
     `overrides`: the command-line overrides `cfg` was composed with (default: this Hydra job's), recorded
     in its checkpoints so that `ckpt_path=<run>` alone composes it again (`aclip.recompose`).
@@ -205,7 +208,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
         pl.seed_everything(cfg.seed, workers=True)
     schedule = validation_schedule(cfg)
     validating = schedule["limit_val_batches"] != 0
-    evaluation = build_evaluation(cfg) if cfg.get("evaluate") or validating else None
+    evaluation = build_evaluation(cfg) if cfg.evaluation.at_end or validating else None
     if evaluation is not None:
         evaluation.check()  # a broken evaluation image stops the run now, not after training
     datamodule: ClipDataModule = instantiate(cfg.data, evaluation=evaluation if validating else None)
@@ -262,7 +265,7 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
         )
 
     metrics: Metrics = {}
-    if cfg.get("evaluate"):
+    if cfg.evaluation.at_end:
         # Every rank evaluates its share of each set; rank 0 reports the gathered results.
         module.to(trainer.strategy.root_device)
         metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
@@ -275,71 +278,25 @@ def train(cfg: DictConfig, overrides: Sequence[str] | None = None) -> Metrics:
     return metrics
 
 
-def load_checkpoint(path: str | Path) -> AClip:
-    """The trained module of a checkpoint file or run directory (its newest last/interrupted checkpoint),
-    rebuilt from its description (`AClip.check_hparams`), never unpickling objects."""
-    return load_trained(path)[0]
-
-
-def load_trained(path: str | Path) -> tuple[AClip, str]:
-    """`load_checkpoint`'s module and the resize filter its run evaluated with (bicubic for a checkpoint
-    without its run's config), from one read of the checkpoint."""
-    path = resolve_ckpt_path(path, Path.cwd())
-    checkpoint = read_checkpoint(path)
-    hparams, state = checkpoint.get("hyper_parameters"), checkpoint.get("state_dict")
-    if not isinstance(hparams, dict) or not isinstance(state, dict):
-        raise CheckpointError(
-            f"{path} is not a checkpoint of aclip's model: it has no hyper_parameters or state_dict"
-        )
-    try:
-        AClip.check_hparams(hparams)
-        module = AClip(**hparams)
-        module.load_state_dict(state)
-    except SpecError as error:
-        raise CheckpointError(f"{path} cannot be loaded: {error}") from None
-    except (RuntimeError, KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(
-            f"{path} is not a checkpoint of aclip's model (or was written by an incompatible "
-            f"version): {error}"
-        ) from None
-    return module, stored_interpolation(checkpoint, path)
-
-
-def stored_interpolation(checkpoint: dict[str, Any], path: Path) -> str:
-    """The resize filter the checkpoint's run evaluated with, from its run config record (bicubic for a
-    checkpoint without one), checked to be one of `INTERPOLATIONS`: the record is data, and what is read
-    from it reaches the evaluation's loader and the export's preprocessing."""
-    record = checkpoint.get(RUN_CONFIG_KEY)
-    if record is None:
-        return "bicubic"
-    loader = record.get("eval_loader") if isinstance(record, dict) else None
-    interpolation = loader.get("interpolation", "bicubic") if isinstance(loader, dict) else loader
-    if not (isinstance(interpolation, str) and interpolation in INTERPOLATIONS):
-        raise CheckpointError(
-            f"{path} records {RUN_CONFIG_KEY}.eval_loader.interpolation={interpolation!r}, which is not one "
-            f"of {sorted(INTERPOLATIONS)}: the file was altered or written by another program. Use a "
-            "checkpoint written by aclip"
-        )
-    return interpolation
-
-
 def load_for_evaluation(cfg: DictConfig) -> tuple[AClip, Evaluation]:
-    """The module of `cfg.ckpt_path` on the device, and the `eval` group's sets (checked) loaded at its
+    """The module of `cfg.ckpt_path` on the device, and `evaluation.sets` (checked) loaded at its
     image size with the resize filter its run evaluated with."""
     module, interpolation = load_trained(cfg.ckpt_path)
     if cfg.get("seed") is not None:
         pl.seed_everything(cfg.seed, workers=True)
-    cfg.eval_loader.image_size = module.model.vision.image_size
-    if cfg.eval_loader.get("interpolation") is None:
-        cfg.eval_loader.interpolation = interpolation
+    loader = cfg.evaluation.loader
+    loader.image_size = module.model.vision.image_size
+    if loader.get("interpolation") is None:
+        loader.interpolation = interpolation
     evaluation = build_evaluation(cfg)
     evaluation.check()
     return module.to("cuda" if torch.cuda.is_available() else "cpu"), evaluation
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
-    """Evaluate `cfg.ckpt_path` on the sets of the `eval` group."""
+    """Evaluate `cfg.ckpt_path` on `evaluation.sets` (the `eval` group's)."""
     quiet_known_noise()
+    check_config(cfg)
     module, evaluation = load_for_evaluation(cfg)
     metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
     loggers = _instantiate_all(cfg.get("logger"))

@@ -25,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 from aclip.datamodules.synthetic import SyntheticClassification
-from aclip.tasks import load_trained
+from aclip.trained import load_trained
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,1 @@
+"""Beside the package, above its entry points: step cost, throughput, memory, data loading (BENCHMARKS.md)."""

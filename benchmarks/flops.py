@@ -1,5 +1,5 @@
 """FLOPs of a training step, counted on its real batches: torch's FLOP counter, taught the CPU attention
-kernel (`aclip.compute.flop_counter`, which training counts with)."""
+kernel (`aclip.flop_counter`, which training counts with)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 from torch.utils.flop_counter import FlopCounterMode
 
-from aclip.compute import flop_counter
+from aclip.flop_counter import flop_counter
 
 
 class StepFlops(Callback):

@@ -20,7 +20,7 @@ def train_config(tmp_path: Path) -> Callable[..., DictConfig]:
         cfg = compose_config("train", [*TINY_OVERRIDES, *overrides], output_dir)
         sizes = [
             *(SYNTHETIC_DATA_OVERRIDES if cfg.hydra.runtime.choices.data == "synthetic" else []),
-            *(SYNTHETIC_EVAL_OVERRIDES if "synthetic" in cfg.eval else []),
+            *(SYNTHETIC_EVAL_OVERRIDES if "synthetic" in cfg.evaluation.sets else []),
         ]
         # The small built-in sets, set in the composed config (one composition, not two); a size the
         # test gives on its own wins.

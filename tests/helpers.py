@@ -43,7 +43,7 @@ TINY_OVERRIDES = [
     "model.embed_dim=32",
     "data.batch_size=8",
     "data.num_workers=0",
-    "eval_loader.batch_size=32",
+    "evaluation.loader.batch_size=32",
     "logger=csv",
     "trainer.max_epochs=1",
     "trainer.enable_progress_bar=false",
@@ -51,7 +51,10 @@ TINY_OVERRIDES = [
 ]
 # Small built-in sets, applied while those sets are chosen (an experiment may choose others).
 SYNTHETIC_DATA_OVERRIDES = ["data.train.size=32"]
-SYNTHETIC_EVAL_OVERRIDES = ["eval.synthetic.dataset.size=48", "eval.synthetic_retrieval.dataset.size=12"]
+SYNTHETIC_EVAL_OVERRIDES = [
+    "evaluation.sets.synthetic.dataset.size=48",
+    "evaluation.sets.synthetic_retrieval.dataset.size=12",
+]
 # The tiny run on the default (built-in) data and evaluation sets.
 TINY_SYNTHETIC_OVERRIDES = [*TINY_OVERRIDES, *SYNTHETIC_DATA_OVERRIDES, *SYNTHETIC_EVAL_OVERRIDES]
 

@@ -242,7 +242,7 @@ def test_adjacent_bad_rows_count_once_each_and_pass_a_one_percent_limit(tmp_path
         "data=csv",
         f"data.train.path={csv_path}",
         "data.batch_size=100",
-        "evaluate=false",
+        "evaluation.at_end=false",
         "trainer.log_every_n_steps=1",
     )
     train(cfg)

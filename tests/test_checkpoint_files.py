@@ -16,7 +16,7 @@ from tests.helpers import callback_overrides
 # 16 samples in batches of 8: 2 optimizer steps per epoch; a step checkpoint every 3 steps.
 RUN = [
     "data.train.size=16",
-    "evaluate=false",
+    "evaluation.at_end=false",
     "callbacks.mask_pictures=null",
     "callbacks.step_checkpoint.every_n_train_steps=3",
 ]

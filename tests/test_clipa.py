@@ -12,7 +12,8 @@ import torch
 from hydra.utils import instantiate
 
 from aclip import export
-from aclip.config import ConfigError, validate_config
+from aclip.config import validate_config
+from aclip.errors import ConfigError
 from aclip.modules.vision import VisionTower
 from aclip.tasks import evaluate_checkpoint, train
 from tests.helpers import SYNTHETIC_DATA_OVERRIDES, SYNTHETIC_EVAL_OVERRIDES, compose_config
@@ -189,7 +190,7 @@ def test_the_tiny_two_stage_recipe_runs_end_to_end(tmp_path):
         [
             f"ckpt_path={tmp_path / 'stage2' / 'checkpoints' / 'last.ckpt'}",
             *SYNTHETIC_EVAL_OVERRIDES,
-            "eval_loader.num_workers=0",
+            "evaluation.loader.num_workers=0",
         ],
         tmp_path / "eval",
     )

@@ -15,11 +15,12 @@ import torch
 from hydra.utils import instantiate
 
 from aclip.callbacks.throughput import Throughput
-from aclip.compute import count_batch_flops, example_sample, flop_counter, plan_compute, steps_within
-from aclip.config import ConfigError
+from aclip.compute import count_batch_flops, example_sample, plan_compute, steps_within
 from aclip.datamodules.datamodule import ImageTextDataset
+from aclip.errors import ConfigError
+from aclip.flop_counter import flop_counter
 from aclip.modules.stages import build_phases, flops_until, phase_ends
-from aclip.sweep_compute import COMPUTE_FILE
+from aclip.summary.compute_chart import COMPUTE_FILE
 from tests.helpers import REPO, TINY_SYNTHETIC_OVERRIDES, fresh_copy, run_train_py
 from tests.test_summarize import read_csv
 

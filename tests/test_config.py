@@ -9,7 +9,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from aclip.config import ConfigError, resolved_job_config, validate_config, world_size
+from aclip.config import resolved_job_config, validate_config
+from aclip.distributed import world_size
+from aclip.errors import ConfigError
 from aclip.modules.vision import VisionTower
 from aclip.tasks import train
 from tests.helpers import A_CLIP_OPTIMIZER, CONF_DIR, compose_config
@@ -72,7 +74,7 @@ def test_eval_config_composes(tmp_path):
     cfg = compose_config("eval", ["ckpt_path=some.ckpt"], tmp_path)
     resolved = resolved_job_config(cfg)
     assert resolved["ckpt_path"] == "some.ckpt"
-    assert resolved["eval_loader"]["image_size"] is None  # filled from the checkpoint
+    assert resolved["evaluation"]["loader"]["image_size"] is None  # filled from the checkpoint
 
 
 def test_paper_towers(tmp_path):

@@ -52,7 +52,7 @@ def test_progress_bar_ends_at_max_steps_and_shows_the_learning_rate(train_config
     """4 batches per epoch, 3 steps: the bar's total (and so its ETA) is 3; the rate reads 2.00e-03, not
     Lightning's 0.002 (or 0.000 below 5e-4)."""
     record = callback_overrides(Path(__file__).stem, "RecordProgressBar", path=tmp_path / "shown.pt")
-    overrides = ["trainer.enable_progress_bar=true", "trainer.max_steps=3", "evaluate=false"]
+    overrides = ["trainer.enable_progress_bar=true", "trainer.max_steps=3", "evaluation.at_end=false"]
     train(train_config(*overrides, "callbacks.mask_pictures=null", *record))
     shown = torch.load(tmp_path / "shown.pt")
     assert [total for total, _ in shown] == [3, 3, 3]
@@ -120,7 +120,7 @@ def test_a_full_disk_names_the_run_directory_and_its_keys(train_config, tmp_path
 
     monkeypatch.setattr(torch, "save", save)
     with pytest.raises(RunError) as raised:
-        report_run_errors(run_training)(train_config("trainer.max_steps=1", "evaluate=false"))
+        report_run_errors(run_training)(train_config("trainer.max_steps=1", "evaluation.at_end=false"))
     message = str(raised.value)
     assert message.startswith(f"No space left on device (writing {tmp_path / 'run' / 'checkpoints'}/step")
     assert f"its directory {tmp_path / 'run'} (hydra.run.dir" in message and "paths.log_dir=<dir>" in message

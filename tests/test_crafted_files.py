@@ -18,12 +18,13 @@ from aclip import export
 from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY
 from aclip.checkpointing import CheckpointError
 from aclip.cli import run_training
+from aclip.open_clip_format import CONFIG_FILE
 from aclip.tasks import evaluate_checkpoint, train
 from tests.helpers import SYNTHETIC_EVAL_OVERRIDES, TINY_SYNTHETIC_OVERRIDES, compose_config
 
 WRITTEN = "written by the crafted file"
 # ViT's patch projection, so that every entry point, aclip.export included, reaches the crafted contents.
-QUICK = ["evaluate=false", "evaluation.every_n_steps=null", "model.vision.stem=patch"]
+QUICK = ["evaluation.at_end=false", "evaluation.every_n_steps=null", "model.vision.stem=patch"]
 
 
 class WritesOnUnpickle:
@@ -47,8 +48,8 @@ def writes(victim: Path) -> dict[str, Any]:
 # Each payload alters a trained checkpoint's contents (to be saved in `run_dir`) so as to act on `victim`,
 # and returns the key that a refusal must name.
 def run_config_interpolation(checkpoint: dict[str, Any], victim: Path, run_dir: Path) -> str:
-    checkpoint[RUN_CONFIG_KEY]["eval_loader"]["interpolation"] = writes(victim)
-    return "eval_loader.interpolation"
+    checkpoint[RUN_CONFIG_KEY]["evaluation"]["loader"]["interpolation"] = writes(victim)
+    return "evaluation.loader.interpolation"
 
 
 def run_config_callback(checkpoint: dict[str, Any], victim: Path, run_dir: Path) -> str:
@@ -261,9 +262,9 @@ def test_an_export_folder_naming_what_open_clip_would_fetch_is_refused(trained, 
     checkpoint = _saved(trained, tmp_path / "run" / "checkpoints" / "last.ckpt")
     export.main([str(checkpoint), str(folder)])
     aclip.load(folder)  # as written, it loads
-    config = json.loads((folder / export.CONFIG_FILE).read_text())
+    config = json.loads((folder / CONFIG_FILE).read_text())
     config["model_cfg"]["text_cfg"]["hf_model_name"] = "someone/any-model"
-    (folder / export.CONFIG_FILE).write_text(json.dumps(config))
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
     import open_clip
 
     def unreachable(*args: Any, **kwargs: Any) -> None:

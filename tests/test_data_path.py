@@ -116,7 +116,7 @@ def test_small_images_and_other_formats_are_decoded_whole():
 
 
 def test_the_teacher_crop_is_left_out_when_nothing_reads_it(train_config):
-    cfg = train_config("method=clip", "debug=fast_dev_run", "evaluate=false")
+    cfg = train_config("method=clip", "debug=fast_dev_run", "evaluation.at_end=false")
     module, datamodule = instantiate(cfg.model), instantiate(cfg.data)
     trainer = instantiate(cfg.trainer, logger=False)
     assert not module.needs_teacher_crop

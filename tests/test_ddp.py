@@ -47,7 +47,9 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from aclip.config import ConfigError, per_device_batch_size, resolved_job_config, validate_config, world_size
+from aclip.config import resolved_job_config, validate_config
+from aclip.distributed import per_device_batch_size, world_size
+from aclip.errors import ConfigError
 from aclip.tasks import train
 from tests.helpers import TINY_OVERRIDES, compose_config, run_train_py
 
@@ -64,7 +66,7 @@ EQUIVALENCE_OVERRIDES = [
     "model.scheduler.warmup_epochs=0",
     "model.scheduler.min_lr=1e-2",
     "callbacks.ema.base_momentum=0.5",
-    "evaluate=false",
+    "evaluation.at_end=false",
 ]
 # Plain CLIP (one full view); A-CLIP: 2 attentive views of 50 %, SimCLR between them (negatives gathered
 # from every rank) and BYOL to the EMA teacher; and A-CLIP with SimSiam in place of SimCLR.
@@ -374,7 +376,7 @@ def ddp_world(tmp_path_factory) -> Iterator[World]:
         "method=aclip",
         "masking=random",
         "trainer.limit_train_batches=1",
-        "evaluate=false",
+        "evaluation.at_end=false",
         "callbacks.mask_pictures=null",  # it would take the masks the recorder reads
     )
     train_job = TrainJob(resolved_job_config(train_cfg))

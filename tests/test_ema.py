@@ -18,7 +18,8 @@ from torch import nn
 import aclip.callbacks.ema as ema_module
 from aclip.callbacks.ema import EMAUpdate, ema_momentum, ema_update
 from aclip.config import validate_config
-from aclip.tasks import load_checkpoint, train
+from aclip.tasks import train
+from aclip.trained import load_checkpoint
 from tests.helpers import TINY_SYNTHETIC_OVERRIDES, compose_config
 
 BASE = 0.5  # a fast teacher in the fits below, so that every EMA step moves the weights visibly
@@ -242,7 +243,7 @@ def two_steps(tmp_path_factory):
             *TINY_SYNTHETIC_OVERRIDES,
             "trainer.limit_train_batches=2",
             "trainer.log_every_n_steps=1",
-            "evaluate=false",
+            "evaluation.at_end=false",
             "model.optimizer.lr=1e-2",
             "model.scheduler.warmup_epochs=0",
             f"callbacks.ema.base_momentum={BASE}",
@@ -332,7 +333,7 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(train_config, tmp
     overrides = [
         "trainer.accumulate_grad_batches=2",
         "trainer.log_every_n_steps=1",
-        "evaluate=false",
+        "evaluation.at_end=false",
         f"callbacks.ema.base_momentum={BASE}",
         "callbacks.mask_pictures=null",
     ]
@@ -360,7 +361,9 @@ def test_gradient_accumulation_updates_once_per_optimizer_step(train_config, tmp
 
 
 def test_attentive_masking_without_ema_callback_fails_at_start_up(train_config):
-    cfg = train_config("masking=attentive_low", "callbacks=none", "evaluate=false", "trainer.max_steps=1")
+    cfg = train_config(
+        "masking=attentive_low", "callbacks=none", "evaluation.at_end=false", "trainer.max_steps=1"
+    )
     assert not any("_target_" in (node or {}) for node in (cfg.callbacks or {}).values())
     with pytest.raises(ValueError, match=r"EMAUpdate[\s\S]*callbacks\.ema"):
         train(cfg)
@@ -368,7 +371,7 @@ def test_attentive_masking_without_ema_callback_fails_at_start_up(train_config):
 
 def test_plain_clip_without_ema_callback_only_warns(train_config):
     """Without attentive masking or BYOL, a missing EMAUpdate is allowed: a warning, and a frozen teacher."""
-    cfg = train_config("callbacks=none", "evaluate=false", "trainer.max_steps=1")
+    cfg = train_config("callbacks=none", "evaluation.at_end=false", "trainer.max_steps=1")
     module = instantiate(cfg.model)
     before = clone_params(module.ema_model)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])

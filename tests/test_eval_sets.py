@@ -68,7 +68,7 @@ def test_unreadable_eval_image_is_an_error_naming_the_file(image_folder):
 
 @pytest.mark.parametrize("make_root", [lambda tmp: tmp / "missing", lambda tmp: tmp])
 def test_image_folder_without_class_folders_names_the_config_key(tmp_path, make_root):
-    with pytest.raises(FileNotFoundError, match=r"eval\.<name>\.dataset\.root"):
+    with pytest.raises(FileNotFoundError, match=r"evaluation\.sets\.<name>\.dataset\.root"):
         ImageFolderClassification(make_root(tmp_path))
 
 
@@ -121,7 +121,7 @@ def test_karpathy_rejects_bad_splits_and_captions(tmp_path):
         KarpathyRetrieval(annotations, tmp_path, split="testing")
     with pytest.raises(ValueError, match="no image in split 'val'"):
         KarpathyRetrieval(annotations, tmp_path, split="val")
-    with pytest.raises(FileNotFoundError, match=r"eval\.<name>\.dataset\.annotations"):
+    with pytest.raises(FileNotFoundError, match=r"evaluation\.sets\.<name>\.dataset\.annotations"):
         KarpathyRetrieval(tmp_path / "missing.json", tmp_path)
     empty = write_karpathy(tmp_path / "dataset.json", [karpathy_entry("1.jpg", "test", ["a caption", "  "])])
     with pytest.raises(ValueError, match=r"1\.jpg has a missing or empty caption"):
@@ -169,7 +169,7 @@ def test_option_targets_resolve_to_classes(option):
 @pytest.mark.parametrize("option", [*SET_OPTIONS, SUITE])
 def test_option_composes_and_resolves(tmp_path, option):
     cfg = compose_config("eval", ["ckpt_path=x.ckpt", f"eval=[{option}]"], tmp_path)
-    sets = OmegaConf.to_container(cfg.eval, resolve=True)
+    sets = OmegaConf.to_container(cfg.evaluation.sets, resolve=True)
     assert set(sets) == set(suite_members() if option == SUITE else load_option(option))
 
 
@@ -182,7 +182,7 @@ def test_suite_is_every_zero_shot_set_but_the_built_in_ones(tmp_path):
     assert len(suite_members()) == 26
     assert set(suite_members()) == zero_shot
     cfg = compose_config("eval", ["ckpt_path=x.ckpt", f"eval=[{SUITE},flickr30k,coco]"], tmp_path)
-    assert set(cfg.eval) == zero_shot | {"flickr30k", "coco"}
+    assert set(cfg.evaluation.sets) == zero_shot | {"flickr30k", "coco"}
 
 
 def test_sets_instantiate_from_files_under_the_data_dir(tmp_path):
@@ -197,7 +197,7 @@ def test_sets_instantiate_from_files_under_the_data_dir(tmp_path):
         flickr / "dataset_flickr30k.json", [karpathy_entry("1.png", "test", ["a caption", "another"])]
     )
     overrides = ["ckpt_path=x.ckpt", "eval=[hateful_memes,flickr30k]", f"paths.data_dir={tmp_path}"]
-    sets = instantiate(compose_config("eval", overrides, tmp_path / "run").eval)
+    sets = instantiate(compose_config("eval", overrides, tmp_path / "run").evaluation.sets)
     assert sets.hateful_memes.classnames == ["a meme.", "a hateful meme."]
     assert sets.hateful_memes.templates == ["{}"]
     assert len(sets.hateful_memes.dataset) == 2

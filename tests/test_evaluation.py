@@ -140,7 +140,7 @@ def test_weight_decay_is_chosen_on_held_out_data():
 @pytest.mark.parametrize("bad", [{"weight_decays": []}, {"val_fraction": 1.0}])
 def test_linear_probe_rejects_bad_settings(bad):
     dataset = SolidColours(["red"], labels=[0])
-    with pytest.raises(ValueError, match=r"eval\.probe"):
+    with pytest.raises(ValueError, match=r"evaluation\.sets\.probe"):
         LinearProbe(dataset, dataset, name="probe", **bad)
 
 

@@ -6,10 +6,11 @@ import csv
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 
 from aclip.callbacks import mask_vis
+from aclip.errors import ConfigError
+from aclip.renamed import check_overrides, translate
 from aclip.tasks import train
 from tests.helpers import compose_config
 
@@ -34,16 +35,14 @@ def test_methods_train_at_laptop_scale(train_config, choice):
 
 @pytest.mark.parametrize("name", ["aclip", "aclip_eff", "clip"])
 def test_a_short_name_is_the_paper_scale_with_its_method(tmp_path, name):
-    short = compose_config("train", [f"experiment={name}"], tmp_path)
-    spelled = compose_config("train", ["experiment=paper", f"method={name}"], tmp_path)
-    short_config, spelled_config = OmegaConf.to_container(short), OmegaConf.to_container(spelled)
-    choices = (
-        short_config.pop("hydra")["runtime"]["choices"],
-        spelled_config.pop("hydra")["runtime"]["choices"],
-    )
-    assert short_config == spelled_config
-    assert choices[0] == {**choices[1], "experiment": name}
-    assert short.model.vision.patch_size == 16 and short.data.batch_size == 4096  # the paper's scale
+    """A paper row is a method: `experiment=<row>`, the short name of earlier versions, stops naming the
+    pair, and a checkpoint that recorded it resumes with the pair (aclip/renamed.py)."""
+    with pytest.raises(ConfigError, match=f"give experiment=paper method={name}$"):
+        check_overrides([f"experiment={name}"])
+    spelled = compose_config("train", translate([f"experiment={name}"]), tmp_path)
+    choices = spelled.hydra.runtime.choices
+    assert (choices.experiment, choices.method) == ("paper", name)
+    assert spelled.model.vision.patch_size == 16 and spelled.data.batch_size == 4096  # the paper's scale
 
 
 @pytest.mark.parametrize(("method", "losses"), [("aclip", {"simclr", "byol"}), ("attentive_3x33", set())])
@@ -51,7 +50,10 @@ def test_multi_view_steps_log_every_loss(train_config, tmp_path, method, losses)
     """A-CLIP's step (k = 2, SimCLR + BYOL) and a k = 3 step run and log each loss component."""
     train(
         train_config(
-            f"method={method}", "trainer.max_steps=2", "trainer.log_every_n_steps=1", "evaluate=false"
+            f"method={method}",
+            "trainer.max_steps=2",
+            "trainer.log_every_n_steps=1",
+            "evaluation.at_end=false",
         )
     )
     with open(tmp_path / "run" / "csv" / "metrics.csv") as file:
@@ -73,7 +75,7 @@ def test_mask_pictures_are_drawn_once_per_accumulated_step(train_config, monkeyp
             "trainer.max_steps=2",
             "trainer.accumulate_grad_batches=2",
             "callbacks.mask_pictures.every_n_steps=2",
-            "evaluate=false",
+            "evaluation.at_end=false",
         )
     )
     assert drawn == ["step0000000.png"]  # step 0's first micro-batch, not its second
@@ -89,7 +91,7 @@ def test_mask_pictures_written(train_config, tmp_path):
             "model.teacher_warmup_until_loss=null",
             "trainer.max_steps=3",
             "callbacks.mask_pictures.every_n_steps=2",
-            "evaluate=false",
+            "evaluation.at_end=false",
         )
     )
     pictures = sorted((tmp_path / "run" / "mask_pictures").glob("*.png"))

@@ -17,7 +17,9 @@ from PIL import Image
 import aclip
 from aclip import export
 from aclip.modules.vision import ConvStem
-from aclip.tasks import load_checkpoint, train
+from aclip.open_clip_format import CONFIG_FILE
+from aclip.tasks import train
+from aclip.trained import load_checkpoint
 
 # open_clip's ViT embeds patches with one linear projection: the towers these tests export have it (the
 # tiny default's convolutional stem is refused, tested below).
@@ -30,7 +32,7 @@ def trained(tmp_path_factory):
     from tests.helpers import TINY_SYNTHETIC_OVERRIDES, compose_config
 
     root = tmp_path_factory.mktemp("export")
-    overrides = [*TINY_SYNTHETIC_OVERRIDES, PATCH_STEM, "trainer.max_steps=2", "evaluate=false"]
+    overrides = [*TINY_SYNTHETIC_OVERRIDES, PATCH_STEM, "trainer.max_steps=2", "evaluation.at_end=false"]
     cfg = compose_config("train", overrides, root / "run")
     train(cfg)
     return root / "run" / "checkpoints" / "last.ckpt"
@@ -57,7 +59,7 @@ def test_the_export_loads_in_open_clip_and_computes_the_same_embeddings(trained,
         )
         torch.testing.assert_close(theirs.encode_text(tokens), ours.encode_text(tokens), atol=1e-5, rtol=1e-4)
     assert theirs.logit_scale.item() == pytest.approx(ours.logit_scale.item())
-    config = json.loads((tmp_path / "out" / export.CONFIG_FILE).read_text())
+    config = json.loads((tmp_path / "out" / CONFIG_FILE).read_text())
     assert config["preprocess_cfg"]["size"] == ours.vision.image_size  # the model's size, not 224
 
 
@@ -115,7 +117,7 @@ def test_a_convolutional_stem_is_refused_by_the_export_and_by_weights_without_on
 def test_a_convolutional_stem_run_is_served_from_its_checkpoint_batch_statistics_included(
     tmp_path, train_config
 ):
-    train(train_config("model.vision.stem=conv", "trainer.max_steps=2", "evaluate=false"))
+    train(train_config("model.vision.stem=conv", "trainer.max_steps=2", "evaluation.at_end=false"))
     loaded, _, _ = aclip.load(tmp_path / "run")
     stem = loaded.vision.trunk.patch_embed.proj
     assert isinstance(stem, ConvStem)  # rebuilt from the description
@@ -156,7 +158,7 @@ def test_init_from_an_export_or_a_checkpoint_starts_from_its_weights(trained, tm
                 torch.testing.assert_close(model.encode_text(tokens), reference.encode_text(tokens))
         assert "init_from" not in module.hparams  # a checkpoint of the new run holds its own weights
     cfg = train_config(
-        f"model.init_from={tmp_path / 'out'}", PATCH_STEM, "debug=fast_dev_run", "evaluate=false"
+        f"model.init_from={tmp_path / 'out'}", PATCH_STEM, "debug=fast_dev_run", "evaluation.at_end=false"
     )
     train(cfg)  # and it trains
 

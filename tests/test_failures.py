@@ -14,11 +14,12 @@ import torch
 from aclip.callbacks.failures import NonFiniteGuard, NonFiniteLossError
 from aclip.checkpointing import AtomicCheckpointIO
 from aclip.modules.aclip import AClip
-from aclip.tasks import load_checkpoint, train
+from aclip.tasks import train
+from aclip.trained import load_checkpoint
 from tests.helpers import callback_overrides
 
 # 32 samples in batches of 8: 4 optimizer steps in the one epoch.
-RUN = ["evaluate=false", "callbacks.mask_pictures=null"]
+RUN = ["evaluation.at_end=false", "callbacks.mask_pictures=null"]
 
 
 class StopAt(pl.Callback):
@@ -160,7 +161,7 @@ def test_missing_data_fails_before_the_model_is_built(train_config, monkeypatch,
 
     monkeypatch.setattr(AClip, "__init__", unreachable)
     with pytest.raises(Exception) as raised:  # Hydra wraps what a target raises in InstantiationException
-        train(train_config(*overrides, "evaluate=false"))
+        train(train_config(*overrides, "evaluation.at_end=false"))
     causes, error = [], raised.value
     while error is not None:
         causes.append(error)

@@ -39,9 +39,9 @@ TINY_TOWERS = [
 ]
 
 
-@pytest.mark.parametrize("experiment", ["aclip", "aclip_eff"])
-def test_paper_presets_pin_the_published_recipe(tmp_path, experiment):
-    cfg = compose_config("train", [f"experiment={experiment}"], tmp_path)
+@pytest.mark.parametrize("method", ["aclip", "aclip_eff"])
+def test_paper_presets_pin_the_published_recipe(tmp_path, method):
+    cfg = compose_config("train", ["experiment=paper", f"method={method}"], tmp_path)
     masking, ssl, data = cfg.masking, cfg.model.self_supervision, cfg.data
     # Masking: attentive, 2 views of 50 %, decided on 2 x 2-patch (32 px) cells, all layers' CLS attention.
     assert masking._target_.endswith("AttentiveLow")
@@ -69,7 +69,7 @@ def test_paper_presets_pin_the_published_recipe(tmp_path, experiment):
         0.1,
         0.2,
     )
-    assert data.ema_image_size == (112 if experiment == "aclip_eff" else 224)
+    assert data.ema_image_size == (112 if method == "aclip_eff" else 224)
     # Recipe: AdamW, schedule, batch, epochs, EMA.
     model = cfg.model
     assert OmegaConf.to_container(model.optimizer) == A_CLIP_OPTIMIZER
@@ -82,12 +82,15 @@ def test_paper_presets_pin_the_published_recipe(tmp_path, experiment):
     assert (model.teacher_warmup_steps, model.teacher_warmup_until_loss) == (0, None)
     assert (data.batch_size, cfg.trainer.max_epochs, cfg.callbacks.ema.base_momentum) == (4096, 25, 0.996)
     # Evaluation: SLIP's 7 ImageNet templates, bilinear resize.
-    assert cfg.eval.imagenet.templates == "simple" and cfg.eval_loader.interpolation == "bilinear"
-    assert cfg.eval.imagenet.get("reported_metric", "top1") == "top1"
+    assert (
+        cfg.evaluation.sets.imagenet.templates == "simple"
+        and cfg.evaluation.loader.interpolation == "bilinear"
+    )
+    assert cfg.evaluation.sets.imagenet.get("reported_metric", "top1") == "top1"
 
 
 def test_paper_module_freezes_the_patch_embedding_and_uses_quick_gelu(train_config):
-    module = instantiate(train_config("experiment=aclip", *TINY_TOWERS).model)
+    module = instantiate(train_config("experiment=paper", "method=aclip", *TINY_TOWERS).model)
     patch = module.model.vision.trunk.patch_embed.proj
     assert not any(p.requires_grad for p in patch.parameters())
     assert all(p.requires_grad for p in module.model.vision.trunk.blocks.parameters())
@@ -122,7 +125,7 @@ def test_self_supervised_gradients_reach_the_trunk_not_the_image_projection(
     from aclip.modules.losses import ClipLoss
 
     monkeypatch.setattr(ClipLoss, "forward", lambda self, image, text, scale: (image.sum() + text.sum()) * 0)
-    cfg = train_config("method=aclip", f"model.self_supervision.source={source}", "evaluate=false")
+    cfg = train_config("method=aclip", f"model.self_supervision.source={source}", "evaluation.at_end=false")
     module = instantiate(cfg.model)
     probe = GradientProbe()
     callbacks = [instantiate(cfg.callbacks.ema), probe]

@@ -82,7 +82,9 @@ def test_console_scripts_train_and_evaluate_outside_the_repository(installed, tm
 
     # A checkpoint of the repository's code, evaluated by the installed package.
     trained = compose_config(
-        "train", [*TINY_SYNTHETIC_OVERRIDES, "trainer.max_steps=1", "evaluate=false"], tmp_path / "trained"
+        "train",
+        [*TINY_SYNTHETIC_OVERRIDES, "trainer.max_steps=1", "evaluation.at_end=false"],
+        tmp_path / "trained",
     )
     train_in_process(trained)
     evaluate = subprocess.run(

@@ -28,7 +28,7 @@ def test_local_submitit_multirun_runs_two_jobs(tmp_path):
         "launcher=local",
         "model.optimizer.lr=1e-3,5e-4",
         "debug=fast_dev_run",
-        "evaluate=false",
+        "evaluation.at_end=false",
         *TINY_SYNTHETIC_OVERRIDES,
         cwd=tmp_path,
     )
@@ -82,7 +82,13 @@ def test_sweep_dir_and_launcher_resolve_before_hydra_runtime_exists(launcher, tm
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             "train",
-            overrides=[f"launcher={launcher}", "hydra.launcher.partition=p", "trainer=ddp", "experiment=clip"]
+            overrides=[
+                f"launcher={launcher}",
+                "hydra.launcher.partition=p",
+                "trainer=ddp",
+                "experiment=paper",
+                "method=clip",
+            ]
             if launcher == "slurm"
             else [f"launcher={launcher}"],
             return_hydra_config=True,

@@ -38,6 +38,10 @@ def test_validation_every_n_steps_logs_learning_curves(train_config, tmp_path):
 
 
 def test_no_validation_in_fast_dev_run_or_when_off(train_config, tmp_path):
-    train(train_config("debug=fast_dev_run", "evaluation.every_n_steps=1", "evaluate=false"))
-    train(train_config("evaluation.every_n_steps=null", "evaluate=false", "trainer.log_every_n_steps=1"))
+    train(train_config("debug=fast_dev_run", "evaluation.every_n_steps=1", "evaluation.at_end=false"))
+    train(
+        train_config(
+            "evaluation.every_n_steps=null", "evaluation.at_end=false", "trainer.log_every_n_steps=1"
+        )
+    )
     assert not any(key.startswith("val/") for row in _rows(tmp_path / "run") for key, v in row.items() if v)

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from aclip.config import ConfigError, validate_config
+from aclip.config import validate_config
+from aclip.errors import ConfigError
 from aclip.evaluation.masked import MaskedViews, fold_masked, with_masked_views
 from aclip.modules.masking import NoMasking, RandomMasking, ResizeMasking
-from aclip.summarize import summarize
+from aclip.summary.sweep import summarize
 from aclip.tasks import train
 from tests.test_summarize import make_job, read_csv
 
@@ -91,8 +92,8 @@ def test_masked_inference_reaches_metrics_json_and_the_sweep_summary(train_confi
         "debug=fast_dev_run",
         "method=attentive_2x50",
         "evaluation.masked.views=[1,3]",
-        "eval.synthetic.dataset.size=16",
-        "eval.synthetic_retrieval.dataset.size=8",
+        "evaluation.sets.synthetic.dataset.size=16",
+        "evaluation.sets.synthetic_retrieval.dataset.size=8",
     )
     metrics = train(cfg)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -20,7 +20,7 @@ def one_step(train_config, tmp_path, *overrides):
     cfg = train_config(
         "trainer.max_steps=1",
         "trainer.log_every_n_steps=1",
-        "evaluate=false",
+        "evaluation.at_end=false",
         "callbacks.model_checkpoint=null",
         *overrides,
     )

@@ -48,7 +48,7 @@ def test_policies_written_outside_the_package_train_through_train_py(tmp_path):
         "_target_: my_policies.CentreCells\nkeep_ratio: 0.25\n"
     )
     (copy / "conf" / "masking" / "quarter.yaml").write_text("_target_: my_policies.QuarterSize\n")
-    steps = ["trainer.max_steps=1", "trainer.log_every_n_steps=1", "evaluate=false"]
+    steps = ["trainer.max_steps=1", "trainer.log_every_n_steps=1", "evaluation.at_end=false"]
     sweep = subprocess.run(
         [sys.executable, "train.py", "-m", "masking=centre,quarter", *TINY_SYNTHETIC_OVERRIDES, *steps],
         cwd=copy,

@@ -47,14 +47,14 @@ SKIPPED: dict[str, str] = {
     ".venv/bin/python train.py model=vit_b16 trainer=gpu data.batch_size=256 trainer.max_epochs=10": (
         _NEEDS_GPU
     ),
-    ".venv/bin/python train.py experiment=aclip": _NEEDS_PAPER_DATA,
-    ".venv/bin/python train.py experiment=aclip_eff": _NEEDS_PAPER_DATA,
+    ".venv/bin/python train.py experiment=paper method=aclip": _NEEDS_PAPER_DATA,
+    ".venv/bin/python train.py experiment=paper method=aclip_eff": _NEEDS_PAPER_DATA,
     ".venv/bin/python train.py experiment=paper method=attentive_high": _NEEDS_PAPER_DATA,
-    ".venv/bin/python train.py experiment=aclip trainer=ddp trainer.devices=8": _NEEDS_GPU,
-    "srun .venv/bin/python train.py experiment=aclip trainer.num_nodes=2 trainer.devices=8 "
+    ".venv/bin/python train.py experiment=paper method=aclip trainer=ddp trainer.devices=8": _NEEDS_GPU,
+    "srun .venv/bin/python train.py experiment=paper method=aclip trainer.num_nodes=2 trainer.devices=8 "
     "hydra.run.dir=logs/train/slurm/${SLURM_JOB_ID}": _NEEDS_SLURM,
     ".venv/bin/python train.py -m launcher=slurm hydra.launcher.partition=<p> trainer=ddp "
-    "experiment=clip,aclip": _NEEDS_SLURM + " (tests/test_launcher.py composes and resolves it)",
+    "experiment=paper method=clip,aclip": _NEEDS_SLURM + " (tests/test_launcher.py composes and resolves it)",
     ".venv/bin/python evaluate.py ckpt_path=<ckpt> eval=[imagenet,flickr30k,coco]": _NEEDS_EVAL_DATA,
     ".venv/bin/python evaluate.py ckpt_path=<ckpt> eval=[slip26]": _NEEDS_EVAL_DATA,
     ".venv/bin/python train.py eval=[synthetic,imagenet]": _NEEDS_EVAL_DATA,
@@ -68,8 +68,10 @@ SKIPPED: dict[str, str] = {
         _NEEDS_SLURM
     ),
     ".venv/bin/torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d "
-    "--rdzv-endpoint=<first node>:29500 --rdzv-id=aclip-1 train.py experiment=aclip trainer.num_nodes=2 "
-    "trainer.devices=8 hydra.run.dir=logs/train/torchrun/aclip-1": _NEEDS_GPU + " on two nodes",
+    "--rdzv-endpoint=<first node>:29500 --rdzv-id=aclip-1 train.py experiment=paper method=aclip "
+    "trainer.num_nodes=2 trainer.devices=8 hydra.run.dir=logs/train/torchrun/aclip-1": (
+        _NEEDS_GPU + " on two nodes"
+    ),
     '.venv/bin/pip install -e ".[slurm]"': "installs an extra that the dev extra of this .venv holds",
     '.venv/bin/pip install -e ".[wandb]"': "installs an extra that the dev extra of this .venv holds",
     ".venv/bin/python train.py -m launcher=slurm hydra.launcher.partition=<partition> "
@@ -100,10 +102,10 @@ TRAIN_OVERRIDES = [o.replace("data.train.size=32", "data.train.size=16") for o i
 # A documented sweep over many seeds runs one seed here (a command-line value replaces the preset's sweep).
 ONE_SEED = {"hparams_search=table2": "seed=0"}
 EVAL_OVERRIDES = [
-    "eval.synthetic.dataset.size=48",
-    "eval.synthetic_retrieval.dataset.size=12",
-    "eval_loader.batch_size=32",
-    "eval_loader.num_workers=0",
+    "evaluation.sets.synthetic.dataset.size=48",
+    "evaluation.sets.synthetic_retrieval.dataset.size=12",
+    "evaluation.loader.batch_size=32",
+    "evaluation.loader.num_workers=0",
 ]
 
 

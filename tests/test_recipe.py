@@ -27,7 +27,7 @@ def logged(run_dir: Path, metric: str) -> list[float]:
 @pytest.mark.parametrize("data", ["synthetic", "glyphs", "segments"])
 def test_one_epoch_of_the_default_recipe_leaves_the_loss_plateau(tmp_path, data):
     # The default run as a user starts it (one epoch, batch 128), on either built-in variant.
-    run_train_py(f"data={data}", f"eval=[{data}]", "evaluate=false", cwd=tmp_path, timeout=1200)
+    run_train_py(f"data={data}", f"eval=[{data}]", "evaluation.at_end=false", cwd=tmp_path, timeout=1200)
     (run_dir,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     losses = logged(run_dir, "train/clip_loss")
     plateau = math.log(128)  # the loss of a model that cannot tell the batch's captions apart

@@ -25,7 +25,7 @@ from tests.helpers import callback_overrides
 RUN = [
     "method=aclip",  # attentive masking of 2 views, SimCLR and BYOL: EMA, masks and every loss in play
     "data.train.size=24",
-    "evaluate=false",
+    "evaluation.at_end=false",
     "trainer.max_epochs=2",
     "callbacks.mask_pictures=null",
     "callbacks.step_checkpoint.every_n_train_steps=2",
@@ -105,9 +105,9 @@ def test_ckpt_path_last_without_a_checkpoint_fails_before_building(train_config,
 
     monkeypatch.setattr("aclip.modules.aclip.AClip.__init__", unreachable)
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=last[\s\S]*hydra\.run\.dir=<run dir>"):
-        train(train_config("ckpt_path=last", "evaluate=false"))
+        train(train_config("ckpt_path=last", "evaluation.at_end=false"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        train(train_config("ckpt_path=/nonexistent/last.ckpt", "evaluate=false"))
+        train(train_config("ckpt_path=/nonexistent/last.ckpt", "evaluation.at_end=false"))
 
 
 def test_resolve_ckpt_path_picks_the_newest_resumable_checkpoint(tmp_path):
@@ -206,7 +206,7 @@ class RecordBatches(pl.Callback):
 # 48 samples in batches of 8: 6 batches in the one epoch; max_steps stops it after 2 of them.
 CUT_SHORT = [
     "data.train.size=48",
-    "evaluate=false",
+    "evaluation.at_end=false",
     "callbacks.mask_pictures=null",
     "evaluation.every_n_steps=null",
 ]

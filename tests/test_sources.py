@@ -99,7 +99,7 @@ def coco_dataset(folder: Path, captions: dict[int, list[str]], images: Sequence[
 
 def run_config(run_dir: Path, *overrides: str) -> DictConfig:
     """The tiny training config of conftest for a file-based source (`data=<name>` among `overrides`)."""
-    return compose_config("train", [*TINY_OVERRIDES, "evaluate=false", *overrides], run_dir)
+    return compose_config("train", [*TINY_OVERRIDES, "evaluation.at_end=false", *overrides], run_dir)
 
 
 def draws(dataset: Dataset, index: int, n: int = 64) -> set[str]:

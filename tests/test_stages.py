@@ -12,7 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from aclip.compute import plan_compute
-from aclip.config import ConfigError, validate_config
+from aclip.config import validate_config
+from aclip.errors import ConfigError
 from aclip.modules.aclip import AClip
 from aclip.modules.masking import AttentiveLow, NoMasking, RandomMasking
 from aclip.modules.stages import build_phases, flops_until, phase_at, phase_ends
@@ -155,7 +156,7 @@ def test_each_phase_trains_with_its_policy_tokens_and_views_until_the_budget(
         f"budget.flops={budget}",
         "data.train.size=80",
         "trainer.log_every_n_steps=1",
-        "evaluate=false",
+        "evaluation.at_end=false",
         "callbacks.model_checkpoint=null",
         *callback_overrides(Path(__file__).stem, "RecordSteps", path=record),
     )

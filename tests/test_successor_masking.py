@@ -286,7 +286,7 @@ def test_blockwise_matches_beits_generator(grid, keep_ratio, min_block):
 )
 def test_preset_trains_through_its_policy(train_config, tmp_path, method, policy):
     cfg = train_config(
-        f"method={method}", "trainer.max_steps=1", "trainer.log_every_n_steps=1", "evaluate=false"
+        f"method={method}", "trainer.max_steps=1", "trainer.log_every_n_steps=1", "evaluation.at_end=false"
     )
     assert cfg.masking._target_ == f"{policy.__module__}.{policy.__name__}" and cfg.data.num_views == 2
     train(cfg)

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from aclip.summarize import bar_chart, collect, expected_jobs, summarize
+from aclip.summary.charts import bar_chart
+from aclip.summary.sweep import summarize
+from aclip.summary.table import collect, expected_jobs
 
 TOP1 = "zeroshot/synthetic/top1"
 
@@ -76,7 +78,7 @@ def test_missing_job_is_listed_and_the_rest_summarised(tmp_path):
     make_job(tmp_path, 2, ["debug=fast_dev_run", "masking=block"], 7.0)
     make_job(tmp_path, 3, ["debug=fast_dev_run", "masking=none"], None)  # started, never finished
     result = subprocess.run(
-        [sys.executable, "-m", "aclip.summarize", str(tmp_path)], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "aclip.summary", str(tmp_path)], capture_output=True, text=True, check=True
     )
     assert (
         "job 1 has no result (missing)" in result.stderr
@@ -121,7 +123,7 @@ def write_curve(sweep: Path, number: int, recall: list[float]) -> None:
 
 
 def test_curves_are_read_per_seed_group_and_drawn(tmp_path):
-    from aclip.sweep_curves import grouped_curves, read_curve
+    from aclip.summary.curves import grouped_curves, read_curve
 
     curves = {("random", 0): [0.5, 0.5, 0.5], ("random", 1): [0.5, 0.49, 0.51],
               ("attentive_low", 0): [0.4, 0.6, 0.8], ("attentive_low", 1): [0.05, 0.3, 0.7]}  # fmt: skip
@@ -166,7 +168,7 @@ def read_csv_header(path: Path) -> list[str]:
 def test_charts_show_chance_percent_and_one_colour_per_method(tmp_path):
     """summary.png draws the chance level the jobs recorded and says `%`; a method keeps its colour in
     every chart, also in one where the others logged nothing (only attentive masking has a score mass)."""
-    from aclip.sweep_curves import curve_chart
+    from aclip.summary.curves import curve_chart
 
     for number, masking in enumerate(("random", "attentive_low", "none")):
         make_job(tmp_path, number, [f"masking={masking}"], 10.0 + number)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from aclip.summarize import summarize
-from aclip.sweep_compute import COMPUTE_FILE
+from aclip.summary.compute_chart import COMPUTE_FILE
+from aclip.summary.sweep import summarize
 from tests.test_summarize import make_job, read_csv
 
 

@@ -10,7 +10,8 @@ from hydra.utils import instantiate
 
 from aclip.modules.text import TextTower
 from aclip.modules.vision import VisionTower
-from aclip.tasks import load_checkpoint, train
+from aclip.tasks import train
+from aclip.trained import load_checkpoint
 
 
 def _gradients(tower: torch.nn.Module, *inputs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -47,7 +48,7 @@ def test_grad_checkpointing_switch_sets_the_online_towers_only(train_config):
 def test_fast_dev_run_with_switch(train_config, tmp_path, switch):
     train(
         train_config(
-            "debug=fast_dev_run", "evaluate=false", "callbacks.mask_pictures.every_n_steps=1", switch
+            "debug=fast_dev_run", "evaluation.at_end=false", "callbacks.mask_pictures.every_n_steps=1", switch
         )
     )
     assert json.loads((tmp_path / "run" / "timing.json").read_text())["optimizer_steps"] == 1
@@ -66,7 +67,7 @@ def test_compile_switch_compiles_the_online_towers_in_place(train_config, tmp_pa
 
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *args, **kwargs: compiled.append(type(self)))
-    train(train_config("model.compile=true", "trainer.limit_train_batches=1", "evaluate=false"))
+    train(train_config("model.compile=true", "trainer.limit_train_batches=1", "evaluation.at_end=false"))
     assert compiled == [VisionTower, TextTower]
     loaded = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
     assert loaded.hparams.compile and loaded.state_dict().keys() == keys

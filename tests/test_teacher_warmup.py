@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from aclip.modules.schedule import LearningRateSchedule
 from aclip.modules.teacher_warmup import LOCK_IN_STEPS, SMOOTHING_STEPS, TeacherWarmup
 from aclip.specs import SpecError
-from aclip.summarize import collect, markdown
+from aclip.summary.table import collect, markdown
 from aclip.tasks import train
 from tests.test_summarize import make_job
 from tests.test_train import read_csv_metrics
@@ -101,7 +101,7 @@ class HeldThenConstant(LearningRateSchedule):
         return lambda step: 1e-9 if step < self.held_steps else base_lr
 
 
-ATTENTIVE = ["method=attentive_2x50", "evaluate=false", "evaluation.every_n_steps=null"]
+ATTENTIVE = ["method=attentive_2x50", "evaluation.at_end=false", "evaluation.every_n_steps=null"]
 # The tiny scale's model and batch, which leave the loss plateau of the built-in shapes within tens of
 # steps (the tests' 32 px towers at batch 8 take hundreds).
 TINY_SCALE = [

@@ -12,10 +12,11 @@ import torch
 from hydra.utils import instantiate
 
 from aclip.cli import run_training
-from aclip.config import ConfigError
+from aclip.errors import ConfigError
 from aclip.modules.aclip import AClip
 from aclip.modules.model import MAX_LOGIT_SCALE
-from aclip.tasks import evaluate_checkpoint, load_checkpoint, train
+from aclip.tasks import evaluate_checkpoint, train
+from aclip.trained import load_checkpoint
 from tests.helpers import (
     SYNTHETIC_EVAL_OVERRIDES,
     compose_config,
@@ -49,7 +50,7 @@ def test_fast_dev_run_trains_and_evaluates(train_config, tmp_path):
 
 
 def test_logit_scale_clamped_after_each_optimizer_step(train_config):
-    cfg = train_config("debug=fast_dev_run", "evaluate=false", "+model.init_logit_scale=5.0")
+    cfg = train_config("debug=fast_dev_run", "evaluation.at_end=false", "+model.init_logit_scale=5.0")
     module = instantiate(cfg.model)
     assert module.model.logit_scale.item() == pytest.approx(5.0)
     trainer = instantiate(cfg.trainer, logger=False)
@@ -68,7 +69,7 @@ SGD = [
 @pytest.mark.parametrize(("optimizer", "overrides"), [(torch.optim.AdamW, []), (torch.optim.SGD, SGD)])
 def test_no_weight_decay_on_biases_norms_and_logit_scale(train_config, optimizer, overrides):
     """Whichever torch optimizer the `model.optimizer` node names, over the same two parameter groups."""
-    cfg = train_config("debug=fast_dev_run", "evaluate=false", *overrides)
+    cfg = train_config("debug=fast_dev_run", "evaluation.at_end=false", *overrides)
     module = instantiate(cfg.model)
     trainer = instantiate(cfg.trainer, logger=False)
     trainer.fit(module, datamodule=instantiate(cfg.data))
@@ -91,7 +92,7 @@ def test_training_logs_and_lowers_the_loss(train_config, tmp_path):
         "data.train.size=128",
         "trainer.max_epochs=2",
         "trainer.log_every_n_steps=1",
-        "evaluate=false",
+        "evaluation.at_end=false",
         "model.scheduler.warmup_epochs=0.5",
     )
     train(cfg)
@@ -118,7 +119,7 @@ def test_train_then_evaluate_round_trip(train_config, tmp_path):
         trained["online"]["zeroshot/synthetic/top1"]
     )
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    eval_overrides = [*SYNTHETIC_EVAL_OVERRIDES, "eval_loader.batch_size=32"]
+    eval_overrides = [*SYNTHETIC_EVAL_OVERRIDES, "evaluation.loader.batch_size=32"]
     eval_cfg = compose_config("eval", [*eval_overrides, f"ckpt_path={checkpoint}"], tmp_path / "eval")
     evaluated = evaluate_checkpoint(eval_cfg)
     written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -160,7 +161,7 @@ def test_evaluate_incompatible_checkpoint(tmp_path, content):
 
 def test_checkpoint_loads_without_unpickling_objects(train_config, tmp_path):
     """Checkpoints hold only tensors and plain containers, so `weights_only` loading accepts them."""
-    train(train_config("trainer.limit_train_batches=1", "evaluate=false"))
+    train(train_config("trainer.limit_train_batches=1", "evaluation.at_end=false"))
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert isinstance(checkpoint["hyper_parameters"]["vision"], dict)
 
@@ -168,7 +169,7 @@ def test_checkpoint_loads_without_unpickling_objects(train_config, tmp_path):
 # The evaluation set of a user's own data: its metrics are zeroshot/mine/*, not the default
 # optimized_metric's zeroshot/synthetic/top1.
 OWN_EVALUATION = [
-    "+eval.synthetic.name=mine",
+    "+evaluation.sets.synthetic.name=mine",
     "trainer.limit_train_batches=2",
     "evaluation.every_n_steps=null",
 ]
@@ -193,5 +194,5 @@ def test_an_optimising_sweep_checks_its_metric_before_training(train_config, mon
         ConfigError, match=r"optimized_metric=zeroshot/synthetic/top1, which no eval set.*mine"
     ):
         run_training(train_config("hparams_search=optuna_lr", *OWN_EVALUATION))
-    with pytest.raises(ConfigError, match="evaluate=false reports no metric"):
-        run_training(train_config("hparams_search=optuna_lr", "evaluate=false"))
+    with pytest.raises(ConfigError, match=r"evaluation\.at_end=false reports no metric"):
+        run_training(train_config("hparams_search=optuna_lr", "evaluation.at_end=false"))

@@ -23,11 +23,12 @@ from aclip.cli import run_training
 from aclip.datamodules.csv_source import CsvCaptions
 from aclip.modules.aclip import AClip
 from aclip.recompose import compose_resumed
-from aclip.tasks import TrainingError, evaluate_checkpoint, load_checkpoint, train
+from aclip.tasks import TrainingError, evaluate_checkpoint, train
+from aclip.trained import load_checkpoint
 from tests.helpers import CONF_DIR, SYNTHETIC_EVAL_OVERRIDES, compose_config
 from tests.test_train import read_csv_metrics
 
-QUICK = ["trainer.limit_train_batches=2", "evaluate=false", "evaluation.every_n_steps=null"]
+QUICK = ["trainer.limit_train_batches=2", "evaluation.at_end=false", "evaluation.every_n_steps=null"]
 
 
 def unreachable(*args: Any, **kwargs: Any) -> None:
@@ -79,7 +80,7 @@ def test_init_from_a_file_holding_pickled_objects_names_it_without_advice_to_unp
 def test_a_truncated_checkpoint_is_named_with_the_ones_beside_it(train_config, tmp_path, monkeypatch):
     train(
         train_config(
-            "data.train.size=32", "evaluate=false", "trainer.max_epochs=2", output_dir=tmp_path / "a"
+            "data.train.size=32", "evaluation.at_end=false", "trainer.max_epochs=2", output_dir=tmp_path / "a"
         )
     )
     checkpoints = tmp_path / "a" / "checkpoints"
@@ -87,7 +88,7 @@ def test_a_truncated_checkpoint_is_named_with_the_ones_beside_it(train_config, t
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     monkeypatch.setattr(AClip, "__init__", unreachable)
     with pytest.raises(CheckpointError) as raised:
-        train(train_config("evaluate=false", "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a'}"))
+        train(train_config("evaluation.at_end=false", "trainer.max_epochs=3", f"ckpt_path={tmp_path / 'a'}"))
     message = str(raised.value)
     assert str(last) in message and "truncated" in message
     # last.ckpt is a link to step0000008.ckpt: the older file is what is left to resume from.
@@ -103,7 +104,7 @@ def test_resume_follows_the_new_learning_rate(train_config, tmp_path):
         "model.scheduler.warmup_epochs=0",
         "model.scheduler.min_lr=0",
         "trainer.log_every_n_steps=1",
-        "evaluate=false",
+        "evaluation.at_end=false",
     ]
     fast += ["trainer.max_epochs=5"]  # the step limits end the runs
     train(train_config(*fast, "model.optimizer.lr=0.5", "trainer.max_steps=2", output_dir=first))
@@ -156,10 +157,10 @@ def test_a_broken_evaluation_image_stops_the_run_before_training(train_config, t
             Image.new("RGB", (8, 8), colour).save(root / label / f"{index}.png")
     (root / "blue" / "1.png").write_bytes(b"\x89PNG garbage")
     folder_set = [
-        "+eval.colours._target_=aclip.evaluation.ZeroShotClassification",
-        "+eval.colours.dataset._target_=aclip.datamodules.eval_sets.ImageFolderClassification",
-        f"+eval.colours.dataset.root={root}",
-        "+eval.colours.templates=['a {} square.']",
+        "+evaluation.sets.colours._target_=aclip.evaluation.ZeroShotClassification",
+        "+evaluation.sets.colours.dataset._target_=aclip.datamodules.eval_sets.ImageFolderClassification",
+        f"+evaluation.sets.colours.dataset.root={root}",
+        "+evaluation.sets.colours.templates=['a {} square.']",
     ]
     monkeypatch.setattr(AClip, "__init__", unreachable)
     with pytest.raises(OSError, match=r"1 of the 4 images .* cannot be read[\s\S]*blue/1\.png"):

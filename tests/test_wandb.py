@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from aclip import loggers
-from aclip.summarize import SweepSummary
+from aclip.summary.sweep import SweepSummary
 from aclip.tasks import train
 
 wandb = pytest.importorskip("wandb")
@@ -44,11 +44,11 @@ def no_credentials(monkeypatch, tmp_path: Path) -> None:
 
 
 def test_offline_exactly_without_credentials(no_credentials, monkeypatch):
-    assert loggers._offline()
+    assert loggers.offline_by_default()
     monkeypatch.setattr("wandb.login", lambda **kwargs: True)
-    assert not loggers._offline()
+    assert not loggers.offline_by_default()
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert loggers._offline()
+    assert loggers.offline_by_default()
 
 
 def test_run_names_from_experiment_and_masking(train_config):
@@ -67,8 +67,8 @@ def test_run_names_from_experiment_and_masking(train_config):
     assert loggers._run_names() == ("tiny-none", "tiny")
     train_config("experiment=paper", "method=aclip")  # a method at a scale
     assert loggers._run_names() == ("paper-aclip-attentive_low", "paper")
-    train_config("experiment=aclip")  # its short name
-    assert loggers._run_names() == ("aclip-attentive_low", "aclip")
+    train_config("method=aclip")  # a method at the default scale
+    assert loggers._run_names() == ("tiny-aclip-attentive_low", "tiny")
 
 
 def test_offline_run_holds_metrics_config_and_mask_pictures(
@@ -84,7 +84,7 @@ def test_offline_run_holds_metrics_config_and_mask_pictures(
         "trainer.limit_train_batches=2",
     ]
     train(train_config(*steps))
-    train(train_config(*steps, "evaluate=false", output_dir=tmp_path / "second"))
+    train(train_config(*steps, "evaluation.at_end=false", output_dir=tmp_path / "second"))
 
     (run,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
     (second,) = (tmp_path / "second" / "wandb").glob("offline-run-*")
@@ -101,14 +101,18 @@ def test_resumed_run_continues_the_same_wandb_run(no_credentials, monkeypatch, t
     """A run resumed from its checkpoint, in a new run directory, logs to the W&B run it started."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     first = tmp_path / "first"
-    train(train_config("logger=wandb", "trainer.limit_train_batches=2", "evaluate=false", output_dir=first))
+    train(
+        train_config(
+            "logger=wandb", "trainer.limit_train_batches=2", "evaluation.at_end=false", output_dir=first
+        )
+    )
     resumed = tmp_path / "resumed"
     train(
         train_config(
             "logger=wandb",
             "trainer.limit_train_batches=2",
             "trainer.max_epochs=2",
-            "evaluate=false",
+            "evaluation.at_end=false",
             f"ckpt_path={first}",
             output_dir=resumed,
         )
@@ -119,7 +123,7 @@ def test_resumed_run_continues_the_same_wandb_run(no_credentials, monkeypatch, t
     assert run.name.endswith(f"-{run_id}") and continued.name.endswith(f"-{run_id}")
     assert (resumed / loggers.RUN_ID_FILE).read_text().strip() == run_id  # for the next resume
     # A fresh run gets an id of its own.
-    train(train_config("logger=wandb", "trainer.limit_train_batches=1", "evaluate=false"))
+    train(train_config("logger=wandb", "trainer.limit_train_batches=1", "evaluation.at_end=false"))
     assert (tmp_path / "run" / loggers.RUN_ID_FILE).read_text().strip() != run_id
 
 
@@ -130,7 +134,7 @@ def test_failed_run_is_closed_as_failed(no_credentials, monkeypatch, train_confi
         "wandb.sdk.wandb_run.Run.finish", lambda self, exit_code=None, **kwargs: finished.append(exit_code)
     )
     cfg = train_config(
-        "logger=wandb", "trainer.limit_train_batches=2", "model.optimizer.lr=1e12", "evaluate=false"
+        "logger=wandb", "trainer.limit_train_batches=2", "model.optimizer.lr=1e12", "evaluation.at_end=false"
     )
     with pytest.raises(FloatingPointError):
         train(cfg)

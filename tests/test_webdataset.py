@@ -264,7 +264,10 @@ def test_missing_shards_are_named_at_construction(tmp_path):
 def test_training_runs_from_shards(train_config, tmp_path):
     pattern = write_shards(tmp_path / "shards", num_shards=4, per_shard=8)
     cfg = train_config(
-        "data=webdataset", f"data.train.urls='{pattern}'", "data.train.num_samples=32", "evaluate=false"
+        "data=webdataset",
+        f"data.train.urls='{pattern}'",
+        "data.train.num_samples=32",
+        "evaluation.at_end=false",
     )
     train(cfg)
     timing = json.loads((tmp_path / "run" / "timing.json").read_text())

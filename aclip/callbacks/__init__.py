@@ -1,1 +1,1 @@
-"""Callbacks that observe or steer training."""
+"""Layer 3, training glue: the callbacks that observe or steer training."""

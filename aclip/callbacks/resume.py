@@ -163,9 +163,10 @@ MAY_CHANGE = (
     "callbacks.model_checkpoint.dirpath",
     "callbacks.interrupt_checkpoint.dirpath",
     "logger",
+    "evaluation",
+    # The evaluation's keys before they were one node (aclip.renamed), which older checkpoints record.
     "eval",
     "evaluate",
-    "evaluation",
     "eval_loader",
     "ckpt_path",
     "task_name",

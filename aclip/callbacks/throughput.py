@@ -12,8 +12,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
-from aclip.compute import flop_counter
 from aclip.evaluation.suite import split_batch
+from aclip.flop_counter import flop_counter
 
 
 def batch_size(batch: Mapping[str, Tensor] | Sequence[Tensor]) -> int:

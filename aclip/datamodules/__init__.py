@@ -1,1 +1,1 @@
-"""Data sources, transforms, evaluation sets and the LightningDataModule."""
+"""Layer 4, data and evaluation: data sources, transforms, evaluation sets and the LightningDataModule."""

@@ -13,10 +13,10 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from aclip.config import per_device_batch_size
 from aclip.datamodules.images import BadSample, skip_record
 from aclip.datamodules.sampling import ResumableDataLoader
 from aclip.datamodules.transforms import MultiViewTransform
+from aclip.distributed import per_device_batch_size
 from aclip.tokenizer import TextReduction, Truncate
 
 if TYPE_CHECKING:

@@ -66,8 +66,8 @@ class ImageFolderClassification(ImageFolder):
             super().__init__(root, loader=load_eval_image)
         except FileNotFoundError as error:
             raise FileNotFoundError(
-                f"{error}\nPoint eval.<name>.dataset.root (train.root/test.root for a linear probe) at a "
-                "folder holding one sub-folder of images per class; see docs/evaluation.md."
+                f"{error}\nPoint evaluation.sets.<name>.dataset.root (train.root/test.root for a linear "
+                "probe) at a folder holding one sub-folder of images per class; see docs/evaluation.md."
             ) from None
 
     def check(self) -> None:
@@ -88,7 +88,7 @@ class KarpathyRetrieval(Dataset):
         annotations, image_root = Path(annotations), Path(image_root)
         for path, key in ((annotations, "annotations"), (image_root, "image_root")):
             if not path.exists():
-                raise FileNotFoundError(f"{path} not found; set eval.<name>.dataset.{key}")
+                raise FileNotFoundError(f"{path} not found; set evaluation.sets.<name>.dataset.{key}")
         entries = [e for e in json.loads(annotations.read_text())["images"] if e["split"] == split]
         if not entries:
             raise ValueError(f"{annotations} has no image in split {split!r}")

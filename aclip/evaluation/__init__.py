@@ -1,4 +1,6 @@
-"""Downstream evaluation: zero-shot classification, image-text retrieval and linear probes."""
+"""Layer 4, data and evaluation: zero-shot classification, image-text retrieval and linear probes.
+
+The names the configs' `_target_`s and the tasks use, from the modules that define them."""
 
 from aclip.evaluation.loaders import EvalLoaders
 from aclip.evaluation.report import format_table, write_metrics

@@ -48,8 +48,8 @@ class EvalLoaders:
     ) -> None:
         if image_size < 1 or batch_size < 1 or num_workers < 0:
             raise ValueError(
-                "need eval_loader.image_size >= 1, eval_loader.batch_size >= 1 and "
-                f"eval_loader.num_workers >= 0; got {image_size}, {batch_size}, {num_workers}"
+                "need evaluation.loader.image_size >= 1, evaluation.loader.batch_size >= 1 and "
+                f"evaluation.loader.num_workers >= 0; got {image_size}, {batch_size}, {num_workers}"
             )
         self.transform = EvalTransform(image_size, interpolation)
         self.batch_size, self.num_workers = batch_size, num_workers

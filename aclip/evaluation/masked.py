@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aclip.config import ConfigError
+from aclip.errors import ConfigError
 from aclip.evaluation.suite import Metrics
 from aclip.modules.masking import TokenMasking
 from aclip.modules.model import ClipModel

@@ -21,8 +21,8 @@ from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, Multicl
 
 from aclip.evaluation.distributed import gather_in_order, my_share
 from aclip.evaluation.linear_probe import fit_linear_probe
-from aclip.evaluation.metrics import retrieval_recall, zero_shot_weights
 from aclip.evaluation.prompts import load_classnames, load_templates
+from aclip.modules.metrics import retrieval_recall, zero_shot_weights
 from aclip.modules.model import ClipModel
 
 Tokenizer = Callable[[list[str]], Tensor]
@@ -155,14 +155,17 @@ class ZeroShotClassification(OneImageSetTask):
         super().__init__(dataset, name)
         if reported_metric not in REPORTED_METRICS:
             raise ValueError(
-                f"eval.{name}.reported_metric must be one of {REPORTED_METRICS}, got {reported_metric!r}"
+                f"evaluation.sets.{name}.reported_metric must be one of {REPORTED_METRICS}, got "
+                f"{reported_metric!r}"
             )
         self.classnames = load_classnames(classnames, dataset)
         self.templates = load_templates(templates, dataset)
         if reported_metric == "roc_auc" and len(self.classnames) != 2:
-            raise ValueError(f"eval.{name}: roc_auc needs two classes, the set has {len(self.classnames)}")
+            raise ValueError(
+                f"evaluation.sets.{name}: roc_auc needs two classes, the set has {len(self.classnames)}"
+            )
         if reported_metric == "top1_top5_mean" and len(self.classnames) < 5:
-            raise ValueError(f"eval.{name}: top1_top5_mean needs at least 5 classes")
+            raise ValueError(f"evaluation.sets.{name}: top1_top5_mean needs at least 5 classes")
         self.reported_metric = reported_metric
 
     def score_set(self, model: ClipModel, tokenize: Tokenizer, encoded: EncodedImages) -> dict[str, float]:
@@ -230,7 +233,7 @@ class LinearProbe(EvalTask):
         super().__init__(name)
         if not weight_decays or not 0.0 < val_fraction < 1.0:
             raise ValueError(
-                f"eval.{name}: need at least one weight decay and 0 < val_fraction < 1, got "
+                f"evaluation.sets.{name}: need at least one weight decay and 0 < val_fraction < 1, got "
                 f"{list(weight_decays)} and {val_fraction}"
             )
         self.train, self.test = train, test
@@ -246,7 +249,9 @@ class LinearProbe(EvalTask):
     ) -> dict[str, float]:
         train, test = images
         if train.labels is None or test.labels is None:
-            raise ValueError(f"eval.{self.name}: the linear probe needs labelled (image, label) items")
+            raise ValueError(
+                f"evaluation.sets.{self.name}: the linear probe needs labelled (image, label) items"
+            )
         num_classes = (
             len(getattr(self.train, "classes", ())) or int(max(train.labels.max(), test.labels.max())) + 1
         )

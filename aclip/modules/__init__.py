@@ -1,1 +1,1 @@
-"""Towers, token reduction, losses and the LightningModule."""
+"""Layer 5, model parts: towers, masking, losses, heads, schedule (aclip.py, the LightningModule: 3)."""

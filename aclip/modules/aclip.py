@@ -57,7 +57,7 @@ class AClip(pl.LightningModule):
         scheduler: node (`_target_` a `LearningRateSchedule`) of the learning rate per optimizer step.
         embed_dim: size of the joint image-text embedding.
         masking: Hydra node (with `_target_`) of a `TokenMasking` policy; None keeps every token.
-        init_logit_scale: initial log temperature, ln(1 / 0.07) as in CLIP.
+        init_logit_scale: initial logit scale, ln(1/T) for the temperature T = 0.07, as in CLIP.
         eval_model: the model whose evaluation is reported first and logged as `eval/...`:
             "ema" (the paper's choice) or "online".
         seed: base seed of the masking policies' random generator, combined with rank and step.

@@ -23,7 +23,8 @@ class ClipLoss(nn.Module):
     """Symmetric InfoNCE of CLIP over the global batch.
 
     `loss(image_features, text_features, logit_scale)` takes L2-normalised features of the local batch
-    and the *log* temperature scale (the learnable parameter, logits = exp(logit_scale) * I @ T^T).
+    and the logit scale ln(1/T), the log of the inverse temperature (the learnable parameter, logits =
+    exp(logit_scale) * I @ T^T).
 
     Under torch.distributed each rank scores its own rows against the features of every rank
     (gathered with gradient), so per-rank cost is B_local x B_global rather than B_global^2. The mean

@@ -24,7 +24,8 @@ def l2_normalize(embeddings: Tensor) -> Tensor:
 
 
 class ClipModel(nn.Module):
-    """Image and text towers projecting to one embedding space, plus the log temperature `logit_scale`."""
+    """Image and text towers projecting to one embedding space, plus `logit_scale`, ln(1/T): the log of the
+    inverse temperature, so that the logits are exp(logit_scale) * I @ T^T (logged as `train/logit_scale`)."""
 
     def __init__(self, vision: VisionTower, text: TextTower, init_logit_scale: float = math.log(1 / 0.07)):
         super().__init__()
@@ -52,5 +53,6 @@ class ClipModel(nn.Module):
 
     @torch.no_grad()
     def clamp_logit_scale(self) -> None:
-        """Keep the temperature in [1, 100], i.e. `logit_scale` in [0, ln 100], as CLIP does."""
+        """Keep the inverse temperature exp(`logit_scale`) in [1, 100], i.e. `logit_scale` in [0, ln 100], as
+        CLIP does."""
         self.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)

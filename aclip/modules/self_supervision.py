@@ -16,6 +16,12 @@ VIEW_LOSSES = ("simclr", "simsiam", "simclr_reference")
 SOURCES = ("cls_token", "embedding")
 
 
+def heads_built(view_loss: str | None, view_weight: float, byol_weight: float) -> tuple[str | None, bool]:
+    """The view loss whose head `SelfSupervision` builds (None: none, also at weight 0) and whether it builds
+    BYOL's heads, which read the EMA model: what the start-up checks ask before any head exists."""
+    return (view_loss if view_loss and view_weight > 0 else None), byol_weight > 0
+
+
 def views_needed(view_loss: str | None, view_weight: float) -> int:
     """Views per image the objectives need: 2 for the view losses that compare different views."""
     return 2 if view_loss in ("simclr", "simsiam") and view_weight > 0 else 1
@@ -74,7 +80,8 @@ class SelfSupervision(nn.Module):
             raise ValueError(
                 f"loss weights must be >= 0, got view_weight={view_weight}, byol_weight={byol_weight}"
             )
-        self.view_loss_name = view_loss if view_loss and view_weight > 0 else None
+        # `uses_ema`: whether the objectives need the EMA model's embedding of the EMA view (BYOL's).
+        self.view_loss_name, self.uses_ema = heads_built(view_loss, view_weight, byol_weight)
         self.view_weight, self.byol_weight = view_weight, byol_weight
         in_dim = cls_dim if source == "cls_token" else embed_dim
         view_head = {"norm": norm, "activation": activation, "bias": view_head_bias}
@@ -99,11 +106,6 @@ class SelfSupervision(nn.Module):
     def views_compared(self) -> int:
         """Views per image the view loss compares (1 when it compares none)."""
         return views_needed(self.view_loss_name, self.view_weight)
-
-    @property
-    def uses_ema(self) -> bool:
-        """Whether the objectives need the EMA model's embedding of the EMA view."""
-        return self.byol_weight > 0
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(EMA module, online module) pairs that the EMA callback moves."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from open_clip.transformer import QuickGELU, TextTransformer, text_global_pool
 from torch import Tensor, nn
 
+from aclip.initialize import load_text_weights
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
 
 
@@ -48,8 +50,6 @@ class TextTower(nn.Module):
             act_layer=ACTIVATIONS[activation],
         )
         if init_from is not None:
-            from aclip.initialize import load_text_weights  # it imports the model, which imports this
-
             load_text_weights(self.transformer, init_from)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -15,6 +15,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from aclip.initialize import load_vision_weights
 from aclip.specs import is_integer
 
 Layers = str | Sequence[int]
@@ -170,8 +171,6 @@ class VisionTower(nn.Module):
                 )
             self.trunk.pos_embed.requires_grad_(False)
         if init_from is not None:
-            from aclip.initialize import load_vision_weights  # it imports the model, which imports this
-
             load_vision_weights(self.trunk, init_from)
         self.trunk.patch_embed.proj.requires_grad_(not freeze_patch_embed)
         self.proj = nn.Linear(width, output_dim, bias=False)

@@ -1,51 +1,33 @@
-"""One results table per sweep: `summary.csv`, `summary.md` and `summary.png` in the sweep directory.
+"""A sweep's results as tables: its jobs read from their folders (`collect`), `summary.csv`,
+`summary_seeds.csv` and `summary.md` in the sweep directory.
 
-Written by the Hydra callback `SweepSummary` (`hydra.callbacks.sweep_summary`, every launcher) as each
-job ends and when the sweep ends, and rebuilt from the job folders by
-
-    python -m aclip.summarize logs/train/multiruns/<timestamp>
-
-for sweeps whose jobs finished on other machines (SLURM) or that were interrupted. Each job folder holds
-`.hydra/overrides.yaml` (what it was given), `.hydra/config.yaml`, `metrics.json` (the evaluation of
-the reported and the other model) and `timing.json` (seconds per step, tokens per view). A job whose
-folder is missing (or holds no result) is listed, not skipped silently.
+Each job folder holds `.hydra/overrides.yaml` (what it was given), `.hydra/config.yaml`, `metrics.json`
+(the evaluation of the reported and the other model) and `timing.json` (seconds per step, tokens per
+view). A job whose folder is missing (or holds no result) is listed, not skipped silently.
 
 Columns: the overrides that differ between jobs, then the metrics of the EMA and the online model (in
 that order, whichever is reported; a set's `reported` figure, which repeats one of its metrics under a
 second name, left out), seconds per optimizer step, the training FLOPs and seconds (charted against the
-primary metric in `summary_compute.png`, aclip/sweep_compute.py) and the patch tokens each view kept.
-Jobs that differ only in `seed` are also aggregated to mean, standard deviation and count
-(`summary_seeds.csv` and a second table). Each group of jobs keeps one colour in every chart
-(`Summary.colours`).
+primary metric by `aclip.summary.compute_chart`) and the patch tokens each view kept. Jobs that differ
+only in `seed` are also aggregated to mean, standard deviation and count (`summary_seeds.csv` and a
+second table). Each group of jobs keeps one colour in every chart (`Summary.colours`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
-import logging
 import math
 import os
 import statistics
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
-log = logging.getLogger(__name__)
+from omegaconf import OmegaConf
 
 SEED_KEY = "seed"
-# Training curves drawn per sweep (aclip.sweep_curves), where the jobs logged them.
-DEFAULT_CURVES = ("train/clip_loss", "train/object_recall", "train/object_score_mass")
 # Metric kinds shown in the Markdown table (all metrics go to the CSV): zero-shot top-1, retrieval R@1,
 # linear-probe top-1 and the suite averages (and a set's reported figure where it is not its top-1).
 _HEADLINE_SUFFIXES = ("/top1", "/i2t_R@1", "/t2i_R@1", "/reported", "/average")
@@ -102,7 +84,8 @@ class Summary:
     def metric_columns(self, headline: bool) -> list[str]:
         """`<model>/<metric>` of every metric any job has, the models in `MODEL_ORDER`, the metrics in
         natural order (R@1, R@5, R@10), without the `reported` figures that repeat another metric."""
-        # Imported here: Hydra makes this module's callback at every run's start, before torch is needed.
+        # Imported here, to keep torch out of every run's start: Hydra makes the summary's callback then, and
+        # the evaluation package imports torch.
         from aclip.evaluation.report import natural_key, ordered_models
 
         results = [r for job in self.jobs for r in (job.metrics or {}).values()]
@@ -148,7 +131,7 @@ class Summary:
         ]
         rows = []
         for job in self.jobs:
-            values = [_metric(job, column) for column in metrics]
+            values = [job_metric(job, column) for column in metrics]
             timing = job.timing or {}
             rows.append(
                 [
@@ -186,7 +169,7 @@ class Summary:
                     for v in (
                         (job.timing or {}).get("seconds_per_step")
                         if column == "s/step"
-                        else _metric(job, column)
+                        else job_metric(job, column)
                         for job in jobs
                     )
                     if v is not None
@@ -214,7 +197,8 @@ def _aliases(results: Sequence[dict[str, float]], keys: set[str]) -> dict[str, s
     return aliases
 
 
-# What a job spent (`job_compute`): the compute chart's axes (aclip.sweep_compute), columns of summary.csv.
+# What a job spent (`job_compute`): the compute chart's axes (aclip.summary.compute_chart) and columns of
+# summary.csv.
 COMPUTE_COLUMNS = ("training FLOPs", "train s")
 
 
@@ -227,7 +211,8 @@ def job_compute(timing: dict[str, Any] | None) -> dict[str, float | None]:
     return dict(zip(COMPUTE_COLUMNS, (timing.get("training_flops"), seconds), strict=True))
 
 
-def _metric(job: Job, column: str) -> float | None:
+def job_metric(job: Job, column: str) -> float | None:
+    """The job's value of a `<model>/<metric>` column (None where it has none)."""
     model, key = column.split("/", 1)
     return (job.metrics or {}).get(model, {}).get(key)
 
@@ -403,95 +388,9 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def bar_chart(summary: Summary) -> Figure | None:
-    """A bar chart of the primary metric (percent) per job, or per seed group with standard-deviation
-    error bars, each group in its colour (`Summary.colours`), with the metric's chance level where the
-    jobs recorded it (chance.json); None without a result."""
-    metric = summary.primary_metric
-    if metric is None:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [job for job in summary.jobs if job.metrics]
-    colours = summary.colours
-    if summary.has_seed_groups:
-        header, rows = summary.seed_groups()
-        mean_at = header.index(f"{metric} mean")
-        seeds_at = header.index("seeds")  # after the group's overrides
-        groups = [" ".join(str(v) for v in row[:seeds_at]) or "all" for row in rows]
-        values = [row[mean_at] for row in rows]
-        errors = [row[mean_at + 1] or 0.0 for row in rows]
-        labels = [f"{group}\n(n={row[seeds_at]})" for group, row in zip(groups, rows, strict=True)]
-    else:
-        groups = [summary.group_label(job) for job in done]
-        labels = [
-            group if group != "all" else str(job.number) for group, job in zip(groups, done, strict=True)
-        ]
-        values = [_metric(job, metric) for job in done]
-        errors = None
-    values = [math.nan if v is None else v for v in values]
-    figure, axes = plt.subplots(figsize=(max(4.0, 0.9 * len(labels) + 1.5), 3.6))
-    bars = axes.bar(
-        range(len(values)), values, yerr=errors, capsize=4, color=[colours[group] for group in groups]
-    )
-    texts = [
-        f"{v:.1f}" if e is None else f"{v:.1f}±{e:.1f}"
-        for v, e in zip(values, errors or [None] * len(values), strict=True)
-    ]
-    axes.bar_label(bars, texts, fontsize=7, padding=2)
-    key = metric.split("/", 1)[1]
-    chance = next((job.chance[key] for job in done if key in (job.chance or {})), None)
-    if chance is not None:
-        axes.axhline(chance, color="0.4", linestyle="--", linewidth=1)
-        axes.annotate(
-            f"chance {chance:.1f} %",
-            (1.0, chance),
-            xycoords=("axes fraction", "data"),
-            ha="right",
-            va="bottom",
-            fontsize=7,
-            color="0.3",
-        )
-    axes.set_xticks(
-        range(len(values)),
-        labels,
-        rotation=30 if len(labels) > 4 else 0,
-        ha="right" if len(labels) > 4 else "center",
-        fontsize=8,
-    )
-    axes.set_ylabel(f"{label(metric)} (%)")
-    axes.set_ylim(bottom=0)
-    axes.set_title(
-        " ".join(key for key in summary.varying if key != SEED_KEY) or summary.sweep_dir.name, fontsize=9
-    )
-    figure.tight_layout()
-    return figure
-
-
-def save_figure(figure: Figure, path: Path) -> Path:
-    """Write `figure` to `path` as a PNG (replacing it whole) and close it."""
-    import matplotlib.pyplot as plt
-
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
-
-
-def plot(summary: Summary, path: Path) -> Path | None:
-    """`bar_chart` written to `path`; None without a result."""
-    figure = bar_chart(summary)
-    return None if figure is None else save_figure(figure, path)
-
-
-def write(summary: Summary, chart: bool = True, curves: Sequence[str] = ()) -> dict[str, Path]:
-    """Write summary.csv (every metric), summary_seeds.csv (if seeds vary), summary.md and (`chart`)
-    summary.png, the `curves_<metric>.png` of the `curves` metrics the jobs logged and, where the jobs
-    counted their FLOPs, summary_compute.png."""
+def write_tables(summary: Summary) -> dict[str, Path]:
+    """Write summary.csv (every metric), summary_seeds.csv (if seeds vary) and summary.md; their paths by
+    kind (`csv`, `seeds_csv`, `md`)."""
     directory = summary.sweep_dir
     paths = {"csv": directory / "summary.csv", "md": directory / "summary.md"}
     _write_csv(paths["csv"], *summary.rows())
@@ -499,76 +398,4 @@ def write(summary: Summary, chart: bool = True, curves: Sequence[str] = ()) -> d
         paths["seeds_csv"] = directory / "summary_seeds.csv"
         _write_csv(paths["seeds_csv"], *summary.seed_groups())
     _write_text(paths["md"], markdown(summary) + "\n")
-    png = plot(summary, directory / "summary.png") if chart else None
-    if png is not None:
-        paths["png"] = png
-    if chart and curves:
-        from aclip.sweep_curves import plot_curves  # it imports this module
-
-        paths |= {path.stem: path for path in plot_curves(summary, curves)}
-    if chart:
-        from aclip.sweep_compute import plot_compute  # it imports this module
-
-        compute = plot_compute(summary)
-        if compute is not None:
-            paths["compute_png"] = compute
     return paths
-
-
-def summarize(
-    sweep_dir: str | os.PathLike, finished: bool = True, curves: Sequence[str] = DEFAULT_CURVES
-) -> tuple[Summary, dict[str, Path]]:
-    """Collect a sweep's jobs and write its summary files (the charts once the sweep has finished);
-    returns both."""
-    summary = collect(sweep_dir, finished)
-    return summary, write(summary, chart=finished, curves=curves)
-
-
-class SweepSummary(Callback):
-    """Hydra callback: rebuild the sweep's tables when a job ends (on the machine that ran it, so they
-    fill as jobs finish) and everything, the chart too, when the sweep ends (then print the tables, and
-    log them to W&B when the jobs log there)."""
-
-    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if config.hydra.mode == RunMode.MULTIRUN:
-            try:
-                summarize(config.hydra.sweep.dir, finished=False)
-            except Exception as error:  # a summary must never fail a job that trained
-                log.warning("could not update the sweep summary in %s: %s", config.hydra.sweep.dir, error)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summary, paths = summarize(config.hydra.sweep.dir)
-        print(markdown(summary))
-        log.info("Sweep summary written to %s", ", ".join(str(p) for p in paths.values()))
-        if "wandb" in (config.get("logger") or {}):
-            from aclip.loggers import log_sweep_summary
-
-            log_sweep_summary(summary, paths, config)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m aclip.summarize", description="Rebuild a sweep's summary tables from its job folders."
-    )
-    parser.add_argument(
-        "sweep_dir", type=Path, help="the multirun directory, e.g. logs/train/multiruns/<timestamp>"
-    )
-    parser.add_argument(
-        "--curves",
-        nargs="*",
-        default=list(DEFAULT_CURVES),
-        metavar="METRIC",
-        help="logged training metrics drawn over steps per seed group, curves_<metric>.png "
-        f"(default: {' '.join(DEFAULT_CURVES)}; none: no curves)",
-    )
-    args = parser.parse_args(argv)
-    summary, paths = summarize(args.sweep_dir, curves=args.curves)
-    print(markdown(summary))
-    for job in summary.missing:
-        print(f"job {job.number} has no result ({job.status})", file=sys.stderr)
-    print("written: " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,7 +4,7 @@ Each job's CSV logger writes `<job>/csv/metrics.csv` (a `step` column and one co
 where a row holds other metrics). `plot_curves` draws a metric for every group of jobs that differ only
 in `seed`: the mean over the seeds as a line and their spread (minimum to maximum) as a band, so that a
 seed that collapses shows; each group keeps its colour in every chart of the sweep (`Summary.colours`).
-`python -m aclip.summarize <sweep> --curves train/object_recall` draws them for any sweep; the sweep
+`python -m aclip.summary <sweep> --curves train/object_recall` draws them for any sweep; the sweep
 summary callback draws its configured `curves` when a sweep ends.
 """
 
@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aclip.summarize import Summary, label, save_figure
+from aclip.summary.charts import save_figure
+from aclip.summary.table import Summary, label
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

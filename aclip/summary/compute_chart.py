@@ -11,12 +11,12 @@ figures are columns of summary.csv. Written as `summary_compute.png` by the swee
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from pathlib import Path
 from typing import Any
 
-from aclip.summarize import SEED_KEY, Summary, job_compute, label
+from aclip.summary.charts import save_figure
+from aclip.summary.table import SEED_KEY, Summary, job_compute, label
 
 COMPUTE_FILE = "summary_compute.png"
 AXES = (("training FLOPs", "training FLOPs"), ("train s", "training seconds"))
@@ -75,9 +75,4 @@ def plot_compute(summary: Summary) -> Path | None:
         f"{label(metric)} against compute: a point per job, mean ± std per seed group", fontsize=9
     )
     figure.tight_layout()
-    path = summary.sweep_dir / COMPUTE_FILE
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
-    return path
+    return save_figure(figure, summary.sweep_dir / COMPUTE_FILE)
