@@ -14,7 +14,8 @@ the median step time, its ratio to `clip`, the step's FLOPs (torch's FLOP counte
     python -m benchmarks.step_cost --device cuda --model vit_b16 --batch-size 256 --dtype bf16
     python -m benchmarks.step_cost --against open_clip --variants clip random_1x50 aclip_eff --breakdown
 
-`--against open_clip` adds open_clip's own `CLIP` + `ClipLoss` step on towers of the same sizes
+`--against open_clip` adds open_clip's own `CLIP` + `ClipLoss` step on towers of the same sizes (this
+project's with ViT's patch projection, `model.vision.stem=patch`, the tiny model's convolutional stem aside)
 (`benchmarks.open_clip_reference`) to the rotation, and a table pairing `clip` and `aclip_eff` with it and
 `random_1x50` with open_clip's `patch_dropout=0.5`.
 """
@@ -244,7 +245,9 @@ def measure(args: argparse.Namespace) -> tuple[list[Variant], dict[str, Breakdow
     """Build the variants, time them interleaved, then profile the breakdown variants."""
     quiet_lightning()
     settings = RunSettings(args.device, PRECISIONS[args.dtype], args.steps, args.warmup, args.clock)
-    variants = [build_variant(name, args.model, args.batch_size, args.overrides) for name in args.variants]
+    # open_clip's ViT embeds patches with one linear projection: against it, so do this project's towers.
+    overrides = [*args.overrides, *(["model.vision.stem=patch"] if args.against else [])]
+    variants = [build_variant(name, args.model, args.batch_size, overrides) for name in args.variants]
     if args.against:
         variants += references(variants)
     run_interleaved(variants, args.rounds, settings)

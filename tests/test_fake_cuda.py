@@ -221,7 +221,8 @@ def test_text_reductions_on_fake_cuda(train_config, monkeypatch, reduction):
 
 
 def test_validation_feature_bank_and_export_on_fake_cuda(train_config, monkeypatch):
-    module, _, cfg = build(train_config, "aclip")
+    # A tower open_clip can express (the tiny default's convolutional stem is refused by the export).
+    module, _, cfg = build(train_config, "aclip", "model.vision.stem=patch")
     evaluation = build_evaluation(cfg)
     batches = [(index, batch) for index, loader in enumerate(evaluation.dataloaders()) for batch in loader]
     watch = CpuTensorWatch()

@@ -155,6 +155,7 @@ def test_each_phase_trains_with_its_policy_tokens_and_views_until_the_budget(
         *overrides,
         f"budget.flops={budget}",
         "data.train.size=80",
+        "model.scheduler.warmup_epochs=0.1",  # one of the epoch's 10 steps
         "trainer.log_every_n_steps=1",
         "evaluation.at_end=false",
         "callbacks.model_checkpoint=null",
