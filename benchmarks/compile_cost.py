@@ -108,17 +108,12 @@ def format_table(results: Sequence[MethodResult]) -> str:
         eager, compiled, record = result.eager, result.compiled, result.record
         reasons = "; ".join(record.recompiles) or "none"
         lines.append(
-            f"| `{eager.name}` | {_ms(eager)} | {_ms(compiled)} | {compiled.median / eager.median:.2f} "
+            f"| `{eager.name}` | {eager.milliseconds()} | {compiled.milliseconds()} "
+            f"| {compiled.median / eager.median:.2f} "
             f"| {result.first_fit_seconds:.0f} | {record.seconds:.0f} | {record.graphs} "
             f"| {record.graph_breaks} | {len(record.recompiles)}: {reasons} |"
         )
     return "\n".join(lines)
-
-
-def _ms(variant: Variant) -> str:
-    """Median ms per step and the range."""
-    ms = [t * 1e3 for t in variant.times]
-    return f"{variant.median * 1e3:.1f} ({min(ms):.1f}-{max(ms):.1f})"
 
 
 def report(args: argparse.Namespace, command: str, results: Sequence[MethodResult]) -> str:

@@ -136,14 +136,13 @@ def format_table(variants: Sequence[Variant], device: torch.device) -> str:
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for variant in variants:
-        ms = [t * 1e3 for t in variant.times]
         preset = f"`{VARIANTS[variant.name]}`" if variant.ema else "open_clip `CLIP` + `ClipLoss`"
         flops = f"{variant.flops / 1e9:.1f}" if variant.flops else "n/a"
         flop_ratio = f"{variant.flops / base.flops:.2f}" if variant.flops and base.flops else "n/a"
         memory = memory_text(variant.peak_memory, device)
         lines.append(
             f"| `{variant.name}` | {preset} | {_views(variant)} "
-            f"| {variant.median * 1e3:.1f} ({min(ms):.1f}-{max(ms):.1f}) "
+            f"| {variant.milliseconds()} "
             f"| {variant.median / base.median:.2f} | {flops} | {flop_ratio} | {memory} |"
         )
     return "\n".join(lines)

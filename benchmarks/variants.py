@@ -143,6 +143,11 @@ class Variant:
     def median(self) -> float:
         return statistics.median(self.times)
 
+    def milliseconds(self) -> str:
+        """The median ms per step and the range of the times, e.g. `12.3 (11.9-13.0)`."""
+        ms = [t * 1e3 for t in self.times]
+        return f"{self.median * 1e3:.1f} ({min(ms):.1f}-{max(ms):.1f})"
+
 
 def build_variant(name: str, model: str, batch_size: int, overrides: Sequence[str] = ()) -> Variant:
     """Compose, instantiate and draw the batch of one variant."""
