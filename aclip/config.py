@@ -202,23 +202,20 @@ def _check_ema_callback(cfg: DictConfig, policy: Any) -> None:
 def _check_batch_norm_sync(cfg: DictConfig, world: int) -> None:
     """Batch norms (the heads' or the convolutional stem's) synchronised across CPU processes: torch's
     SyncBatchNorm runs only on GPU tensors, so such a run would fail at its first training step."""
-    ssl, trainer = cfg.model.get("self_supervision") or {}, cfg.trainer
-    if (
-        cfg.model.vision.get("stem") == "conv"
-        and trainer.get("sync_batchnorm", False)
-        and world > 1
-        and trainer.get("accelerator") == "cpu"
-    ):
+    trainer = cfg.trainer
+    if world < 2 or trainer.get("accelerator") != "cpu":
+        return  # GPUs run SyncBatchNorm, and a single process has nothing to synchronise
+    sync_batchnorm = trainer.get("sync_batchnorm", False)
+    if cfg.model.vision.get("stem") == "conv" and sync_batchnorm:
         raise ConfigError(
             f"model.vision.stem=conv with {world} CPU processes: trainer.sync_batchnorm would make the "
             "stem's batch norms SyncBatchNorm, which torch runs only on GPU; set "
             "trainer.sync_batchnorm=false (each process's own statistics) or model.vision.stem=patch"
         )
-    norm = ssl.get("norm", "layer")
+    norm = (cfg.model.get("self_supervision") or {}).get("norm", "layer")
     view_loss, byol = _heads(cfg)
-    has_heads = view_loss is not None or byol
-    synchronised = norm == "sync_batch" or (norm == "batch" and trainer.get("sync_batchnorm", False))
-    if has_heads and synchronised and world > 1 and trainer.get("accelerator") == "cpu":
+    synchronised = norm == "sync_batch" or (norm == "batch" and sync_batchnorm)
+    if (view_loss is not None or byol) and synchronised:
         raise ConfigError(
             f"model.self_supervision.norm={norm} with {world} CPU processes: the heads' batch norms would "
             "be SyncBatchNorm, which torch runs only on GPU; use model.self_supervision.norm=layer, or "
