@@ -155,3 +155,39 @@ def test_a_run_that_ends_inside_the_warm_up_says_so(train_config, caplog, tmp_pa
     summary = markdown(collect(sweep))
     section = summary.split("## Jobs whose teacher never took over")[1]
     assert "job 0: masking=attentive_low" in section and "job 1" not in section
+
+
+@pytest.mark.parametrize("waits", [True, False])
+def test_the_self_supervised_terms_can_wait_for_the_warm_up(train_config, caplog, waits):
+    """With `auxiliary_after_warmup`, A-CLIP's loss is the CLIP loss alone until the warm-up ends (here a
+    fixed one of 2 steps), then CLIP + SimCLR + BYOL; without it, every term from the first step."""
+    cfg = train_config(
+        "method=aclip",
+        "evaluation.at_end=false",
+        "evaluation.every_n_steps=null",
+        "trainer.log_every_n_steps=1",
+        "trainer.max_steps=4",
+        "model.teacher_warmup_steps=2",
+        "model.teacher_warmup_until_loss=null",
+        f"model.auxiliary_after_warmup={str(waits).lower()}",
+    )
+    train(cfg)
+    rows = [row for row in read_csv_metrics(Path(cfg.paths.output_dir)) if row.get("train/clip_loss")]
+    assert len(rows) == 4
+    for step, row in enumerate(rows):
+        terms = [float(row[f"train/{name}_loss"]) for name in ("clip", "simclr", "byol")]
+        joined = not waits or step >= 2
+        expected = sum(terms) if joined else terms[0]
+        assert float(row["train/loss"]) == pytest.approx(expected, rel=1e-5), (step, row)
+        assert terms[1] > 0.1  # the waiting terms are still computed and logged
+        if waits:
+            assert float(row["train/auxiliary_active"]) == float(joined)
+        else:
+            assert "train/auxiliary_active" not in row or not row["train/auxiliary_active"]
+
+
+def test_terms_that_never_joined_are_reported(train_config, caplog):
+    cfg = train_config(*ATTENTIVE, "method=aclip", "trainer.max_steps=3", "model.auxiliary_after_warmup=true")
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    assert "the self-supervised terms never joined the loss in this run's 3 optimizer steps" in caplog.text

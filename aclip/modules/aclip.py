@@ -68,6 +68,9 @@ class AClip(pl.LightningModule):
         compile: `torch.compile` the online towers (in place, so checkpoint keys are unchanged).
         phases: the phases of the run, each its length and masking (`aclip.modules.stages`); None: one
             phase of `masking`.
+        auxiliary_after_warmup: leave the self-supervised terms out of the loss until the teacher
+            warm-up has ended (with `teacher_warmup_until_loss`: until the student has left the
+            plateau), so that they do not steer the towers alone while the CLIP loss idles.
 
     The EMA copy `ema_model` of the whole CLIP model is excluded from the optimizer, saved in
     checkpoints, moved by the `EMAUpdate` callback, and scores patches for attentive masking.
@@ -91,6 +94,7 @@ class AClip(pl.LightningModule):
         teacher_warmup_until_loss: float | None = None,
         teacher_warmup_max_steps: int | None = None,
         phases: Sequence[Mapping[str, Any]] | None = None,
+        auxiliary_after_warmup: bool = False,
         init_from: str | None = None,
     ) -> None:
         super().__init__()
@@ -140,6 +144,10 @@ class AClip(pl.LightningModule):
         self.self_supervision = SelfSupervision(
             embed_dim, cls_dim=self.model.vision.width, **(self_supervision or {})
         )
+        if not isinstance(auxiliary_after_warmup, bool):
+            raise ValueError(f"auxiliary_after_warmup must be true or false, got {auxiliary_after_warmup!r}")
+        # The self-supervised terms wait for the same label-free signal as the teacher.
+        self._auxiliary_waits = auxiliary_after_warmup and self.self_supervision.has_terms
         self.tokenizer = build_tokenizer(self.model.text.context_length)
         self._mask_generator: torch.Generator | None = None
         self._validation_features: FeatureBank | None = None
@@ -212,6 +220,12 @@ class AClip(pl.LightningModule):
     def on_train_end(self) -> None:
         if self._teacher_chooses:
             self._report(self.teacher_warmup.never_handed_over(self.global_step))
+        if self.in_auxiliary_warmup:
+            self._report(
+                f"the self-supervised terms never joined the loss in this run's {self.global_step} optimizer "
+                "steps (model.auxiliary_after_warmup=true): the warm-up they wait for never ended, so the "
+                "run trained with the CLIP loss alone"
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TEACHER_WARMUP_KEY] = self.teacher_warmup.state_dict()
@@ -230,7 +244,7 @@ class AClip(pl.LightningModule):
         step = self.forward_step(batch, self.phase, self.masking_policy, self.mask_generator(batch_idx))
         batch_size = batch["images"].shape[0]
         self._log_step(step, batch_size)
-        if self._teacher_chooses:  # the loss tells when the teacher may take over
+        if self._teacher_chooses or self._auxiliary_waits:  # the loss tells when the warm-up ends
             self._report(
                 self.teacher_warmup.observe(
                     self.global_step, step["clip_loss"], batch_size * self.trainer.world_size
@@ -281,8 +295,11 @@ class AClip(pl.LightningModule):
             ssl_inputs = cls_tokens.unflatten(0, (batch_size, num_views))
         compares = num_views >= self.self_supervision.views_compared
         auxiliary = self.self_supervision(ssl_inputs, ema_features, view_loss=compares)
+        # While they wait for the warm-up, the auxiliary terms are weighted 0 (not skipped: every
+        # parameter still takes part in the backward pass, as DDP expects).
+        auxiliary_weight = 0.0 if self.in_auxiliary_warmup else 1.0
         return {
-            "loss": clip_loss + sum(auxiliary.values()),
+            "loss": clip_loss + auxiliary_weight * sum(auxiliary.values()),
             "clip_loss": clip_loss,
             "auxiliary": auxiliary,
             "views": views,
@@ -316,6 +333,11 @@ class AClip(pl.LightningModule):
         whose policy the teacher scores (never in others)."""
         scored = self._warmup_masking[self.phase_index] is not None
         return scored and not self.teacher_warmup.teacher_active(self.global_step)
+
+    @property
+    def in_auxiliary_warmup(self) -> bool:
+        """Whether this step's loss leaves the self-supervised terms out (`auxiliary_after_warmup`)."""
+        return self._auxiliary_waits and not self.teacher_warmup.teacher_active(self.global_step)
 
     def token_choice(self) -> dict[str, int | None]:
         """For a run with a policy the teacher scores: `teacher_handover_step`, the first optimizer step
@@ -371,6 +393,8 @@ class AClip(pl.LightningModule):
             logs["train/kept_score_mass"] = kept_score_mass(scores, keep).mean()
         if self._teacher_chooses:
             logs["train/teacher_active"] = float(self.teacher_warmup.teacher_active(self.global_step))
+        if self._auxiliary_waits:
+            logs["train/auxiliary_active"] = float(not self.in_auxiliary_warmup)
         if len(self.phases) > 1:
             logs["train/phase"] = float(self.phase_index)
         if self.phase_batch_flops is not None:  # what the run has spent, this step included

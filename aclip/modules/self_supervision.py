@@ -103,6 +103,11 @@ class SelfSupervision(nn.Module):
             self.byol_loss = BYOLLoss()
 
     @property
+    def has_terms(self) -> bool:
+        """Whether any auxiliary objective is weighted above zero."""
+        return self.view_loss_name is not None or self.uses_ema
+
+    @property
     def views_compared(self) -> int:
         """Views per image the view loss compares (1 when it compares none)."""
         return views_needed(self.view_loss_name, self.view_weight)
