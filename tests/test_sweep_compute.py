@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from aclip.summary.compute_chart import COMPUTE_FILE
+from aclip.summary.compute_chart import COMPUTE_FILE, compute_chart
 from aclip.summary.sweep import summarize
+from aclip.summary.table import collect
 from tests.test_summarize import make_job, read_csv
 
 
@@ -33,3 +34,21 @@ def test_a_sweep_without_counted_flops_has_no_compute_chart(tmp_path):
     _, paths = summarize(tmp_path, curves=())
     assert "compute_png" not in paths and not (tmp_path / COMPUTE_FILE).exists()
     assert read_csv(paths["csv"])[0]["training FLOPs"] == ""
+
+
+def test_each_seed_group_keeps_its_colour_on_the_compute_chart(tmp_path):
+    """The laboratory's 16 groups: each group in the colour it has in the sweep's other charts, no two
+    alike (Matplotlib's cycle of ten would repeat them)."""
+    methods = [f"method{index}" for index in range(12)]
+    for number, method in enumerate(methods):
+        make_job(tmp_path, number, [f"method={method}", "seed=0"], 30.0 + number)
+        timing = {"fit_seconds": 100.0, "validation_seconds": 10.0, "training_flops": 1e12}
+        (tmp_path / str(number) / "timing.json").write_text(json.dumps(timing))
+    summary = collect(tmp_path)
+    flops_panel = compute_chart(summary).axes[0]
+    drawn = {
+        label: handle.lines[0].get_color()
+        for handle, label in zip(*flops_panel.get_legend_handles_labels(), strict=True)
+    }
+    assert drawn == {f"{method} (n=1)": summary.colours[method] for method in methods}
+    assert len(set(map(str, drawn.values()))) == len(methods)

@@ -13,10 +13,13 @@ from __future__ import annotations
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aclip.summary.charts import save_figure
-from aclip.summary.table import SEED_KEY, Summary, job_compute, label
+from aclip.summary.table import Summary, job_compute, label
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COMPUTE_FILE = "summary_compute.png"
 AXES = (("training FLOPs", "training FLOPs"), ("train s", "training seconds"))
@@ -26,8 +29,9 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot_compute(summary: Summary) -> Path | None:
-    """The compute chart of the sweep's finished jobs (see the module); None when no job counted FLOPs."""
+def compute_chart(summary: Summary) -> Figure | None:
+    """The compute chart of the sweep's finished jobs (see the module), each seed group in its colour
+    (`Summary.colours`); None when no job counted FLOPs."""
     metric = summary.primary_metric
     done = [job for job in summary.jobs if job.metrics and job_compute(job.timing)["training FLOPs"]]
     if metric is None or not done:
@@ -37,14 +41,14 @@ def plot_compute(summary: Summary) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [key for key in summary.varying if key != SEED_KEY]
     groups: dict[str, list[Any]] = {}
     for job in done:
-        groups.setdefault(" ".join(job.overrides.get(key, "") for key in keys) or "all", []).append(job)
+        groups.setdefault(summary.group_label(job), []).append(job)
+    colours = summary.colours
     figure, panels = plt.subplots(1, len(AXES), figsize=(11.0, 4.2), sharey=True)
     model, key = metric.split("/", 1)
-    for index, (name, jobs) in enumerate(groups.items()):
-        colour = f"C{index % 10}"
+    for name, jobs in groups.items():
+        colour = colours[name]
         values = [job.metrics.get(model, {}).get(key, math.nan) for job in jobs]
         for axes, (field, _) in zip(panels, AXES, strict=True):
             compute = [job_compute(job.timing)[field] for job in jobs]
@@ -75,4 +79,10 @@ def plot_compute(summary: Summary) -> Path | None:
         f"{label(metric)} against compute: a point per job, mean ± std per seed group", fontsize=9
     )
     figure.tight_layout()
-    return save_figure(figure, summary.sweep_dir / COMPUTE_FILE)
+    return figure
+
+
+def plot_compute(summary: Summary) -> Path | None:
+    """`summary_compute.png` in the sweep directory; None when no job counted FLOPs."""
+    figure = compute_chart(summary)
+    return None if figure is None else save_figure(figure, summary.sweep_dir / COMPUTE_FILE)
