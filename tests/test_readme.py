@@ -88,11 +88,12 @@ SKIPPED: dict[str, str] = {
     "clip_benchmark eval --model local-dir:exported --pretrained none --dataset cifar10 --dataset_root <dir> "
     "--output cifar10.json": _NOT_A_DEPENDENCY + " and CIFAR-10",
     ".venv/bin/python -m analysis.clip_benchmark_check logs/train/runs/<timestamp>": _NOT_A_DEPENDENCY,
-    ".venv/bin/python train.py -m hparams_search=laboratory": "48 jobs whose budget buys 91 to 305 steps each "
-    "at the tiny scale (thousands at the tests'); tests/test_compute.py runs the sweep at the tests' scale "
-    "(test_the_laboratory_sweep_runs_from_a_fresh_clone_at_equal_flops)",
-    '.venv/bin/python train.py -m hparams_search=laboratory data=segments "eval=[segments]"': "the same 48 "
-    "jobs on the segments variant; tests/test_recipe.py trains that variant and tests/test_compute.py the sweep",
+    ".venv/bin/python train.py -m hparams_search=laboratory": "48 jobs whose budget buys 91 to 305 "
+    "steps each at the tiny scale (thousands at the tests'); tests/test_compute.py runs the sweep at the "
+    "tests' scale (test_the_laboratory_sweep_runs_from_a_fresh_clone_at_equal_flops)",
+    '.venv/bin/python train.py -m hparams_search=laboratory data=segments "eval=[segments]"': "the same "
+    "48 jobs on the segments variant; tests/test_recipe.py trains that variant, tests/test_compute.py "
+    "the sweep",
     "pip install .": _INSTALLS,
     "aclip-train debug=fast_dev_run": _INSTALLS,
     "aclip-eval ckpt_path=logs/train/runs/<timestamp>": _INSTALLS,
