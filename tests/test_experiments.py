@@ -47,10 +47,12 @@ def test_a_short_name_is_the_paper_scale_with_its_method(tmp_path, name):
 
 @pytest.mark.parametrize(("method", "losses"), [("aclip", {"simclr", "byol"}), ("attentive_3x33", set())])
 def test_multi_view_steps_log_every_loss(train_config, tmp_path, method, losses):
-    """A-CLIP's step (k = 2, SimCLR + BYOL) and a k = 3 step run and log each loss component."""
+    """A-CLIP's step (k = 2, SimCLR + BYOL) and a k = 3 step run and log each loss component, every term
+    in the loss from the first step as published (the tiny scale's hold-back switched off)."""
     train(
         train_config(
             f"method={method}",
+            "model.auxiliary_after_warmup=false",
             "trainer.max_steps=2",
             "trainer.log_every_n_steps=1",
             "evaluation.at_end=false",
