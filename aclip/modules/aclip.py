@@ -448,7 +448,7 @@ class AClip(pl.LightningModule):
             "online text tower": self.model.text,
             "EMA teacher (both towers)": self.ema_model,
         }
-        if any(True for _ in self.self_supervision.parameters()):
+        if self.self_supervision.has_terms:
             parts["self-supervised heads"] = self.self_supervision
         grid = self.model.vision.grid(self.model.vision.image_size)
         notes = {
