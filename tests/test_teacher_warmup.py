@@ -191,3 +191,26 @@ def test_terms_that_never_joined_are_reported(train_config, caplog):
     with caplog.at_level(logging.WARNING):
         train(cfg)
     assert "the self-supervised terms never joined the loss in this run's 3 optimizer steps" in caplog.text
+
+
+@pytest.mark.parametrize(("masking", "reported"), [("attentive_low", True), ("random", False)])
+def test_a_lock_in_is_reported_only_where_the_teacher_chooses(
+    train_config, caplog, monkeypatch, masking, reported
+):
+    """A student on the plateau a few steps after the hand-over: with an attentive policy, its teacher may
+    hide what the captions name (reported); with random cells and self-supervised terms that wait for the
+    same warm-up, there is no teacher to blame (silent)."""
+    monkeypatch.setattr("aclip.modules.teacher_warmup.LOCK_IN_STEPS", 3)
+    cfg = train_config(
+        "method=aclip",
+        f"masking={masking}",
+        "evaluation.at_end=false",
+        "evaluation.every_n_steps=null",
+        "trainer.max_steps=5",
+        "model.teacher_warmup_steps=1",
+        "model.teacher_warmup_until_loss=null",
+        "model.auxiliary_after_warmup=true",
+    )
+    with caplog.at_level(logging.WARNING):
+        train(cfg)
+    assert ("likely locked in" in caplog.text) == reported, caplog.text

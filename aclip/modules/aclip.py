@@ -245,11 +245,11 @@ class AClip(pl.LightningModule):
         batch_size = batch["images"].shape[0]
         self._log_step(step, batch_size)
         if self._teacher_chooses or self._auxiliary_waits:  # the loss tells when the warm-up ends
-            self._report(
-                self.teacher_warmup.observe(
-                    self.global_step, step["clip_loss"], batch_size * self.trainer.world_size
-                )
+            lock_in = self.teacher_warmup.observe(
+                self.global_step, step["clip_loss"], batch_size * self.trainer.world_size
             )
+            if self._teacher_chooses:  # a lock-in needs a teacher that chooses the kept cells
+                self._report(lock_in)
         if "object_masks" in batch:  # the built-in data knows where its objects are
             self._log_object_diagnostics(batch, step, batch_size)
         # The loss, and what the step showed the encoders, for callbacks (the mask pictures).
