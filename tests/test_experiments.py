@@ -45,6 +45,16 @@ def test_a_short_name_is_the_paper_scale_with_its_method(tmp_path, name):
     assert spelled.model.vision.patch_size == 16 and spelled.data.batch_size == 4096  # the paper's scale
 
 
+@pytest.mark.parametrize("data", ["synthetic", "glyphs", "csv", "webdataset", "coco", "yfcc15m"])
+def test_the_laptop_scale_sets_the_batch_whatever_the_data(tmp_path, data):
+    """The scale owns the batch and the loader: a first run on one's own files (`data=csv`) at the default
+    scale trains at the laptop's batch, not at the paper's 4096 with 8 workers."""
+    composed = compose_config("train", [f"data={data}"], tmp_path)
+    assert (composed.data.batch_size, composed.data.num_workers) == (128, 2)
+    paper = compose_config("train", ["experiment=paper", f"data={data}"], tmp_path)
+    assert (paper.data.batch_size, paper.data.num_workers) == (4096, 8)
+
+
 @pytest.mark.parametrize(("method", "losses"), [("aclip", {"simclr", "byol"}), ("attentive_3x33", set())])
 def test_multi_view_steps_log_every_loss(train_config, tmp_path, method, losses):
     """A-CLIP's step (k = 2, SimCLR + BYOL) and a k = 3 step run and log each loss component, every term
