@@ -59,3 +59,13 @@ def test_one_file_per_checkpoint_and_last_links_to_it(train_config, tmp_path):
     assert names == ["last.ckpt", "step0000002.ckpt", "step0000004.ckpt"]
     assert os.readlink(last) == "step0000004.ckpt" and load(last)["global_step"] == 4
     assert load(checkpoints / "step0000002.ckpt")["global_step"] == 2
+
+
+def test_the_laptop_scale_keeps_its_newest_two_epochs(train_config, tmp_path):
+    """Runs of many short epochs would fill a laptop's disk: the tiny scale keeps the newest two epochs'
+    files (a truncated newest one still leaves the one before it), and last.ckpt links the newest."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    train(train_config(*RUN, "trainer.max_epochs=3"))
+    names = sorted(p.name for p in checkpoints.iterdir())
+    assert names == ["last.ckpt", "step0000004.ckpt", "step0000006.ckpt"]
+    assert os.readlink(checkpoints / "last.ckpt") == "step0000006.ckpt"
