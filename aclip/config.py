@@ -30,7 +30,7 @@ def resolved_job_config(cfg: DictConfig) -> dict[str, Any]:
 def validate_config(cfg: DictConfig) -> None:
     """Reject values that would fail later (or silently misbehave), naming the key and the fix."""
     check_config(cfg)
-    _check_required(cfg)
+    check_required(cfg)
     masked_views(cfg.get("evaluation"))
     data, trainer = cfg.data, cfg.trainer
     world = world_size(trainer)
@@ -103,7 +103,7 @@ def check_optimized_metric(cfg: DictConfig) -> None:
         )
 
 
-def _check_required(cfg: DictConfig) -> None:
+def check_required(cfg: DictConfig) -> None:
     """Name a value a preset leaves to the command line (`${aclip.required:...}`) before anything starts."""
 
     def required(node: Any, prefix: str) -> list[str]:

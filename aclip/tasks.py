@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import WandbLogger
 from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY, RunConfigRecord, check_resumed_config
 from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, resolve_ckpt_path
 from aclip.compute import plan_compute
-from aclip.config import resolved_job_config, validate_config
+from aclip.config import check_required, resolved_job_config, validate_config
 from aclip.console import print_model_summary, print_run_header, progress_bars, quiet_known_noise
 from aclip.datamodules.datamodule import ClipDataModule
 from aclip.evaluation import EvalTask, Evaluation, EvaluationError, Metrics, format_table, write_metrics
@@ -297,6 +297,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> Metrics:
     """Evaluate `cfg.ckpt_path` on `evaluation.sets` (the `eval` group's)."""
     quiet_known_noise()
     check_config(cfg)
+    check_required(cfg)
     module, evaluation = load_for_evaluation(cfg)
     metrics, failed = _evaluate(evaluation, module, cfg.get("evaluation"))
     loggers = _instantiate_all(cfg.get("logger"))

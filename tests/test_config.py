@@ -13,7 +13,7 @@ from aclip.config import resolved_job_config, validate_config
 from aclip.distributed import world_size
 from aclip.errors import ConfigError
 from aclip.modules.vision import VisionTower
-from aclip.tasks import train
+from aclip.tasks import evaluate_checkpoint, train
 from tests.helpers import A_CLIP_OPTIMIZER, CONF_DIR, compose_config
 
 GROUPS = sorted(path.name for path in CONF_DIR.iterdir() if path.is_dir())
@@ -42,6 +42,7 @@ REQUIRED_VALUES = {
     "data.train.urls": "'/data/laion400m/{00000..00009}.tar'",
     "data.train.num_samples": "100000",
     "model.init_from": "/runs/stage1",
+    "data.train.path": "/data/cc3m/train.tsv",
 }
 
 
@@ -68,6 +69,24 @@ def test_every_option_composes_and_resolves(train_config, group, option):
     assert OmegaConf.select(cfg, f"hydra.runtime.choices.{group}") == option
     resolved_job_config(cfg)
     validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("task", "overrides", "missing"),
+    [
+        ("train", ["data=csv"], "data.train.path"),
+        ("train", ["data=webdataset"], "data.train.num_samples"),
+        ("eval", [], "ckpt_path"),
+    ],
+)
+def test_a_value_only_the_user_knows_is_named_before_anything_starts(tmp_path, task, overrides, missing):
+    """`train.py data=csv` without its file, or `evaluate.py` without a checkpoint: one line naming the key
+    (an InputError, printed without a traceback), not OmegaConf's MissingMandatoryValue from deep inside
+    instantiate."""
+    cfg = compose_config(task, overrides, tmp_path)
+    start = validate_config if task == "train" else evaluate_checkpoint
+    with pytest.raises(ConfigError, match=rf"^{missing} is required here: give {missing}=<.+> on the"):
+        start(cfg)
 
 
 def test_eval_config_composes(tmp_path):
