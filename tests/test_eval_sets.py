@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from aclip.datamodules.eval_sets import ImageFolderClassification, KarpathyRetrieval
+from aclip.tasks import train
 from tests.helpers import CONF_DIR, compose_config
 
 EVAL_DIR = CONF_DIR / "eval"
@@ -217,3 +218,17 @@ def test_clip_benchmark_keys_in_configs_exist():
             spec = node.get(field)
             if isinstance(spec, str) and spec.startswith("clip_benchmark:"):
                 assert spec.removeprefix("clip_benchmark:") in table, f"{option}.{field}: {spec}"
+
+
+def test_the_documented_set_of_ones_own_reports_during_and_after_training(train_config, image_folder):
+    """docs/evaluation.md's file for a folder of class folders, as written there (its root moved to the
+    test's folder): the run reports the set on its learning curve and at the end."""
+    docs = (CONF_DIR.parent / "docs" / "evaluation.md").read_text()
+    block = re.search(r"### A set of your own\n.*?```yaml\n(.*?)```", docs, re.DOTALL)
+    own = OmegaConf.create(block.group(1))
+    own.digits.dataset.root = str(image_folder)
+    cfg = train_config("trainer.max_steps=2", "evaluation.every_n_steps=1")
+    cfg.evaluation.sets = own
+    metrics = train(cfg)
+    assert set(metrics["ema"]) >= {"zeroshot/digits/top1", "zeroshot/digits/mean_per_class_recall"}
+    assert "val/zeroshot/digits/top1" in (Path(cfg.paths.output_dir) / "csv" / "metrics.csv").read_text()
