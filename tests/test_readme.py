@@ -16,6 +16,7 @@ import csv
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -265,7 +266,7 @@ def _run_in(copy: Path, commands: list[str]) -> dict[str, Outcome]:
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory) -> dict[str, Outcome]:
+def outcomes(tmp_path_factory) -> Iterator[dict[str, Outcome]]:
     """Every documented command that is not skipped, run two at a time (each run mostly imports).
 
     Each command without a placeholder runs in a fresh copy of its own; the commands with placeholders
@@ -300,11 +301,14 @@ def outcomes(tmp_path_factory) -> dict[str, Outcome]:
         chain.append(command)
     alone = [command for command in runnable if command not in chain + stages]
     jobs = [chain, *([stages] if stages else []), *([command] for command in alone)]
+    copies = [fresh_copy(tmp_path_factory.mktemp("fresh")) for _ in jobs]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [
-            pool.submit(_run_in, fresh_copy(tmp_path_factory.mktemp("fresh")), commands) for commands in jobs
-        ]
-        return {command: outcome for future in futures for command, outcome in future.result().items()}
+        futures = [pool.submit(_run_in, copy, commands) for copy, commands in zip(copies, jobs, strict=True)]
+    yield {command: outcome for future in futures for command, outcome in future.result().items()}
+    # The runs' checkpoints, 2.4 GB in all, would otherwise stay on disk until the whole suite ends; their
+    # logs stay for a failure to be read.
+    for checkpoint in (path for copy in copies for path in copy.rglob("*.ckpt")):
+        checkpoint.unlink()
 
 
 @pytest.mark.parametrize(("document", "command"), COMMANDS, ids=[command for _, command in COMMANDS])
