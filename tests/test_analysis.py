@@ -6,8 +6,19 @@ import math
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
-from analysis import auxiliary_terms, masked_evaluation, plateau, segment_oracle, teacher_at_init
+from aclip.datamodules.csv_source import CsvCaptions
+from aclip.datamodules.synthetic import SEGMENT_CLASSNAMES
+from analysis import (
+    auxiliary_terms,
+    export_files,
+    masked_evaluation,
+    plateau,
+    segment_oracle,
+    teacher_at_init,
+)
 from tests.helpers import TINY_OVERRIDES
 
 
@@ -129,3 +140,15 @@ def test_half_of_a_segment_digits_patches_often_cannot_name_it():
     }
     assert rows[1.0] == 100.0  # the whole digit always names it
     assert rows[0.5] < 60.0  # a random half of its patches, often not
+
+
+def test_a_variant_exported_as_files_reads_back_through_csv_and_its_zero_shot_set(tmp_path, capsys):
+    export_files.main([str(tmp_path), "--pairs", "6", "--per-class", "2"])
+    pairs = CsvCaptions(tmp_path / "train.csv")
+    assert len(pairs) == 6 and all("digit" in caption for _, caption in (pairs[i][:2] for i in range(6)))
+    node = OmegaConf.load(tmp_path / "conf" / "eval" / "segments_files.yaml").segments_files
+    held_out = instantiate(node.dataset)
+    assert [name.replace("_", " ") for name in held_out.classes] == sorted(SEGMENT_CLASSNAMES)
+    assert len(held_out) == 2 * len(SEGMENT_CLASSNAMES)
+    command = capsys.readouterr().out
+    assert f"data.train.path={tmp_path / 'train.csv'}" in command and "eval=[segments_files]" in command
