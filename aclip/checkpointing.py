@@ -195,3 +195,31 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"{path} is not a checkpoint of aclip's model: it holds a {type(checkpoint).__name__}"
         )
     return checkpoint
+
+
+# The files a ModelCheckpoint state names; Lightning deletes the superseded ones when it saves the next.
+_CHECKPOINT_FILE_FIELDS = ("best_model_path", "kth_best_model_path", "last_model_path")
+
+
+def check_checkpoint_file_paths(checkpoint: dict[str, Any], path: Path) -> None:
+    """Refuse a checkpoint whose ModelCheckpoint states name a file through `..`.
+
+    A resumed ModelCheckpoint deletes the files its state names as superseded when they lie under its
+    folder as written, which `<folder>/../../<file>` does though the file lies elsewhere. Lightning never
+    writes such a path; a file named plainly outside the folder is left alone by Lightning itself.
+    """
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not str(key).startswith("ModelCheckpoint"):
+            continue
+        fields = state if isinstance(state, dict) else {}
+        best_k = fields.get("best_k_models") or {}
+        named = [(field, fields.get(field)) for field in _CHECKPOINT_FILE_FIELDS]
+        named += [("best_k_models", name) for name in (best_k if isinstance(best_k, dict) else [best_k])]
+        for field, name in named:
+            if name in (None, "") or (isinstance(name, str) and ".." not in Path(name).parts):
+                continue
+            raise CheckpointError(
+                f"{path} cannot be resumed: its {key} state names {field}={name!r}, a file outside its "
+                f"checkpoint folder {fields.get('dirpath')!r} that Lightning would delete. Resume from a "
+                "checkpoint this project wrote, or start from its weights alone with model.init_from"
+            )

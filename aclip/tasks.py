@@ -18,7 +18,13 @@ from omegaconf import DictConfig
 from pytorch_lightning.loggers import WandbLogger
 
 from aclip.callbacks.resume import RUN_CONFIG_KEY, RUN_OVERRIDES_KEY, RunConfigRecord, check_resumed_config
-from aclip.checkpointing import AtomicCheckpointIO, CheckpointError, read_checkpoint, resolve_ckpt_path
+from aclip.checkpointing import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    check_checkpoint_file_paths,
+    read_checkpoint,
+    resolve_ckpt_path,
+)
 from aclip.compute import plan_compute
 from aclip.config import check_required, resolved_job_config, validate_config
 from aclip.console import print_model_summary, print_run_header, progress_bars, quiet_known_noise
@@ -165,6 +171,7 @@ def inspect_resumed(ckpt_path: Path, run_config: dict[str, Any]) -> int:
     """Check the checkpoint a run resumes from before anything is built: readable, a description of
     this project's model (no code), a config that the current one may continue. Returns its step."""
     checkpoint = read_checkpoint(ckpt_path)
+    check_checkpoint_file_paths(checkpoint, ckpt_path)
     try:
         AClip.check_hparams(checkpoint.get("hyper_parameters", {}))
         if TEACHER_WARMUP_KEY in checkpoint:

@@ -5,6 +5,7 @@ code to run (Hydra's `instantiate`, `getattr`, an unpickled object) or a file to
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -103,10 +104,25 @@ def stale_checkpoint_paths(checkpoint: dict[str, Any], victim: Path, run_dir: Pa
     return "last_model_path"
 
 
+def traversing_checkpoint_paths(checkpoint: dict[str, Any], victim: Path, run_dir: Path) -> str:
+    """ModelCheckpoint states naming the victim through their own folder (`<folder>/../../victim.txt`),
+    which passes Lightning's check that a superseded file lies under the folder before it deletes it."""
+    folder = run_dir / "checkpoints"
+    through = str(folder / os.path.relpath(victim, folder))
+    for key, state in checkpoint["callbacks"].items():
+        if key.startswith("ModelCheckpoint"):
+            # The worst of two kept checkpoints: the next save replaces it (`kth_best_model_path`).
+            best_k = {through: torch.tensor(0), str(folder / "step0000002.ckpt"): torch.tensor(2)}
+            paths = {"best_model_path": through, "kth_best_model_path": through, "kth_value": torch.tensor(0)}
+            state.update(dirpath=str(folder), best_k_models=best_k, **paths)
+    return "a file outside its checkpoint folder"
+
+
 def resume(crafted: Path, tmp_path: Path) -> None:
     """`train.py ckpt_path=last hydra.run.dir=<the crafted run>`: resumed in the checkpoint's directory, its
-    config composed again from the overrides the checkpoint records (`aclip.recompose`)."""
-    overrides = [*TINY_SYNTHETIC_OVERRIDES, *QUICK, "trainer.max_steps=3", "ckpt_path=last"]
+    config composed again from the overrides the checkpoint records (`aclip.recompose`), to the end of the
+    epoch (step 4 of 4), where the checkpoint callbacks save and delete the files they supersede."""
+    overrides = [*TINY_SYNTHETIC_OVERRIDES, *QUICK, "trainer.max_steps=4", "ckpt_path=last"]
     run_training(compose_config("train", overrides, crafted))
 
 
@@ -190,7 +206,10 @@ CASES = [
         for entry in ("evaluate.py", "aclip.load", "aclip.export")
         for payload in (*DESCRIPTION_PAYLOADS, pickled_object)
     ),
-    *(("resume", payload) for payload in (*REFUSED_PAYLOADS, malformed_overrides, inert_records)),
+    *(
+        ("resume", payload)
+        for payload in (*REFUSED_PAYLOADS, malformed_overrides, inert_records, traversing_checkpoint_paths)
+    ),
     *(("model.init_from", payload) for payload in (pickled_object, every_description)),
 ]
 
