@@ -15,8 +15,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-from torch import Tensor
+from torchvision.io import write_png
 
 from aclip.datamodules.synthetic import SyntheticCaptions, SyntheticClassification
 from aclip.datamodules.synthetic.scenes import VARIANTS
@@ -32,11 +31,6 @@ ZERO_SHOT_SET = """# @package evaluation.sets
 """
 
 
-def save_png(pixels: Tensor, path: Path) -> None:
-    """uint8 [3, H, W] pixels as a PNG file."""
-    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(path)
-
-
 def export(out: Path, variant: str, pairs: int, per_class: int, image_size: int, seed: int) -> str:
     """Write the files under `out`; return the name of the zero-shot set (`eval=[<name>]`)."""
     train = SyntheticCaptions(size=pairs, image_size=image_size, seed=seed, variant=variant)
@@ -47,7 +41,7 @@ def export(out: Path, variant: str, pairs: int, per_class: int, image_size: int,
         for index in range(len(train)):
             pixels, caption = train[index][:2]
             name = f"images/{index:05d}.png"
-            save_png(pixels, out / name)
+            write_png(pixels, str(out / name))
             writer.writerow([name, caption])
     held_out = SyntheticClassification(
         size=per_class * len(VARIANTS[variant].classnames),
@@ -59,7 +53,7 @@ def export(out: Path, variant: str, pairs: int, per_class: int, image_size: int,
         pixels, label = held_out[index]
         folder = out / "eval" / held_out.classnames[label].replace(" ", "_")
         folder.mkdir(parents=True, exist_ok=True)
-        save_png(pixels, folder / f"{index:05d}.png")
+        write_png(pixels, str(folder / f"{index:05d}.png"))
     name = f"{variant}_files"
     (out / "conf" / "eval").mkdir(parents=True, exist_ok=True)
     (out / "conf" / "eval" / f"{name}.yaml").write_text(ZERO_SHOT_SET.format(name=name, root=out / "eval"))
